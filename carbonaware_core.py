@@ -1,0 +1,2211 @@
+"""Run work at the lowest-carbon moment inside a bounded wait, for the cloud region it runs in.
+
+One stdlib-only file (Python 3.10+) that can be copied into any tree. It detects the cloud zone, asks a forecast
+source, plans the start exactly, and waits at most ``window`` -- failing open: whatever goes wrong, the work runs
+at once and one log line says why. ``requests`` is used for HTTP when importable, urllib otherwise.
+
+    from carbonaware_core import carbonaware_delay
+    plan = carbonaware_delay(window=timedelta(hours=6), duration=timedelta(minutes=30))
+
+CLI: ``python -m carbonaware_core plan|wait|run|detect --help``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import math
+import os
+import re
+import sys
+import threading
+import time
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from typing import Any, TypeGuard
+
+__version__ = "0.2.0"
+__all__ = [
+    "CloudZone",
+    "Decision",
+    "Forecast",
+    "ForecastPoint",
+    "Plan",
+    "Query",
+    "Source",
+    "SourceError",
+    "carbonaware_delay",
+    "carbonaware_delay_async",
+    "clear_cache",
+    "detect_cloud_zone",
+    "format_iso_duration",
+    "lowest_mean_start",
+    "parse_duration",
+    "plan_delay",
+    "register_source",
+]
+
+logger = logging.getLogger("carbonaware")
+
+DEFAULT_WINDOW = timedelta(hours=6)
+DEFAULT_DURATION = timedelta(minutes=30)
+PROVIDERS = ("aws", "gcp", "azure", "ovh")
+REASONS = ("optimal", "already-best", "below-threshold", "no-zone", "source-failed", "disabled", "dry-run")
+WAIT_CHUNK_SECONDS = 1.0  # short sleeps so task timeouts and cancellation land promptly in worker threads
+DETECT_TIMEOUT_SECONDS = 0.3
+HTTP_TIMEOUT_SECONDS = 10.0
+MAX_BODY_BYTES = 4 * 1024 * 1024
+FAILURE_TTL_SECONDS = 10.0  # a blip must not disable the library for long
+MAX_RETRY_AFTER_SECONDS = 300.0
+LBS_PER_MWH_TO_G_PER_KWH = 0.45359237
+G_PER_KWH = "gCO2eq/kWh"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CloudZone:
+    """Where the work runs: a cloud provider and one of its regions."""
+
+    provider: str
+    region: str
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.region}"
+
+
+@dataclass(frozen=True)
+class ForecastPoint:
+    """Mean carbon intensity over [start, end): providers report interval averages, not instants."""
+
+    start: datetime
+    end: datetime
+    value: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The decision: when to start, why, and what it is expected to save. ``to_dict()`` is JSON-safe."""
+
+    start: datetime
+    delay: timedelta
+    zone: CloudZone | None
+    source: str
+    expected: float | None  # mean intensity over the job at the chosen start
+    now: float | None  # mean intensity over the job if started at once
+    savings: float | None  # fraction of ``now`` saved by waiting
+    unit: str
+    reason: str
+    detail: str = ""
+    grid_zone: str | None = None
+    duration: timedelta = DEFAULT_DURATION
+    window: timedelta = DEFAULT_WINDOW
+    forecast: tuple[ForecastPoint, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def waits(self) -> bool:
+        return self.delay > timedelta(0) and self.reason == "optimal"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "start": _iso(self.start),
+            "delay_seconds": round(self.delay.total_seconds(), 3),
+            "zone": None if self.zone is None else {"provider": self.zone.provider, "region": self.zone.region},
+            "grid_zone": self.grid_zone,
+            "source": self.source,
+            "expected": _round_or_none(self.expected),
+            "now": _round_or_none(self.now),
+            "savings": _round_or_none(self.savings, 4),
+            "unit": self.unit,
+            "reason": self.reason,
+            "detail": self.detail,
+            "duration_seconds": self.duration.total_seconds(),
+            "window_seconds": self.window.total_seconds(),
+        }
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """A series answer: the planner decides."""
+
+    points: tuple[ForecastPoint, ...]
+    unit: str = G_PER_KWH
+    grid_zone: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A decided answer (the hosted scheduler chooses the start itself)."""
+
+    start: datetime
+    expected: float | None
+    now: float | None
+    savings: float | None
+    unit: str = G_PER_KWH
+
+
+@dataclass(frozen=True)
+class Query:
+    """What a source is asked: the zone, the planning horizon and the per-request budget."""
+
+    zone: CloudZone | None
+    grid_zone: str | None
+    now: datetime
+    window: timedelta
+    duration: timedelta
+    timeout: float
+    arg: str | None = None  # the part after ':' in a source spec, e.g. the path in "file:forecast.json"
+
+    @property
+    def horizon_end(self) -> datetime:
+        return self.now + self.window + self.duration
+
+
+class SourceError(Exception):
+    """A source could not give a usable answer. The message is logged; it must never contain a secret."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+SourceResult = Forecast | Decision
+SeriesCallable = Callable[[CloudZone | None, datetime, datetime], Iterable[ForecastPoint]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """A forecast provider plugged into the planner. ``cache_key`` None means: not cached."""
+
+    name: str
+    fetch: Callable[[Query], SourceResult]
+    cache_key: Callable[[Query], Hashable] | None = None
+    ttl: float = 900.0
+    needs_zone: bool = True
+
+
+SOURCES: dict[str, Source] = {}
+SOURCE_CHAINS = {"auto": ("carbonaware", "offline")}
+
+
+def register_source(source: Source) -> None:
+    """The one place a source plugs in; a later registration under the same name replaces the earlier one."""
+    SOURCES[source.name] = source
+
+
+def _round_or_none(value: float | None, digits: int = 2) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Time and durations
+# --------------------------------------------------------------------------------------------------------------
+
+_ISO_DATETIME = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?\s*(Z|z|[+-]\d{2}:?\d{2})?$"
+)
+_ISO_DURATION = re.compile(
+    r"^P(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?"
+    r"(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$"
+)
+_SHORT_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_datetime(text: str) -> datetime:
+    """ISO-8601 as providers write it ('Z', no seconds, fractions); naive means UTC. Python 3.10 lacks this."""
+    match = _ISO_DATETIME.match(text.strip())
+    if not match:
+        raise ValueError(f"not an ISO-8601 date-time: {text[:40]!r}")
+    year, month, day, hour, minute, second, fraction, offset = match.groups()
+    micro = int((fraction or "0")[:6].ljust(6, "0"))
+    tz = timezone.utc
+    if offset and offset not in ("Z", "z"):
+        sign = -1 if offset[0] == "-" else 1
+        digits = offset[1:].replace(":", "")
+        tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
+    parsed = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), micro, tzinfo=tz)
+    return parsed.astimezone(timezone.utc)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def parse_duration(text: str) -> timedelta:
+    """'30m', '6h', '1h30m', '2d', '90s' or ISO-8601 ('PT30M', 'P1DT2H'). Bare numbers are refused as ambiguous."""
+    cleaned = text.strip()
+    iso = _ISO_DURATION.match(cleaned.upper())
+    short = _SHORT_DURATION.match(cleaned.lower())
+    parts = iso.groups() if iso else (None, *short.groups()) if short else None
+    if not cleaned or parts is None or not any(parts):
+        raise ValueError(f"not a duration: {text!r} (use 30m, 6h, 1h30m or ISO-8601 such as PT30M)")
+    weeks, days, hours, minutes, seconds = (float(p) if p else 0.0 for p in parts)
+    return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+
+
+def format_iso_duration(duration: timedelta) -> str:
+    """timedelta -> ISO-8601 ('PT30M', 'P1DT12H'), as the hosted scheduler expects."""
+    total = duration.total_seconds()
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    date_part = f"{int(days)}D" if days else ""
+    time_part = "".join(
+        f"{_compact_number(amount)}{unit}" for amount, unit in ((hours, "H"), (minutes, "M"), (seconds, "S")) if amount
+    )
+    if not date_part and not time_part:
+        return "PT0S"
+    return f"P{date_part}" + (f"T{time_part}" if time_part else "")
+
+
+def _compact_number(value: float) -> str:
+    return str(int(value)) if value == int(value) else f"{value:.6f}".rstrip("0")
+
+
+def _human(delta: timedelta) -> str:
+    seconds = round(delta.total_seconds())
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+class Clock:
+    """Wall clock and sleep; tests and replays swap ``carbonaware_core.CLOCK`` instead of touching the network."""
+
+    def time(self) -> float:
+        return time.time()
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    async def asleep(self, seconds: float) -> None:
+        import asyncio
+
+        await asyncio.sleep(seconds)
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.time(), timezone.utc)
+
+
+CLOCK = Clock()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The planner: exact optimum over interval series
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The planner's answer in seconds: start, mean intensity there, mean intensity at once, job length used."""
+
+    start: float
+    expected: float
+    now_value: float
+    length: float
+
+
+def lowest_mean_start(
+    starts: Sequence[float],
+    ends: Sequence[float],
+    values: Sequence[float],
+    earliest: float,
+    latest: float,
+    length: float,
+) -> tuple[float, float] | None:
+    """Earliest start s in [earliest, latest] minimising the mean of a step series over [s, s + length].
+
+    Intervals must be sorted and non-overlapping. The mean is piecewise linear in s, so the optimum lies where s or
+    s + length meets an interval boundary, or at an end of the range: only those candidates are evaluated. A start
+    counts only if [s, s + length] is covered without gaps. Returns (start, mean), or None if no start fits.
+    """
+    best: tuple[float, float] | None = None
+    for lo, hi in _contiguous_runs(starts, ends):
+        first, last = max(earliest, starts[lo]), min(latest, ends[hi - 1] - length)
+        if first <= last:
+            found = _best_in_run(starts[lo:hi], values[lo:hi], ends[hi - 1], first, last, length)
+            if best is None or _better(found[1], found[0], best[1], best[0]):
+                best = found
+    return best
+
+
+def _best_in_run(
+    starts: Sequence[float], values: Sequence[float], run_end: float, first: float, last: float, length: float
+) -> tuple[float, float]:
+    """One gap-free run: sweep the candidate starts in order, both ends of the job moving forward only."""
+    count = len(starts)
+    cumulative = [0.0] * (count + 1)  # integral of the series from starts[0] to starts[i]
+    for i in range(count):
+        following = starts[i + 1] if i + 1 < count else run_end
+        cumulative[i + 1] = cumulative[i] + (following - starts[i]) * values[i]
+    boundaries = [*starts[1:], run_end]
+    candidates = sorted(
+        [
+            first,
+            last,
+            *(b for b in starts if first < b < last),
+            *(b - length for b in boundaries if first < b - length < last),
+        ]
+    )
+    left = right = 0  # interval indices holding s and s + length
+    best_start, best_mean = first, math.inf
+    for s in candidates:
+        end = s + length
+        while left + 1 < count and starts[left + 1] <= s:
+            left += 1
+        while right + 1 < count and starts[right + 1] <= end:
+            right += 1
+        integral_end = cumulative[right] + (end - starts[right]) * values[right]
+        integral_start = cumulative[left] + (s - starts[left]) * values[left]
+        mean = (integral_end - integral_start) / length
+        if _better(mean, s, best_mean, best_start):
+            best_start, best_mean = s, mean
+    return best_start, best_mean
+
+
+def _better(mean: float, start: float, best_mean: float, best_start: float) -> bool:
+    if math.isinf(best_mean):
+        return True
+    tolerance = 1e-9 * max(1.0, abs(best_mean))
+    if mean < best_mean - tolerance:
+        return True
+    return abs(mean - best_mean) <= tolerance and start < best_start
+
+
+def _contiguous_runs(starts: Sequence[float], ends: Sequence[float]) -> Iterator[tuple[int, int]]:
+    lo = 0
+    for i in range(1, len(starts) + 1):
+        if i == len(starts) or starts[i] - ends[i - 1] > 1e-6:
+            yield lo, i
+            lo = i
+
+
+def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[float], list[float], list[float]]:
+    """Sorted, valid, non-overlapping intervals as epoch seconds; a first value just after ``now`` covers now.
+
+    Invalid values (NaN, infinite, negative) become gaps; overlaps are cut at the later start.
+    """
+    rows = sorted(
+        (p.start.timestamp(), p.end.timestamp(), float(p.value))
+        for p in points
+        if _valid_intensity(p.value) and p.end > p.start
+    )
+    starts: list[float] = []
+    ends: list[float] = []
+    values: list[float] = []
+    for begin, end, value in rows:
+        if starts and begin < ends[-1]:
+            ends[-1] = begin
+            if ends[-1] <= starts[-1]:
+                starts.pop(), ends.pop(), values.pop()
+        starts.append(begin)
+        ends.append(end)
+        values.append(value)
+    if starts and now < starts[0] <= now + (ends[0] - starts[0]):
+        starts[0] = now  # forecasts often begin at the next period boundary; carry the first value back
+    return starts, ends, values
+
+
+def _valid_intensity(value: object) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def choose_start(points: Iterable[ForecastPoint], now: datetime, window: timedelta, duration: timedelta) -> Choice:
+    """Plan over a series; raises SourceError when the series cannot say anything about starting now."""
+    t0 = now.timestamp()
+    starts, ends, values = _series_arrays(points, t0)
+    if not starts:
+        raise SourceError("forecast is empty or has no valid values")
+    if ends[-1] <= t0:
+        raise SourceError(f"forecast is stale: it ends at {_iso(_utc(ends[-1]))}, before now")
+    covered_until = _coverage_end(starts, ends, t0)
+    if covered_until is None:
+        raise SourceError(f"forecast does not cover now: it starts at {_iso(_utc(starts[0]))}")
+    length = min(duration.total_seconds(), covered_until - t0)
+    now_mean = lowest_mean_start(starts, ends, values, t0, t0, length)
+    best = lowest_mean_start(starts, ends, values, t0, t0 + window.total_seconds(), length)
+    assert now_mean is not None and best is not None  # [t0, t0 + length] is covered by construction
+    return Choice(start=best[0], expected=best[1], now_value=now_mean[1], length=length)
+
+
+def _coverage_end(starts: Sequence[float], ends: Sequence[float], t: float) -> float | None:
+    for lo, hi in _contiguous_runs(starts, ends):
+        if starts[lo] <= t < ends[hi - 1]:
+            return ends[hi - 1]
+    return None
+
+
+def _utc(seconds: float) -> datetime:
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTTP: bounded, no redirects, requests when importable
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HttpResponse:
+    status: int
+    headers: Mapping[str, str]  # lower-case names
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SourceError(f"response is not JSON ({_snippet(self.body)})") from exc
+
+    def retry_after(self) -> float | None:
+        value = self.headers.get("retry-after", "").strip()
+        if value.isdigit():
+            return float(value)
+        if value:
+            try:
+                from email.utils import parsedate_to_datetime
+
+                return max(0.0, parsedate_to_datetime(value).timestamp() - CLOCK.time())
+            except (TypeError, ValueError):
+                return None
+        return None
+
+
+def _snippet(body: bytes, limit: int = 80) -> str:
+    text = body[:limit].decode("utf-8", "replace").replace("\n", " ").strip()
+    return repr(text + ("..." if len(body) > limit else ""))
+
+
+def _http_backend() -> str:
+    """'requests' when importable (connection reuse), else 'urllib'; CARBONAWARE_HTTP_CLIENT forces one."""
+    wanted = os.environ.get("CARBONAWARE_HTTP_CLIENT", "").strip().lower()
+    if wanted == "urllib":
+        return "urllib"
+    try:
+        import requests  # noqa: F401
+    except ImportError:
+        return "urllib"
+    return "requests"
+
+
+def http_request(
+    method: str,
+    url: str,
+    *,
+    headers: Mapping[str, str] | None = None,
+    body: bytes | None = None,
+    timeout: float = HTTP_TIMEOUT_SECONDS,
+    max_bytes: int = MAX_BODY_BYTES,
+    backend: str | None = None,
+) -> HttpResponse:
+    """One request with a total time budget and a size cap; any status is returned, redirects are not followed.
+
+    Following redirects would carry API keys to another host, and urllib cannot redo a POST after a 307.
+    """
+    deadline = time.monotonic() + timeout
+    chosen = backend or _http_backend()
+    try:
+        if chosen == "requests":
+            return _requests_call(method, url, headers or {}, body, deadline, max_bytes)
+        return _urllib_call(method, url, headers or {}, body, deadline, max_bytes, proxies=True)
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every transport failure means "no answer"
+        raise SourceError(_transport_message(exc, timeout)) from None
+
+
+def _transport_message(exc: BaseException, timeout: float) -> str:
+    root = _root_cause(exc)
+    text = f"{exc} {root}".lower()
+    if isinstance(root, TimeoutError) or "timed out" in text or "timeout" in type(root).__name__.lower():
+        return f"no answer within {timeout:g}s (timeout)"
+    if isinstance(root, ConnectionRefusedError) or "refused" in text:
+        return "connection refused"
+    return f"connection failed ({type(root).__name__}: {str(root)[:160]})"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost error under urllib's URLError.reason or requests' wrapped urllib3 errors."""
+    seen: set[int] = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        reason = getattr(exc, "reason", None)
+        wrapped = exc.args[0] if exc.args and isinstance(exc.args[0], BaseException) else None
+        inner = reason if isinstance(reason, BaseException) else wrapped or exc.__cause__
+        if inner is None:
+            break
+        exc = inner
+    return exc
+
+
+def _remaining(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError("timed out")
+    return left
+
+
+def _read_bounded(
+    read: Callable[[int], bytes], deadline: float, max_bytes: int, settimeout: Callable[[float], None]
+) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        settimeout(_remaining(deadline))
+        chunk = read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > max_bytes:
+            raise SourceError(f"response larger than {max_bytes // (1024 * 1024)} MB, refused")
+        chunks.append(chunk)
+
+
+def _check_declared_size(headers: Mapping[str, str], max_bytes: int) -> None:
+    declared = headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise SourceError(f"response larger than {max_bytes // (1024 * 1024)} MB ({declared} bytes), refused")
+
+
+def _socket_settimeout(raw: Any) -> Callable[[float], None]:
+    """Reach the socket under an http.client response so each read gets the remaining budget, not a fresh one."""
+    try:
+        sock = raw.fp.raw._sock
+        return sock.settimeout  # type: ignore[no-any-return]
+    except AttributeError:
+        return lambda _seconds: None
+
+
+_URLLIB_OPENERS: dict[bool, Any] = {}
+
+
+def _urllib_opener(proxies: bool) -> Any:
+    if proxies not in _URLLIB_OPENERS:
+        import urllib.request
+
+        class NoRedirect(urllib.request.HTTPRedirectHandler):
+            def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+                return None
+
+        handlers: list[Any] = [NoRedirect()]
+        if not proxies:
+            handlers.append(urllib.request.ProxyHandler({}))
+        _URLLIB_OPENERS[proxies] = urllib.request.build_opener(*handlers)
+    return _URLLIB_OPENERS[proxies]
+
+
+def _urllib_call(
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    deadline: float,
+    max_bytes: int,
+    proxies: bool,
+) -> HttpResponse:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, method=method, headers=dict(headers))
+    try:
+        response = _urllib_opener(proxies).open(request, timeout=_remaining(deadline))
+    except urllib.error.HTTPError as error:  # non-2xx: still an answer, with a body worth reading
+        response = error
+    with response:
+        response_headers = {k.lower(): v for k, v in response.headers.items()}
+        _check_declared_size(response_headers, max_bytes)
+        raw = getattr(response, "fp", None)
+        settimeout = _socket_settimeout(getattr(raw, "raw", raw) if raw is not None else response)
+        payload = _read_bounded(response.read, deadline, max_bytes, settimeout)
+        return HttpResponse(
+            response.status if hasattr(response, "status") else response.code, response_headers, payload
+        )
+
+
+_SESSION: Any = None
+_SESSION_LOCK = threading.Lock()
+
+
+def _requests_session() -> Any:
+    global _SESSION
+    with _SESSION_LOCK:
+        if _SESSION is None:
+            import requests
+
+            _SESSION = requests.Session()
+        return _SESSION
+
+
+def _requests_call(
+    method: str, url: str, headers: Mapping[str, str], body: bytes | None, deadline: float, max_bytes: int
+) -> HttpResponse:
+    budget = _remaining(deadline)
+    response = _requests_session().request(
+        method, url, headers=dict(headers), data=body, timeout=(budget, budget), allow_redirects=False, stream=True
+    )
+    with response:
+        response_headers = {k.lower(): v for k, v in response.headers.items()}
+        _check_declared_size(response_headers, max_bytes)
+        settimeout = _socket_settimeout(getattr(response.raw, "_fp", None))
+        payload = _read_bounded(lambda n: response.raw.read(n, decode_content=True), deadline, max_bytes, settimeout)
+        return HttpResponse(response.status_code, response_headers, payload)
+
+
+def expect_json(response: HttpResponse, what: str) -> Any:
+    """The JSON of a 2xx answer, or a SourceError naming the status and a short, secret-free excerpt."""
+    if response.status == 429:
+        after = response.retry_after()
+        hint = f", retry after {after:g}s" if after is not None else ""
+        raise SourceError(f"{what} rate-limited (HTTP 429{hint})", retry_after=after)
+    if 300 <= response.status < 400:
+        where = response.headers.get("location", "?")
+        raise SourceError(f"{what} answered a redirect (HTTP {response.status} to {where[:80]}); check the URL")
+    if response.status >= 400 or response.status < 200:
+        raise SourceError(f"{what} answered HTTP {response.status} ({_snippet(response.body)})")
+    return response.json()
+
+
+def _is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = (urlsplit(url).hostname or "").lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def _require_safe_url(url: str, *, carries_secret: bool) -> None:
+    """Secrets travel only over HTTPS, or plain HTTP to loopback (tests, local proxies)."""
+    if not url.lower().startswith(("https://", "http://")):
+        raise SourceError(f"unsupported URL scheme in {url[:60]!r}")
+    if carries_secret and url.lower().startswith("http://") and not _is_loopback(url):
+        raise SourceError("refusing to send credentials over plain HTTP to a non-loopback host; use https://")
+
+
+def base_url(env_name: str, default: str) -> str:
+    return (os.environ.get(env_name) or default).rstrip("/")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One cache for every source: one fetch per key per TTL, however many callers ask at once
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _Entry:
+    __slots__ = ("done", "error", "expires", "value")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.value: Any = None
+        self.error: SourceError | None = SourceError("the fetch was interrupted")
+        self.expires = 0.0
+
+
+class SingleFlightCache:
+    """Values and failures by key. Concurrent callers of a missing key wait for one fetch instead of each making
+    their own; failures are remembered only briefly (or as long as Retry-After asks, within reason)."""
+
+    def __init__(self, max_entries: int = 256) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[Hashable, _Entry] = {}
+        self._max_entries = max_entries
+        self.fetches = 0  # for tests and benchmarks: how many times a fetch actually ran
+
+    def get(self, key: Hashable, fetch: Callable[[], Any], ttl: float, failure_ttl: float = FAILURE_TTL_SECONDS) -> Any:
+        with self._lock:
+            entry = self._entries.get(key)
+            leader = entry is None or (entry.done.is_set() and entry.expires <= time.monotonic())
+            if leader:
+                entry = _Entry()
+                self._entries[key] = entry
+                self._evict_if_full()
+                self.fetches += 1
+        assert entry is not None
+        if leader:
+            self._run(entry, fetch, ttl, failure_ttl)
+        else:
+            entry.done.wait()
+        if entry.error is not None:
+            raise entry.error
+        return entry.value
+
+    def _run(self, entry: _Entry, fetch: Callable[[], Any], ttl: float, failure_ttl: float) -> None:
+        try:
+            entry.value = fetch()
+            entry.error = None
+            entry.expires = time.monotonic() + ttl
+        except SourceError as error:
+            entry.error = error
+            hold = min(error.retry_after, MAX_RETRY_AFTER_SECONDS) if error.retry_after else failure_ttl
+            entry.expires = time.monotonic() + max(hold, failure_ttl)
+        except Exception as exc:  # noqa: BLE001 - a source bug must not escape into user work
+            entry.error = SourceError(f"{type(exc).__name__}: {str(exc)[:160]}")
+            entry.expires = time.monotonic() + failure_ttl
+        finally:
+            entry.done.set()
+
+    def _evict_if_full(self) -> None:
+        if len(self._entries) > self._max_entries:
+            now = time.monotonic()
+            for stale in [k for k, e in self._entries.items() if e.done.is_set() and e.expires <= now]:
+                del self._entries[stale]
+            while len(self._entries) > self._max_entries:
+                del self._entries[next(iter(self._entries))]
+
+    def forget(self, key: Hashable) -> None:
+        with self._lock:
+            self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.fetches = 0
+
+
+CACHE = SingleFlightCache()
+
+
+def clear_cache() -> None:
+    """Forget detected zones, forecasts and remembered failures (tests; long-lived processes that moved)."""
+    CACHE.clear()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Zone detection: environment first, then the metadata services of AWS, GCP and Azure in parallel
+# --------------------------------------------------------------------------------------------------------------
+
+METADATA_HOST = "169.254.169.254"
+_REGION_PATTERN = re.compile(r"^[a-z]{2,}(?:-[a-z0-9]+)*-?\d*[a-z]*$")
+_AWS_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+$")
+
+
+def _normalise_region(provider: str, region: str) -> str:
+    cleaned = region.strip().lower()
+    if provider == "azure":
+        cleaned = cleaned.replace(" ", "")
+    return cleaned
+
+
+def _zone_from_environment(env: Mapping[str, str]) -> tuple[CloudZone, str] | None:
+    """Zones the environment states outright, with the variable that said so."""
+    provider, region = (env.get("CARBONAWARE_PROVIDER", "").strip().lower(), env.get("CARBONAWARE_REGION", ""))
+    if provider and region.strip():
+        return CloudZone(provider, _normalise_region(provider, region)), "CARBONAWARE_PROVIDER/REGION"
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
+        value = env.get(name, "").strip().lower()
+        if _AWS_REGION.match(value):
+            return CloudZone("aws", value), name
+    region_name = _normalise_region("azure", env.get("REGION_NAME", ""))
+    if region_name and _REGION_PATTERN.match(region_name):
+        return CloudZone("azure", region_name), "REGION_NAME"
+    return None
+
+
+def _metadata_base(env: Mapping[str, str], specific: str | None = None) -> str:
+    host = (specific and env.get(specific)) or env.get("CARBONAWARE_METADATA_HOST") or METADATA_HOST
+    host = host.strip().rstrip("/")
+    return host if host.startswith(("http://", "https://")) else f"http://{host}"
+
+
+def _probe_get(url: str, headers: Mapping[str, str], deadline: float, method: str = "GET") -> HttpResponse | None:
+    try:
+        return _urllib_call(method, url, headers, b"" if method == "PUT" else None, deadline, 64 * 1024, proxies=False)
+    except Exception:  # noqa: BLE001 - a probe that fails simply has no answer
+        return None
+
+
+def _probe_aws(env: Mapping[str, str], deadline: float) -> CloudZone | None:
+    if env.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true":
+        return None
+    base = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "").rstrip("/") or _metadata_base(env)
+    token = _probe_get(
+        f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, deadline, method="PUT"
+    )
+    headers = {}
+    if token is not None and token.status == 200 and 0 < len(token.body) < 512:
+        headers["X-aws-ec2-metadata-token"] = token.body.decode("ascii", "replace").strip()
+    answer = _probe_get(f"{base}/latest/meta-data/placement/region", headers, deadline)
+    if answer is None or answer.status != 200:
+        return None
+    region = answer.body.decode("ascii", "replace").strip()
+    return CloudZone("aws", region) if _AWS_REGION.match(region) else None
+
+
+def _probe_gcp(env: Mapping[str, str], deadline: float) -> CloudZone | None:
+    base = _metadata_base(env, "GCE_METADATA_HOST")
+    for path in ("instance/zone", "instance/region"):  # VMs answer the zone; Cloud Run and Functions the region
+        answer = _probe_get(f"{base}/computeMetadata/v1/{path}", {"Metadata-Flavor": "Google"}, deadline)
+        if answer is None or answer.headers.get("metadata-flavor") != "Google":
+            return None
+        if answer.status == 200:
+            region = _gcp_region(answer.body.decode("ascii", "replace").strip())
+            return CloudZone("gcp", region) if region else None
+    return None
+
+
+def _gcp_region(text: str) -> str | None:
+    """'projects/1/zones/us-central1-a' -> 'us-central1'; 'projects/1/regions/us-central1' -> 'us-central1'."""
+    match = re.match(r"^projects/[^/]+/(zones|regions)/([a-z0-9-]+)$", text)
+    if not match:
+        return None
+    kind, name = match.groups()
+    if kind == "regions":
+        return name
+    region, _, letter = name.rpartition("-")
+    return region if region and len(letter) == 1 else None
+
+
+def _probe_azure(env: Mapping[str, str], deadline: float) -> CloudZone | None:
+    base = _metadata_base(env)
+    url = f"{base}/metadata/instance/compute/location?api-version=2021-02-01&format=text"
+    answer = _probe_get(url, {"Metadata": "true"}, deadline)
+    if answer is None or answer.status != 200:
+        return None
+    region = _normalise_region("azure", answer.body.decode("ascii", "replace"))
+    return CloudZone("azure", region) if re.match(r"^[a-z][a-z0-9]{2,40}$", region) else None
+
+
+def _probe_ecs(env: Mapping[str, str], deadline: float) -> CloudZone | None:
+    uri = env.get("ECS_CONTAINER_METADATA_URI_V4", "").strip().rstrip("/")
+    if not uri:
+        return None
+    answer = _probe_get(f"{uri}/task", {}, deadline)
+    if answer is None or answer.status != 200:
+        return None
+    try:
+        document = json.loads(answer.body)
+        region = str(document.get("TaskARN", "")).split(":")[3]
+    except (ValueError, AttributeError, IndexError):
+        return None
+    return CloudZone("aws", region) if _AWS_REGION.match(region) else None
+
+
+_PROBES: tuple[Callable[[Mapping[str, str], float], CloudZone | None], ...] = (
+    _probe_ecs,
+    _probe_aws,
+    _probe_gcp,
+    _probe_azure,
+)
+
+
+def _probe_metadata(env: Mapping[str, str], timeout: float) -> CloudZone | None:
+    """All probes at once; the first valid answer wins and nothing waits past ``timeout``."""
+    import queue
+
+    deadline = time.monotonic() + timeout
+    answers: queue.SimpleQueue[CloudZone | None] = queue.SimpleQueue()
+
+    def run(probe: Callable[[Mapping[str, str], float], CloudZone | None]) -> None:
+        try:
+            answers.put(probe(env, deadline))
+        except Exception:  # noqa: BLE001
+            answers.put(None)
+
+    for probe in _PROBES:
+        threading.Thread(target=run, args=(probe,), name=f"carbonaware-{probe.__name__}", daemon=True).start()
+    for _ in _PROBES:
+        try:
+            zone = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            return None
+        if zone is not None:
+            return zone
+    return None
+
+
+def detect_cloud_zone(timeout: float = DETECT_TIMEOUT_SECONDS) -> CloudZone | None:
+    """The zone this process runs in, or None. Environment first; metadata probes are cached for the process."""
+    found = _zone_from_environment(os.environ)
+    if found is not None:
+        logger.debug("carbonaware: zone %s from %s", found[0], found[1])
+        return found[0]
+    env = dict(os.environ)
+    key = ("detect", env.get("CARBONAWARE_METADATA_HOST"), env.get("GCE_METADATA_HOST"))
+    zone: CloudZone | None = CACHE.get(key, lambda: _probe_metadata(env, timeout), ttl=math.inf)
+    return zone
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Region tables (data; regenerate with scripts/build_region_table.py)
+# --------------------------------------------------------------------------------------------------------------
+
+# Cloud region -> Electricity Maps zone key. Built by scripts/build_region_table.py from facts in:
+#   Electricity Maps data_centers.json (electricitymaps-contrib @b354f28) -- wins on disagreement,
+#   Cloud Carbon Footprint packages/*/src/lib/*Regions.ts, umassos/decarbonization-potential mapper.
+# Disagreements resolved in favour of Electricity Maps (else CCF):
+#   azure northcentralus (US-MIDA-PJM vs CCF US-MIDW-MISO), azure westus2 (US-NW-BPAT vs CCF US-NW-PACE),
+#   azure westus3 (US-SW-AZPS vs CCF US-NW-PACE), gcp us-central1 (US-CENT-SWPP vs CCF US-MIDW-MISO),
+#   gcp us-east1 (US-CAR-SCEG vs UMass US-CAR-SC)
+# Obsolete UMass zone keys normalised: AUS-NSW->AU-NSW, AUS-VIC->AU-VIC, IN-DL->IN-NO, IN-MH->IN-WE
+# Dropped: azure eastus3 (Atlanta, GA; CCF's US-MIDA-PJM is wrong),
+#   azure unitedstates (geography alias spanning many zones),
+#   azure unitedstateseuap (geography alias spanning many zones)
+#   and Azure *stage names (internal staging, not customer regions).
+REGION_ZONES: dict[tuple[str, str], str] = {
+    ("aws", "af-south-1"): "ZA",
+    ("aws", "ap-east-1"): "HK",
+    ("aws", "ap-northeast-1"): "JP-TK",
+    ("aws", "ap-northeast-2"): "KR",
+    ("aws", "ap-northeast-3"): "JP-KN",
+    ("aws", "ap-south-1"): "IN-WE",
+    ("aws", "ap-south-2"): "IN-SO",
+    ("aws", "ap-southeast-1"): "SG",
+    ("aws", "ap-southeast-2"): "AU-NSW",
+    ("aws", "ap-southeast-3"): "ID",
+    ("aws", "ap-southeast-4"): "AU-VIC",
+    ("aws", "ap-southeast-5"): "MY-WM",
+    ("aws", "ap-southeast-6"): "NZ",
+    ("aws", "ap-southeast-7"): "TH",
+    ("aws", "ca-central-1"): "CA-QC",
+    ("aws", "ca-west-1"): "CA-AB",
+    ("aws", "eu-central-1"): "DE",
+    ("aws", "eu-central-2"): "CH",
+    ("aws", "eu-north-1"): "SE-SE3",
+    ("aws", "eu-south-1"): "IT-NO",
+    ("aws", "eu-south-2"): "ES",
+    ("aws", "eu-west-1"): "IE",
+    ("aws", "eu-west-2"): "GB",
+    ("aws", "eu-west-3"): "FR",
+    ("aws", "il-central-1"): "IL",
+    ("aws", "me-central-1"): "AE",
+    ("aws", "me-south-1"): "BH",
+    ("aws", "mx-central-1"): "MX",
+    ("aws", "sa-east-1"): "BR-CS",
+    ("aws", "us-east-1"): "US-MIDA-PJM",
+    ("aws", "us-east-2"): "US-MIDA-PJM",
+    ("aws", "us-gov-east-1"): "US-MIDA-PJM",
+    ("aws", "us-gov-west-1"): "US-NW-PACW",
+    ("aws", "us-west-1"): "US-CAL-CISO",
+    ("aws", "us-west-2"): "US-NW-PACW",
+    ("azure", "apsoutheast"): "SG",
+    ("azure", "australiacentral"): "AU-NSW",
+    ("azure", "australiacentral2"): "AU-NSW",
+    ("azure", "australiaeast"): "AU-NSW",
+    ("azure", "australiasoutheast"): "AU-VIC",
+    ("azure", "brazilsouth"): "BR-CS",
+    ("azure", "brazilsoutheast"): "BR-CS",
+    ("azure", "canadacentral"): "CA-ON",
+    ("azure", "canadaeast"): "CA-QC",
+    ("azure", "centralindia"): "IN-WE",
+    ("azure", "centralus"): "US-MIDW-MISO",
+    ("azure", "centraluseuap"): "US-MIDW-MISO",
+    ("azure", "chinaeast"): "CN",
+    ("azure", "chinaeast2"): "CN",
+    ("azure", "chinanorth"): "CN",
+    ("azure", "chinanorth2"): "CN",
+    ("azure", "chinanorth3"): "CN",
+    ("azure", "eastasia"): "HK",
+    ("azure", "eastus"): "US-MIDA-PJM",
+    ("azure", "eastus2"): "US-MIDA-PJM",
+    ("azure", "eastus2euap"): "US-MIDA-PJM",
+    ("azure", "francecentral"): "FR",
+    ("azure", "francesouth"): "FR",
+    ("azure", "germany"): "DE",
+    ("azure", "germanynorth"): "DE",
+    ("azure", "germanywestcentral"): "DE",
+    ("azure", "indonesiacentral"): "ID",
+    ("azure", "israelcentral"): "IL",
+    ("azure", "italynorth"): "IT-NO",
+    ("azure", "japaneast"): "JP-TK",
+    ("azure", "japanwest"): "JP-KN",
+    ("azure", "koreacentral"): "KR",
+    ("azure", "koreasouth"): "KR",
+    ("azure", "mexicocentral"): "MX",
+    ("azure", "newzealandnorth"): "NZ",
+    ("azure", "northcentralus"): "US-MIDA-PJM",
+    ("azure", "northeurope"): "IE",
+    ("azure", "norwayeast"): "NO-NO1",
+    ("azure", "norwaywest"): "NO-NO2",
+    ("azure", "polandcentral"): "PL",
+    ("azure", "qatarcentral"): "QA",
+    ("azure", "southafricanorth"): "ZA",
+    ("azure", "southafricawest"): "ZA",
+    ("azure", "southcentralus"): "US-TEX-ERCO",
+    ("azure", "southeastasia"): "SG",
+    ("azure", "southindia"): "IN-SO",
+    ("azure", "spaincentral"): "ES",
+    ("azure", "swedencentral"): "SE-SE3",
+    ("azure", "switzerlandnorth"): "CH",
+    ("azure", "switzerlandwest"): "CH",
+    ("azure", "uaecentral"): "AE",
+    ("azure", "uaenorth"): "AE",
+    ("azure", "uk"): "GB",
+    ("azure", "uksouth"): "GB",
+    ("azure", "ukwest"): "GB",
+    ("azure", "usnorth"): "US-MIDW-MISO",
+    ("azure", "westcentralus"): "US-NW-PACE",
+    ("azure", "westeurope"): "NL",
+    ("azure", "westindia"): "IN-WE",
+    ("azure", "westus"): "US-CAL-CISO",
+    ("azure", "westus2"): "US-NW-BPAT",
+    ("azure", "westus3"): "US-SW-AZPS",
+    ("gcp", "africa-south1"): "ZA",
+    ("gcp", "asia-east1"): "TW",
+    ("gcp", "asia-east2"): "HK",
+    ("gcp", "asia-northeast1"): "JP-TK",
+    ("gcp", "asia-northeast2"): "JP-KN",
+    ("gcp", "asia-northeast3"): "KR",
+    ("gcp", "asia-south1"): "IN-WE",
+    ("gcp", "asia-south2"): "IN-NO",
+    ("gcp", "asia-southeast1"): "SG",
+    ("gcp", "asia-southeast2"): "ID",
+    ("gcp", "asia-southeast3"): "TH",
+    ("gcp", "australia-southeast1"): "AU-NSW",
+    ("gcp", "australia-southeast2"): "AU-VIC",
+    ("gcp", "europe-central2"): "PL",
+    ("gcp", "europe-north1"): "FI",
+    ("gcp", "europe-north2"): "SE-SE3",
+    ("gcp", "europe-southwest1"): "ES",
+    ("gcp", "europe-west1"): "BE",
+    ("gcp", "europe-west10"): "DE",
+    ("gcp", "europe-west12"): "IT-NO",
+    ("gcp", "europe-west2"): "GB",
+    ("gcp", "europe-west3"): "DE",
+    ("gcp", "europe-west4"): "NL",
+    ("gcp", "europe-west6"): "CH",
+    ("gcp", "europe-west8"): "IT-NO",
+    ("gcp", "europe-west9"): "FR",
+    ("gcp", "me-central1"): "QA",
+    ("gcp", "me-central2"): "SA",
+    ("gcp", "me-west1"): "IL",
+    ("gcp", "northamerica-northeast1"): "CA-QC",
+    ("gcp", "northamerica-northeast2"): "CA-ON",
+    ("gcp", "northamerica-south1"): "MX",
+    ("gcp", "southamerica-east1"): "BR-CS",
+    ("gcp", "southamerica-west1"): "CL-SEN",
+    ("gcp", "us-central1"): "US-CENT-SWPP",
+    ("gcp", "us-central2"): "US-MIDW-MISO",
+    ("gcp", "us-east1"): "US-CAR-SCEG",
+    ("gcp", "us-east4"): "US-MIDA-PJM",
+    ("gcp", "us-east5"): "US-MIDA-PJM",
+    ("gcp", "us-south1"): "US-TEX-ERCO",
+    ("gcp", "us-west1"): "US-NW-PACW",
+    ("gcp", "us-west2"): "US-CAL-CISO",
+    ("gcp", "us-west3"): "US-NW-PACE",
+    ("gcp", "us-west4"): "US-NW-NEVP",
+}
+
+# Electricity Maps zone -> WattTime region (signal co2_moer). Sources:
+#   [M] WattTime/watttime-python-client data/us_region_meta_data.csv @1282382 (WattTime's own list of
+#       v3 co2_moer regions with full names, e.g. PACW = PacifiCorp West).
+#   [R] carbon-aware/scheduler scheduler/src/regions/mapping.json @cb0d9b9: answers of WattTime's
+#       /v3/region-from-loc at Electricity Maps' data-centre coordinates, for the cloud regions listed.
+# Not mapped: US-CENT-SWPP ([R] puts gcp us-central1 in MISO_WORTHINGTON, not SPP).
+ZONE_WATTTIME: dict[str, str] = {
+    "AE": "ARE",  # [R] aws me-central-1, azure uaenorth
+    "AU-NSW": "NEM_NSW",  # [R] aws ap-southeast-2, azure australiaeast, azure australiacentral
+    "AU-VIC": "NEM_VIC",  # [R] aws ap-southeast-4, azure australiasoutheast
+    "BE": "BE",  # [R] gcp europe-west1
+    "BR-CS": "BRA",  # [R] aws sa-east-1, azure brazilsouth
+    "CA-AB": "AESO",  # [R] aws ca-west-1
+    "CA-ON": "IESO_NORTH",  # [R] azure canadacentral; [R] gcp Toronto -> PJM_WESTERN_KY ignored
+    "CA-QC": "HQ",  # [R] aws ca-central-1, azure canadaeast
+    "CH": "CH",  # [R] aws eu-central-2, azure switzerlandnorth
+    "CL-SEN": "CHL",  # [R] gcp southamerica-west1
+    "CN": "CHN",  # [R] azure chinaeast2, azure chinanorth
+    "DE": "DE",  # [R] aws eu-central-1, azure germanywestcentral, gcp europe-west3
+    "ES": "ES",  # [R] aws eu-south-2, azure spaincentral
+    "FI": "FI",  # [R] gcp europe-north1
+    "FR": "FR",  # [R] aws eu-west-3, azure francecentral
+    "GB": "UK",  # [R] aws eu-west-2, azure uksouth, azure ukwest
+    "HK": "HKG",  # [R] aws ap-east-1, azure eastasia
+    "ID": "IDN",  # [R] aws ap-southeast-3, azure indonesiacentral
+    "IE": "IE",  # [R] aws eu-west-1, azure northeurope
+    "IL": "ISR",  # [R] aws il-central-1; [R] azure israelcentral -> JOR ignored
+    "IN-SO": "IND",  # [R] aws ap-south-2, azure southindia
+    "IN-WE": "IND",  # [R] aws ap-south-1, azure centralindia
+    "IT-NO": "IT",  # [R] aws eu-south-1, azure italynorth
+    "JP-KN": "JP_KN",  # [R] aws ap-northeast-3, azure japanwest
+    "JP-TK": "JP_TK",  # [R] aws ap-northeast-1, gcp asia-northeast1; [R] azure japaneast -> JP_TH ignored
+    "KR": "KOR",  # [R] aws ap-northeast-2, azure koreacentral
+    "MX": "MX_SIN",  # [R] aws mx-central-1, azure mexicocentral
+    "MY-WM": "MYS",  # [R] aws ap-southeast-5
+    "NL": "NL",  # [R] gcp europe-west4; [R] azure westeurope -> DE ignored
+    "NO-NO1": "NO",  # [R] azure norwayeast
+    "NZ": "NZL",  # [R] azure newzealandnorth
+    "PL": "PL",  # [R] azure polandcentral
+    "SE-SE3": "SE",  # [R] aws eu-north-1, azure swedencentral
+    "SG": "SGP",  # [R] gcp asia-southeast1
+    "TH": "THA",  # [R] aws ap-southeast-7
+    "TW": "TWN",  # [R] gcp asia-east1
+    "US-CAL-CISO": "CAISO_NORTH",  # [M]; [R] aws us-west-1, azure westus; gcp us-west2 is Los Angeles
+    "US-CAR-SCEG": "SCEG",  # [M]; [R] gcp us-east1
+    "US-MIDA-PJM": "PJM_DC",  # [R] aws us-east-1, azure eastus; N. Virginia; Ohio/Chicago sites differ
+    "US-MIDW-MISO": "MISO_WORTHINGTON",  # [R] azure centralus; older mappings: MISO_MASON_CITY
+    "US-NW-BPAT": "BPA",  # [M]; same BA; [R] puts azure westus2 in CHPD
+    "US-NW-NEVP": "NEVP",  # [M]; same BA
+    "US-NW-PACE": "PACE",  # [M]; [R] azure westcentralus; same BA
+    "US-NW-PACW": "PACW",  # [M]; same BA; [R] puts aws us-west-2, gcp us-west1 in BPA
+    "US-SW-AZPS": "AZPS",  # [M]; [R] azure westus3; same BA
+    "US-TEX-ERCO": "ERCOT_NORTHCENTRAL",  # [M]; Dallas; [R] azure southcentralus -> ERCOT_EASTTX
+    "ZA": "ZAF",  # [R] aws af-south-1, azure southafricanorth
+}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Sources
+# --------------------------------------------------------------------------------------------------------------
+
+CARBONAWARE_BASE_URL = "https://scheduler.carbonaware.dev"
+
+
+def _zone_key(query: Query) -> Hashable:
+    return (query.zone, query.grid_zone, query.arg)
+
+
+def _fetch_carbonaware(query: Query) -> Decision:
+    """The hosted scheduler decides the start itself (WattTime MOER on a 5-minute grid)."""
+    if query.zone is None:
+        raise SourceError("the hosted scheduler needs a cloud zone")
+    url = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL) + "/v0/schedule/"
+    _require_safe_url(url, carries_secret=False)
+    payload = {
+        "duration": format_iso_duration(query.duration),
+        "windows": [{"start": _iso(query.now), "end": _iso(query.now + query.window)}],
+        "zones": [{"provider": query.zone.provider, "region": query.zone.region}],
+        "num_options": 3,
+    }
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    response = http_request("POST", url, headers=headers, body=json.dumps(payload).encode(), timeout=query.timeout)
+    return _carbonaware_decision(expect_json(response, "scheduler"), query)
+
+
+def _carbonaware_decision(document: Any, query: Query) -> Decision:
+    ideal = _field(document, "ideal", dict)
+    try:
+        start = parse_datetime(str(_field(ideal, "time", str)))
+    except ValueError as exc:
+        raise SourceError(f"scheduler: ideal.time is not a date ({exc})") from None
+    earliest, latest = (query.now - timedelta(minutes=15), query.now + query.window + timedelta(minutes=5))
+    if not earliest <= start <= latest:
+        raise SourceError(f"scheduler: ideal.time {_iso(start)} lies outside the window {_iso(query.now)}..")
+    expected = _moer_g_per_kwh(ideal.get("co2_intensity"), "ideal")
+    naive = document.get("naive_case")
+    now_value = _moer_g_per_kwh(naive.get("co2_intensity"), "naive_case") if isinstance(naive, dict) else None
+    savings = _savings(now_value, expected)
+    if savings is None:
+        stated = document.get("carbon_savings")
+        percent = stated.get("vs_naive_case") if isinstance(stated, dict) else None
+        savings = float(percent) / 100.0 if _valid_intensity(percent) else None
+    return Decision(start=start, expected=expected, now=now_value, savings=savings, unit="gCO2/kWh (marginal)")
+
+
+def _field(document: Any, name: str, kind: type | tuple[type, ...]) -> Any:
+    value = document.get(name) if isinstance(document, dict) else None
+    if not isinstance(value, kind):
+        kind = kind if isinstance(kind, type) else kind[0]
+        raise SourceError(
+            f"unexpected answer: no {name!r} {kind.__name__} in {_snippet(json.dumps(document)[:80].encode())}"
+        )
+    return value
+
+
+def _moer_g_per_kwh(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if not _valid_intensity(value):
+        raise SourceError(f"scheduler: {where}.co2_intensity is not a valid intensity ({value!r})")
+    return float(value) * LBS_PER_MWH_TO_G_PER_KWH
+
+
+def _savings(now_value: float | None, expected: float | None) -> float | None:
+    if now_value is None or expected is None or now_value <= 0:
+        return None
+    return (now_value - expected) / now_value
+
+
+register_source(
+    Source(
+        "carbonaware",
+        _fetch_carbonaware,
+        cache_key=lambda q: (q.zone, q.duration, round(q.window.total_seconds() / 60)),
+        ttl=300.0,
+    )
+)
+
+
+# ---- series documents (file, url, callables) --------------------------------------------------------------------
+
+_START_KEYS = ("start", "datetime", "timestamp", "point_time", "from", "time")
+_END_KEYS = ("end", "to")
+_VALUE_KEYS = ("value", "carbonIntensity", "carbon_intensity", "intensity", "forecast", "co2_intensity")
+
+
+def series_from_starts(
+    rows: Iterable[tuple[datetime, float, timedelta | None]], default_period: timedelta | None = None
+) -> tuple[ForecastPoint, ...]:
+    """Points given by their start (and maybe their length): a missing end is the next start, the last one
+    takes ``default_period`` or the most common spacing."""
+    ordered = sorted(rows, key=lambda row: row[0])
+    gaps = [b[0] - a[0] for a, b in itertools.pairwise(ordered) if b[0] > a[0]]
+    fallback = default_period or (max(set(gaps), key=gaps.count) if gaps else timedelta(hours=1))
+    points = []
+    for i, (start, value, length) in enumerate(ordered):
+        if length is not None:
+            end = start + length
+        elif i + 1 < len(ordered) and ordered[i + 1][0] - start <= 2 * fallback:
+            end = ordered[i + 1][0]
+        else:
+            end = start + fallback
+        points.append(ForecastPoint(start, end, value))
+    return tuple(points)
+
+
+def parse_series_document(document: Any) -> tuple[ForecastPoint, ...]:
+    """A list of {start[, end], value} objects in any of the common spellings, possibly wrapped in
+    {"forecast"|"data"|"points": [...]}. Values are gCO2eq/kWh."""
+    items = document
+    if isinstance(document, dict):
+        items = next((document[k] for k in ("forecast", "data", "points", "forecastData") if k in document), None)
+    if not isinstance(items, list) or not items:
+        raise SourceError("series: expected a non-empty list of points")
+    rows = []
+    for item in items:
+        if not isinstance(item, dict):
+            raise SourceError("series: every point must be an object")
+        start_text = next((item[k] for k in _START_KEYS if k in item), None)
+        value = next((item[k] for k in _VALUE_KEYS if k in item), None)
+        if isinstance(value, dict):  # NESO-style {"intensity": {"forecast": 120}}
+            value = value.get("forecast")
+        end_text = next((item[k] for k in _END_KEYS if k in item), None)
+        try:
+            start = parse_datetime(str(start_text))
+            end = parse_datetime(str(end_text)) if end_text is not None else None
+            number = float(value) if value is not None else math.nan
+        except (TypeError, ValueError) as exc:
+            raise SourceError(f"series: bad point {str(item)[:80]} ({exc})") from None
+        rows.append((start, number, None if end is None else end - start))
+    return series_from_starts(rows)
+
+
+def parse_series_csv(text: str) -> tuple[ForecastPoint, ...]:
+    import csv
+    import io
+
+    reader = csv.DictReader(io.StringIO(text))
+    return parse_series_document([dict(row) for row in reader])
+
+
+def _parse_series_bytes(data: bytes, name: str) -> tuple[ForecastPoint, ...]:
+    text = data.decode("utf-8-sig", "replace")
+    if name.lower().endswith(".csv") or not text.lstrip().startswith(("[", "{")):
+        return parse_series_csv(text)
+    try:
+        return parse_series_document(json.loads(text))
+    except ValueError as exc:
+        raise SourceError(f"series: {name} is not valid JSON ({exc})") from None
+
+
+def _fetch_file(query: Query) -> Forecast:
+    path = query.arg or os.environ.get("CARBONAWARE_FORECAST_FILE", "")
+    if not path:
+        raise SourceError("file source needs a path: source='file:forecast.json'")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read(MAX_BODY_BYTES + 1)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+    if len(data) > MAX_BODY_BYTES:
+        raise SourceError(f"{path} is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB")
+    return Forecast(_parse_series_bytes(data, path))
+
+
+def _fetch_url(query: Query) -> Forecast:
+    url = query.arg or ""
+    _require_safe_url(url, carries_secret=False)
+    response = http_request("GET", url, headers={"Accept": "application/json, text/csv"}, timeout=query.timeout)
+    if response.status != 200:
+        expect_json(response, "url source")
+    return Forecast(_parse_series_bytes(response.body, url.split("?")[0]))
+
+
+register_source(Source("file", _fetch_file, cache_key=_zone_key, ttl=60.0, needs_zone=False))
+register_source(Source("url", _fetch_url, cache_key=_zone_key, ttl=900.0, needs_zone=False))
+
+
+# ---- Electricity Maps v3 -----------------------------------------------------------------------------------------
+
+ELECTRICITYMAPS_BASE_URL = "https://api.electricitymaps.com"
+
+
+def _hours_needed(query: Query, choices: Sequence[int]) -> int:
+    needed = math.ceil((query.window + query.duration).total_seconds() / 3600) + 1
+    return next((h for h in choices if h >= needed), choices[-1])
+
+
+def _fetch_electricitymaps(query: Query) -> Forecast:
+    """Hourly lifecycle gCO2eq/kWh forecast; the zone from the region table or from the data-centre lookup."""
+    key = os.environ.get("ELECTRICITYMAPS_API_KEY", "").strip()
+    if not key:
+        raise SourceError("ELECTRICITYMAPS_API_KEY is not set")
+    zone = grid_zone_for(query)
+    params: dict[str, str | int] = {"zone": zone} if zone else {}
+    if not zone and query.zone is not None:
+        params = {"dataCenterProvider": query.zone.provider, "dataCenterRegion": query.zone.region}
+    if not params:
+        raise SourceError("no grid zone or cloud zone to ask for")
+    params["horizonHours"] = _hours_needed(query, (6, 24, 48, 72))
+    params["emissionFactorType"] = os.environ.get("ELECTRICITYMAPS_EMISSION_FACTOR", "lifecycle")
+    base = base_url("ELECTRICITYMAPS_API_URL", ELECTRICITYMAPS_BASE_URL).removesuffix("/v3")
+    url = f"{base}/v3/carbon-intensity/forecast?{_query_string(params)}"
+    _require_safe_url(url, carries_secret=True)
+    response = http_request(
+        "GET", url, headers={"auth-token": key, "Accept": "application/json"}, timeout=query.timeout
+    )
+    if response.status in (401, 403):
+        raise SourceError(
+            f"electricitymaps refused the key or this plan has no forecast access (HTTP {response.status}: "
+            f"{_snippet(response.body)})"
+        )
+    document = expect_json(response, "electricitymaps")
+    items = _field(document, "forecast", list)
+    rows = [(_point_time(item, "datetime"), _point_value(item, "carbonIntensity"), None) for item in items]
+    answered_zone = document.get("zone") if isinstance(document.get("zone"), str) else zone
+    return Forecast(series_from_starts(rows, timedelta(hours=1)), unit=G_PER_KWH, grid_zone=answered_zone)
+
+
+def _query_string(params: Mapping[str, str | int]) -> str:
+    from urllib.parse import urlencode
+
+    return urlencode(params)
+
+
+def _point_time(item: Any, name: str) -> datetime:
+    try:
+        return parse_datetime(str(item[name]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"unexpected point {str(item)[:80]}: bad {name!r} ({exc})") from None
+
+
+def _point_value(item: Any, name: str) -> float:
+    value = item.get(name) if isinstance(item, dict) else None
+    if value is None:
+        return math.nan  # a missing value is a gap, not an error
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise SourceError(f"unexpected point {str(item)[:80]}: {name!r} is not a number")
+    return float(value)
+
+
+register_source(
+    Source(
+        "electricitymaps",
+        _fetch_electricitymaps,
+        cache_key=lambda q: (grid_zone_for(q), q.zone, _hours_needed(q, (6, 24, 48, 72))),
+        ttl=900.0,
+    )
+)
+
+
+# ---- WattTime v3 ---------------------------------------------------------------------------------------------------
+
+WATTTIME_BASE_URL = "https://api.watttime.org"
+WATTTIME_TOKEN_TTL_SECONDS = 25 * 60  # tokens live ~30 min
+_WATTTIME_UNITS = {"lbs_co2_per_mwh": LBS_PER_MWH_TO_G_PER_KWH, "g_co2_per_kwh": 1.0, "kg_co2_per_mwh": 1.0}
+
+
+def _watttime_credentials() -> tuple[str, str]:
+    user, password = os.environ.get("WATTTIME_USERNAME", ""), os.environ.get("WATTTIME_PASSWORD", "")
+    if not user or not password:
+        raise SourceError("WATTTIME_USERNAME and WATTTIME_PASSWORD are not set")
+    return user, password
+
+
+def _watttime_login(base: str, user: str, password: str, timeout: float) -> str:
+    import base64
+
+    basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    response = http_request("GET", f"{base}/login", headers={"Authorization": f"Basic {basic}"}, timeout=timeout)
+    if response.status in (401, 403):
+        raise SourceError(f"watttime login refused (HTTP {response.status}); check WATTTIME_USERNAME/PASSWORD")
+    token = expect_json(response, "watttime login")
+    if not isinstance(token, dict) or not isinstance(token.get("token"), str) or not token["token"]:
+        raise SourceError("watttime login answered no token")
+    return str(token["token"])
+
+
+def _watttime_region(query: Query) -> str:
+    region = query.arg or os.environ.get("WATTTIME_REGION", "").strip()
+    if region:
+        return region
+    zone = grid_zone_for(query)
+    if zone is None or zone not in ZONE_WATTTIME:
+        raise SourceError(f"no WattTime region known for {zone or query.zone}; set WATTTIME_REGION")
+    return ZONE_WATTTIME[zone]
+
+
+def _fetch_watttime(query: Query) -> Forecast:
+    """Marginal (MOER) forecast in 5-minute periods, lbs/MWh converted to g/kWh; one re-login on 401/403."""
+    user, password = _watttime_credentials()
+    region = _watttime_region(query)
+    base = base_url("WATTTIME_API_URL", WATTTIME_BASE_URL)
+    _require_safe_url(base, carries_secret=True)
+    token_key = ("watttime-token", base, user)
+    params: dict[str, str | int] = {
+        "region": region,
+        "signal_type": "co2_moer",
+        "horizon_hours": _hours_needed(query, (1, 6, 24, 72)),
+    }
+    url = f"{base}/v3/forecast?{_query_string(params)}"
+    for attempt in range(2):
+        token = CACHE.get(
+            token_key, lambda: _watttime_login(base, user, password, query.timeout), ttl=WATTTIME_TOKEN_TTL_SECONDS
+        )
+        response = http_request("GET", url, headers={"Authorization": f"Bearer {token}"}, timeout=query.timeout)
+        if response.status not in (401, 403):
+            break
+        CACHE.forget(token_key)
+        if attempt == 1:
+            raise SourceError(
+                f"watttime refused the forecast for {region} (HTTP {response.status}: {_snippet(response.body)}); "
+                "free accounts may only read CAISO_NORTH"
+            )
+    return _watttime_forecast(expect_json(response, "watttime"), region)
+
+
+def _watttime_forecast(document: Any, region: str) -> Forecast:
+    data = _field(document, "data", list)
+    meta = document.get("meta") if isinstance(document.get("meta"), dict) else {}
+    units = str(meta.get("units", "lbs_co2_per_mwh"))
+    if units not in _WATTTIME_UNITS:
+        raise SourceError(f"watttime answered units {units!r}, expected lbs_co2_per_mwh")
+    factor = _WATTTIME_UNITS[units]
+    period = meta.get("data_point_period_seconds", 300)
+    if not isinstance(period, (int, float)) or not 0 < period <= 86400:
+        raise SourceError(f"watttime answered a bad data_point_period_seconds {period!r}")
+    length = timedelta(seconds=period)
+    rows = [(_point_time(item, "point_time"), _point_value(item, "value") * factor, length) for item in data]
+    return Forecast(series_from_starts(rows), unit="gCO2/kWh (marginal)", grid_zone=region)
+
+
+register_source(
+    Source(
+        "watttime",
+        _fetch_watttime,
+        cache_key=lambda q: (
+            q.arg,
+            grid_zone_for(q),
+            os.environ.get("WATTTIME_REGION"),
+            _hours_needed(q, (1, 6, 24, 72)),
+        ),
+        ttl=300.0,
+    )
+)
+
+
+# ---- NESO Carbon Intensity API (Great Britain) ----------------------------------------------------------------------
+
+UKGRID_BASE_URL = "https://api.carbonintensity.org.uk"
+
+
+def _ukgrid_path(query: Query) -> str:
+    """National, or regional by outward postcode ('RG10') or region id (1..17)."""
+    start = query.now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    where = (query.arg or os.environ.get("CARBONAWARE_UK_POSTCODE", "")).strip().upper()
+    if not where:
+        return f"/intensity/{start}/fw48h"
+    if where.isdigit():
+        return f"/regional/intensity/{start}/fw48h/regionid/{int(where)}"
+    outward = where.split()[0]
+    if not re.match(r"^[A-Z]{1,2}[0-9][A-Z0-9]?$", outward):
+        raise SourceError(f"not a UK outward postcode: {outward[:10]!r}")
+    return f"/regional/intensity/{start}/fw48h/postcode/{outward}"
+
+
+def _fetch_ukgrid(query: Query) -> Forecast:
+    zone = grid_zone_for(query)
+    if zone is not None and zone != "GB":
+        raise SourceError(f"ukgrid covers Great Britain only, not {zone}")
+    url = base_url("UKGRID_API_URL", UKGRID_BASE_URL) + _ukgrid_path(query)
+    response = http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.timeout)
+    data = _ukgrid_items(expect_json(response, "ukgrid"))
+    rows = []
+    for item in data:
+        start, end = _point_time(item, "from"), _point_time(item, "to")
+        intensity = item.get("intensity") if isinstance(item, dict) else None
+        value = _point_value(intensity, "forecast") if isinstance(intensity, dict) else math.nan
+        rows.append((start, value, end - start))
+    return Forecast(series_from_starts(rows), unit="gCO2/kWh", grid_zone="GB")
+
+
+def _ukgrid_items(document: Any) -> list[Any]:
+    """National answers hold a list; regional ones wrap it in an object or (as documented) a one-item list."""
+    data = _field(document, "data", (list, dict))
+    if isinstance(data, list) and data and isinstance(data[0], dict) and "data" in data[0]:
+        data = data[0]
+    if isinstance(data, dict):
+        data = data.get("data")
+    if not isinstance(data, list):
+        raise SourceError("ukgrid: unexpected answer shape")
+    return data
+
+
+register_source(Source("ukgrid", _fetch_ukgrid, cache_key=_zone_key, ttl=900.0, needs_zone=False))
+
+
+# ---- Green Software Foundation Carbon Aware SDK WebAPI (self-hosted) -------------------------------------------------
+
+
+def _fetch_gsf(query: Query) -> Forecast:
+    base = os.environ.get("CARBONAWARE_SDK_URL", "").strip().rstrip("/")
+    if not base:
+        raise SourceError("CARBONAWARE_SDK_URL is not set (the Carbon Aware SDK is self-hosted)")
+    location = query.arg or os.environ.get("CARBONAWARE_SDK_LOCATION", "").strip()
+    if not location and query.zone is not None:
+        location = query.zone.region
+    if not location:
+        raise SourceError("no location for the Carbon Aware SDK; set CARBONAWARE_SDK_LOCATION")
+    params: dict[str, str | int] = {
+        "location": location,
+        "dataStartAt": _iso(query.now),
+        "dataEndAt": _iso(query.horizon_end),
+        "windowSize": max(1, round(query.duration.total_seconds() / 60)),
+    }
+    _require_safe_url(base, carries_secret=False)
+    url = f"{base}/emissions/forecasts/current?{_query_string(params)}"
+    document = expect_json(
+        http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.timeout), "gsf"
+    )
+    forecast = document[0] if isinstance(document, list) and document else document
+    items = _field(forecast, "forecastData", list)
+    rows = [
+        (_point_time(item, "timestamp"), _point_value(item, "value"), _minutes(item.get("duration"))) for item in items
+    ]
+    return Forecast(series_from_starts(rows), unit=G_PER_KWH, grid_zone=location)
+
+
+def _minutes(value: Any) -> timedelta | None:
+    return timedelta(minutes=value) if isinstance(value, (int, float)) and 0 < value <= 1440 else None
+
+
+register_source(Source("gsf", _fetch_gsf, cache_key=_zone_key, ttl=600.0, needs_zone=False))
+
+
+# ---- offline: typical intensity by month and hour, built from Electricity Maps' 2021-2023 data -------------------
+
+OFFLINE_DATA_FILE = "carbonaware_offline.json"
+_OFFLINE: dict[str, Any] = {}
+_OFFLINE_LOCK = threading.Lock()
+
+
+def offline_model(path: str | None = None) -> dict[str, Any]:
+    """The profile document (ODbL, (c) Electricity Maps), read on first use and kept; {} when absent."""
+    location = (
+        path
+        or os.environ.get("CARBONAWARE_OFFLINE_DATA")
+        or os.path.join(os.path.dirname(os.path.abspath(__file__)), OFFLINE_DATA_FILE)
+    )
+    with _OFFLINE_LOCK:
+        if location not in _OFFLINE:
+            try:
+                with open(location, encoding="utf-8") as handle:
+                    _OFFLINE[location] = json.load(handle)
+            except (OSError, ValueError) as exc:
+                logger.debug("carbonaware: no offline model at %s (%s)", location, exc)
+                _OFFLINE[location] = {}
+        return dict(_OFFLINE[location])
+
+
+def profile_value(profile: Sequence[Any], kind: str, moment: datetime) -> float:
+    """Typical intensity for the hour containing ``moment`` (UTC): profile[month][hour], or
+    profile[month][0 weekday | 1 weekend][hour]."""
+    utc = moment.astimezone(timezone.utc)
+    by_month = profile[utc.month - 1]
+    if kind == "month-weekpart-hour-utc":
+        by_month = by_month[1 if utc.weekday() >= 5 else 0]
+    return float(by_month[utc.hour])
+
+
+def profile_series(profile: Sequence[Any], kind: str, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
+    """Hourly points from the hour containing ``start`` until ``end``."""
+    hour = start.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    points = []
+    while hour < end:
+        points.append(ForecastPoint(hour, hour + timedelta(hours=1), profile_value(profile, kind, hour)))
+        hour += timedelta(hours=1)
+    return tuple(points)
+
+
+def grid_zone_for(query: Query) -> str | None:
+    """The Electricity Maps zone key: given outright, or looked up from the cloud region."""
+    if query.grid_zone:
+        return query.grid_zone
+    if query.zone is None:
+        return None
+    return REGION_ZONES.get((query.zone.provider, query.zone.region))
+
+
+def _fetch_offline(query: Query) -> Forecast:
+    zone = grid_zone_for(query)
+    if zone is None:
+        raise SourceError(f"no grid zone known for {query.zone}; set grid_zone or CARBONAWARE_GRID_ZONE")
+    model = offline_model()
+    profile = model.get("zones", {}).get(zone)
+    if profile is None:
+        covered = "no offline model installed" if not model else f"the offline model does not cover {zone}"
+        raise SourceError(covered)
+    kind = str(model.get("kind", "month-hour-utc"))
+    return Forecast(profile_series(profile, kind, query.now, query.horizon_end), unit=G_PER_KWH, grid_zone=zone)
+
+
+register_source(Source("offline", _fetch_offline, cache_key=None))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning: arguments, zone, source chain, decision
+# --------------------------------------------------------------------------------------------------------------
+
+_OPTIONS = frozenset(
+    {"source", "min_savings", "now", "timeout", "logger", "grid_zone", "on_plan", "replan", "replan_every"}
+)
+REPLAN_AFTER = timedelta(hours=1)  # waits longer than this re-check the forecast by default
+REPLAN_EVERY = timedelta(minutes=30)
+
+
+@dataclass(frozen=True)
+class _Request:
+    window: timedelta
+    duration: timedelta
+    zone: CloudZone | None
+    source: Any
+    min_savings: float
+    now: datetime | None
+    timeout: float
+    log: logging.Logger | logging.LoggerAdapter[Any]
+    grid_zone: str | None
+    on_plan: Callable[[Plan], None] | None
+    replan: bool | None = None
+    replan_every: timedelta = REPLAN_EVERY
+
+
+def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, options: Mapping[str, Any]) -> _Request:
+    """Every argument error surfaces here, at decoration time, never hours later inside the user's work."""
+    for name, value in (("window", window), ("duration", duration)):
+        if not isinstance(value, timedelta):
+            raise TypeError(f"{name} must be a datetime.timedelta, not {type(value).__name__}")
+        if value <= timedelta(0):
+            raise ValueError(f"{name} must be positive, got {value}")
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}")
+    zone = _explicit_zone(provider, region)
+    min_savings = options.get("min_savings", 0.0)
+    if not isinstance(min_savings, (int, float)) or isinstance(min_savings, bool) or not 0 <= min_savings < 1:
+        raise ValueError(f"min_savings must be a fraction in [0, 1), got {min_savings!r}")
+    now = options.get("now")
+    if now is not None and (not isinstance(now, datetime) or now.tzinfo is None):
+        raise ValueError("now must be a timezone-aware datetime")
+    timeout = options.get("timeout", HTTP_TIMEOUT_SECONDS)
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 300:
+        raise ValueError(f"timeout must be seconds in (0, 300], got {timeout!r}")
+    source = options.get("source")
+    if source is not None:
+        check_source_spec(source)
+    replan, replan_every = options.get("replan"), options.get("replan_every", REPLAN_EVERY)
+    if replan is not None and not isinstance(replan, bool):
+        raise TypeError("replan must be True, False or None (None: only for waits over an hour)")
+    if not isinstance(replan_every, timedelta) or replan_every < timedelta(minutes=1):
+        raise ValueError("replan_every must be a timedelta of at least one minute")
+    return _Request(
+        window=window,
+        duration=duration,
+        zone=zone,
+        source=source,
+        min_savings=float(min_savings),
+        now=now,
+        timeout=float(timeout),
+        log=options.get("logger") or logger,
+        grid_zone=options.get("grid_zone"),
+        on_plan=options.get("on_plan"),
+        replan=replan,
+        replan_every=replan_every,
+    )
+
+
+def _explicit_zone(provider: Any, region: Any) -> CloudZone | None:
+    if provider is None and region is None:
+        return None
+    if provider is None or region is None:
+        raise ValueError("provider and region go together: give both, or neither to detect the zone")
+    if not isinstance(provider, str) or not isinstance(region, str):
+        raise TypeError("provider and region must be strings")
+    provider, region = provider.strip().lower(), region.strip()
+    if provider not in PROVIDERS and region.lower() in PROVIDERS:
+        provider, region = (region.lower(), provider)  # the original package took (region, provider) positionally
+    if provider not in PROVIDERS:
+        raise ValueError(f"unknown provider {provider!r}; expected one of {', '.join(PROVIDERS)}")
+    if not region:
+        raise ValueError("region must not be empty")
+    return CloudZone(provider, _normalise_region(provider, region))
+
+
+def check_source_spec(spec: Any) -> None:
+    """Names must be known and callables callable; iterables of points are checked when used."""
+    if callable(spec) or (not isinstance(spec, str) and _is_iterable(spec)):
+        return
+    if not isinstance(spec, str):
+        raise TypeError(f"source must be a name, a callable or an iterable of ForecastPoint, not {type(spec).__name__}")
+    for name, _arg in _split_spec(spec):
+        if name not in SOURCES and name not in SOURCE_CHAINS:
+            known = ", ".join(sorted([*SOURCES, *SOURCE_CHAINS]))
+            raise ValueError(f"unknown source {name!r}; known: {known}")
+
+
+def _is_iterable(value: Any) -> bool:
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
+
+
+def _split_spec(spec: str) -> list[tuple[str, str | None]]:
+    parts = []
+    for item in spec.split(","):
+        name, sep, arg = item.strip().partition(":")
+        if name.strip():
+            parts.append((name.strip().lower(), arg.strip() if sep else None))
+    return parts
+
+
+def _expand_chain(spec: str) -> list[tuple[str, str | None]]:
+    expanded: list[tuple[str, str | None]] = []
+    for name, arg in _split_spec(spec):
+        expanded += [(n, None) for n in SOURCE_CHAINS[name]] if name in SOURCE_CHAINS else [(name, arg)]
+    return expanded
+
+
+def _source_spec(request: _Request) -> Any:
+    if request.source is not None:
+        return request.source
+    from_env = os.environ.get("CARBONAWARE_SOURCE", "").strip()
+    if from_env:
+        try:
+            check_source_spec(from_env)
+            return from_env
+        except ValueError as exc:
+            request.log.warning("carbonaware: ignoring CARBONAWARE_SOURCE (%s); using auto", exc)
+    return "auto"
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def plan_delay(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **options: Any,
+) -> Plan:
+    """Decide when to start, never sleeping. Argument errors raise; every other failure gives a run-now plan."""
+    request = validate_arguments(window, duration, provider, region, options)
+    return _plan(request)
+
+
+def _plan(request: _Request) -> Plan:
+    now = request.now or CLOCK.now()
+    if _env_flag("CARBONAWARE_DISABLE"):
+        return _run_now(request, now, None, "-", "disabled", "CARBONAWARE_DISABLE is set")
+    try:
+        return _plan_with_sources(request, now)
+    except Exception as exc:  # noqa: BLE001 - last line of fail-open: a bug here must not break user work
+        return _run_now(
+            request, now, request.zone, "-", "source-failed", f"internal error: {type(exc).__name__}: {exc}"
+        )
+
+
+def _plan_with_sources(request: _Request, now: datetime) -> Plan:
+    zone = request.zone or detect_cloud_zone()
+    grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
+    spec = _source_spec(request)
+    query = Query(zone, grid_zone, now, request.window, request.duration, request.timeout)
+    failures: list[str] = []
+    for label, attempt in _attempts(spec, query):
+        try:
+            plan = _plan_from(attempt(), label, query, request.min_savings)
+        except SourceError as error:
+            failures.append(f"{label}: {error}")
+            continue
+        if failures:
+            plan = _with_detail(plan, f"{plan.detail}; after {'; '.join(failures)}")
+        return plan
+    if zone is None and grid_zone is None:
+        detail = "no cloud zone: give provider and region (or set CARBONAWARE_PROVIDER/CARBONAWARE_REGION)"
+        if failures:
+            detail += f"; {'; '.join(failures)}"
+        return _run_now(request, now, None, "-", "no-zone", detail)
+    return _run_now(request, now, zone, "-", "source-failed", "; ".join(failures) or "no source answered")
+
+
+def _attempts(spec: Any, query: Query) -> Iterator[tuple[str, Callable[[], SourceResult]]]:
+    """(label, fetch) for each source to try in order; named sources go through the shared cache."""
+    if isinstance(spec, str):
+        for name, arg in _expand_chain(spec):
+            yield (name, _cached_fetch(SOURCES[name], Query(**{**query.__dict__, "arg": arg})))
+    elif callable(spec):
+        yield (_callable_name(spec), lambda: Forecast(tuple(spec(query.zone, query.now, query.horizon_end))))
+    else:
+        yield "series", lambda: Forecast(tuple(spec))
+
+
+def _callable_name(fn: Any) -> str:
+    return str(getattr(fn, "__name__", type(fn).__name__))
+
+
+def _cached_fetch(source: Source, query: Query) -> Callable[[], SourceResult]:
+    def fetch() -> SourceResult:
+        if source.needs_zone and query.zone is None and query.grid_zone is None:
+            raise SourceError("no cloud zone")
+        if source.cache_key is None:
+            return source.fetch(query)
+        key = (source.name, source.cache_key(query))
+        result: SourceResult = CACHE.get(key, lambda: source.fetch(query), ttl=source.ttl)
+        return result
+
+    return fetch
+
+
+def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
+    if isinstance(result, Decision):
+        start = min(max(result.start, query.now), query.now + query.window)
+        return _decide(query, label, start, result.expected, result.now, result.unit, min_savings, None, ())
+    if not isinstance(result, Forecast):
+        raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
+    points = tuple(p for p in result.points if isinstance(p, ForecastPoint))
+    if len(points) != len(result.points):
+        raise SourceError("source returned items that are not ForecastPoint")
+    choice = choose_start(points, query.now, query.window, query.duration)
+    start = _utc(choice.start)
+    return _decide(
+        query,
+        label,
+        start,
+        choice.expected,
+        choice.now_value,
+        result.unit,
+        min_savings,
+        result.grid_zone,
+        points,
+        shortened=choice.length < query.duration.total_seconds() - 1e-6,
+    )
+
+
+def _decide(
+    query: Query,
+    label: str,
+    start: datetime,
+    expected: float | None,
+    now_value: float | None,
+    unit: str,
+    min_savings: float,
+    grid_zone: str | None,
+    points: tuple[ForecastPoint, ...],
+    shortened: bool = False,
+) -> Plan:
+    savings = _savings(now_value, expected)
+    if start <= query.now or (savings is not None and savings <= 0):
+        reason, start, expected, savings = (
+            "already-best",
+            query.now,
+            now_value if now_value is not None else expected,
+            0.0,
+        )
+        detail = "now is already the best time in the window"
+    elif savings is not None and savings < min_savings:
+        detail = f"waiting would save {savings:.1%}, below min_savings {min_savings:.1%}"
+        reason, start, expected, savings = "below-threshold", query.now, now_value, 0.0
+    else:
+        reason, detail = "optimal", f"best start in the next {_human(query.window)}"
+    if shortened:
+        detail += "; the forecast ends before the job would, so only its covered part was compared"
+    return Plan(
+        start=start,
+        delay=start - query.now,
+        zone=query.zone,
+        source=label,
+        expected=expected,
+        now=now_value,
+        savings=savings,
+        unit=unit,
+        reason=reason,
+        detail=detail,
+        grid_zone=grid_zone or query.grid_zone,
+        duration=query.duration,
+        window=query.window,
+        forecast=points,
+    )
+
+
+def _with_detail(plan: Plan, detail: str) -> Plan:
+    from dataclasses import replace
+
+    return replace(plan, detail=detail)
+
+
+def _run_now(request: _Request, now: datetime, zone: CloudZone | None, source: str, reason: str, detail: str) -> Plan:
+    return Plan(
+        start=now,
+        delay=timedelta(0),
+        zone=zone,
+        source=source,
+        expected=None,
+        now=None,
+        savings=None,
+        unit=G_PER_KWH,
+        reason=reason,
+        detail=detail,
+        grid_zone=request.grid_zone,
+        duration=request.duration,
+        window=request.window,
+    )
+
+
+def describe(plan: Plan) -> str:
+    """One line that says what was decided and why."""
+    where = str(plan.zone) if plan.zone else (plan.grid_zone or "unknown zone")
+    if plan.reason in ("optimal", "dry-run") and plan.delay > timedelta(0):
+        verb = "would wait" if plan.reason == "dry-run" else "waiting"
+        numbers = ""
+        if plan.now is not None and plan.expected is not None:
+            numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
+            if plan.savings is not None:
+                numbers += f" (-{plan.savings:.1%})"
+        return (
+            f"carbonaware: {verb} {_human(plan.delay)} until {_iso(plan.start)} for {where} via {plan.source}{numbers}"
+        )
+    return f"carbonaware: running now for {where} ({plan.reason}: {plan.detail})"
+
+
+def _log_plan(plan: Plan, log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+    level = logging.WARNING if plan.reason in ("no-zone", "source-failed") else logging.INFO
+    log.log(level, describe(plan))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The wait
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _prepare(
+    window: timedelta, duration: timedelta, provider: Any, region: Any, options: Mapping[str, Any]
+) -> tuple[_Request, Plan, float]:
+    request = validate_arguments(window, duration, provider, region, options)
+    called_at = CLOCK.time()
+    plan = _plan(request)
+    if _env_flag("CARBONAWARE_DRY_RUN") and plan.reason != "disabled":
+        from dataclasses import replace
+
+        plan = replace(plan, reason="dry-run", detail=f"CARBONAWARE_DRY_RUN is set; {plan.detail}")
+    _log_plan(plan, request.log)
+    if request.on_plan is not None:
+        try:
+            request.on_plan(plan)
+        except Exception as exc:  # noqa: BLE001 - a reporting hook must not break the work
+            request.log.warning("carbonaware: on_plan hook failed: %s: %s", type(exc).__name__, exc)
+    return request, plan, called_at
+
+
+def _wake_at(plan: Plan, request: _Request, called_at: float) -> float:
+    """Wall-clock second to start: never past called_at + window, whatever the plan says."""
+    if not plan.waits:
+        return called_at
+    return called_at + min(plan.delay, request.window).total_seconds()
+
+
+class _Waiter:
+    """The wait between planning and starting: a wall-clock target, a hard deadline, and -- for long waits --
+    re-planning at intervals, since a forecast made hours ago is worse than a fresh one."""
+
+    def __init__(self, request: _Request, plan: Plan, called_at: float) -> None:
+        self.request, self.plan, self.called_at = request, plan, called_at
+        self.deadline = called_at + request.window.total_seconds()
+        self.wake_at = _wake_at(plan, request, called_at)
+        self.planned_from = plan.start - plan.delay
+        enabled = request.replan if request.replan is not None else plan.delay > REPLAN_AFTER
+        self.next_replan = called_at + request.replan_every.total_seconds() if enabled and plan.waits else math.inf
+
+    def pause(self) -> float:
+        """Seconds to sleep next; 0 when it is time to start."""
+        return max(0.0, min(self.wake_at - CLOCK.time(), WAIT_CHUNK_SECONDS))
+
+    def replan_due(self) -> bool:
+        now = CLOCK.time()
+        return now >= self.next_replan and self.wake_at - now > 60
+
+    def replan(self) -> None:
+        from dataclasses import replace
+
+        now = CLOCK.time()
+        self.next_replan = now + self.request.replan_every.total_seconds()
+        reference = self.planned_from + timedelta(seconds=now - self.called_at)
+        fresh = _plan(replace(self.request, window=timedelta(seconds=self.deadline - now), now=reference))
+        if fresh.reason in ("no-zone", "source-failed", "disabled"):
+            self.request.log.debug("carbonaware: re-plan gave no answer (%s); keeping the start", fresh.detail)
+            return
+        wake_at = min(now + fresh.delay.total_seconds(), self.deadline)
+        if abs(wake_at - self.wake_at) >= 60:
+            self.request.log.info(
+                "carbonaware: re-planned with a fresher forecast: start moves from %s to %s",
+                _iso(_utc(self.wake_at)),
+                _iso(_utc(wake_at)),
+            )
+            self.wake_at, self.plan = wake_at, fresh
+
+
+def carbonaware_delay(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **options: Any,
+) -> Plan:
+    """Plan, then sleep until the best start (at most ``window``). Returns the plan it followed."""
+    waiter = _Waiter(*_prepare(window, duration, provider, region, options))
+    while (pause := waiter.pause()) > 0:
+        CLOCK.sleep(pause)
+        if waiter.replan_due():
+            waiter.replan()
+    return waiter.plan
+
+
+async def carbonaware_delay_async(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **options: Any,
+) -> Plan:
+    """As carbonaware_delay, but planning runs in a worker thread and the wait is ``asyncio.sleep``."""
+    import asyncio
+
+    waiter = _Waiter(*await asyncio.to_thread(_prepare, window, duration, provider, region, options))
+    while (pause := waiter.pause()) > 0:
+        await CLOCK.asleep(pause)
+        if waiter.replan_due():
+            await asyncio.to_thread(waiter.replan)
+    return waiter.plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# CLI: python -m carbonaware_core plan|wait|run|detect
+# --------------------------------------------------------------------------------------------------------------
+
+
+def render_chart(plan: Plan, rows: int = 24, width: int = 40) -> str:
+    """A compact text chart of the forecast over the window and the job, the chosen start marked."""
+    now = plan.start - plan.delay
+    horizon_end = now + plan.window + plan.duration
+    points = [p for p in plan.forecast if p.end > now and p.start < horizon_end]
+    if not points:
+        return "(no forecast series to chart)"
+    per_row = -(-len(points) // rows)
+    buckets = [points[i : i + per_row] for i in range(0, len(points), per_row)]
+    means = [sum(p.value for p in bucket) / len(bucket) for bucket in buckets]
+    low, high = min(means), max(means)
+    job_end = plan.start + plan.duration
+    bar = "#" if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8" else "\u2588"
+    lines = [f"{plan.unit} from {plan.source} ({_iso(now)} .. {_iso(horizon_end)})"]
+    for bucket, mean in zip(buckets, means, strict=True):
+        begin, end = max(bucket[0].start, now), bucket[-1].end
+        length = 1 + round((width - 1) * (mean - low) / (high - low)) if high > low else width // 2
+        mark = " <- start" if begin <= plan.start < end else (" |" if plan.start < end and begin < job_end else "")
+        lines.append(f"{begin.astimezone(timezone.utc):%a %H:%M} {mean:6.0f} {bar * length}{mark}")
+    return "\n".join(lines)
+
+
+def _cli_parser() -> Any:
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m carbonaware_core", description="Start work at the lowest-carbon time within a bounded wait."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def planning(sub: Any) -> None:
+        sub.add_argument("--window", type=_cli_duration, default=DEFAULT_WINDOW, help="longest wait (6h, 90m, PT6H)")
+        sub.add_argument("--duration", type=_cli_duration, default=DEFAULT_DURATION, help="job length (30m, 1h30m)")
+        sub.add_argument("--provider", choices=PROVIDERS, help="cloud provider (detected when omitted)")
+        sub.add_argument("--region", help="cloud region, e.g. us-east-1, europe-west2, uksouth")
+        sub.add_argument("--grid-zone", help="Electricity Maps zone key, e.g. DE, GB, US-CAL-CISO")
+        sub.add_argument("--source", help="source name or chain, e.g. auto, offline, file:forecast.json")
+        sub.add_argument("--min-savings", type=float, default=0.0, help="wait only if it saves this fraction")
+        sub.add_argument("--now", type=parse_datetime, help="plan as if it were this time (ISO-8601)")
+        sub.add_argument("--json", action="store_true", help="print the plan as JSON")
+        sub.add_argument("--quiet", action="store_true", help="no log lines on stderr")
+
+    planning(commands.add_parser("plan", help="print the decision and a chart of the forecast; never waits"))
+    planning(commands.add_parser("wait", help="wait until the best start, then exit"))
+    run = commands.add_parser("run", help="wait, then run a command: run [options] -- CMD ARGS")
+    planning(run)
+    run.add_argument("cmd", nargs="+", help="the command to run")
+    detect = commands.add_parser("detect", help="print the detected cloud zone")
+    detect.add_argument("--timeout", type=float, default=DETECT_TIMEOUT_SECONDS)
+    detect.add_argument("--json", action="store_true")
+    return parser
+
+
+def _cli_duration(text: str) -> timedelta:
+    import argparse
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _cli_options(args: Any) -> dict[str, Any]:
+    options: dict[str, Any] = {"min_savings": args.min_savings}
+    for name in ("source", "now", "grid_zone"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
+    return options
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _cli_parser()
+    args = parser.parse_args(argv)
+    if args.command == "detect":
+        zone = detect_cloud_zone(timeout=args.timeout)
+        found = None if zone is None else {"provider": zone.provider, "region": zone.region}
+        print(json.dumps(found) if args.json else (str(zone) if zone else "no cloud zone detected"))
+        return 0 if zone else 1
+    if not args.quiet:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+    try:
+        options = _cli_options(args)
+        if args.command == "plan":
+            plan = plan_delay(args.window, args.duration, args.provider, args.region, **options)
+        else:
+            plan = carbonaware_delay(args.window, args.duration, args.provider, args.region, **options)
+    except (TypeError, ValueError) as exc:
+        parser.error(str(exc))
+    except KeyboardInterrupt:
+        print("carbonaware: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(plan.to_dict(), indent=2))
+    elif args.command == "plan":
+        print(describe(plan))
+        if plan.forecast:
+            print(render_chart(plan))
+    if args.command == "run":
+        import subprocess
+
+        try:
+            return subprocess.call(args.cmd)
+        except OSError as exc:
+            print(f"carbonaware: cannot run {args.cmd[0]}: {exc.strerror}", file=sys.stderr)
+            return 127
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Shared test setup: an isolated environment, caches cleared, and no traffic beyond loopback."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import carbonaware_core
+from tests.loopback import refused_host
+
+ISOLATED_PREFIXES = ("CARBONAWARE_", "AWS_", "ECS_", "GCE_", "ELECTRICITYMAPS_", "WATTTIME_", "UKGRID_")
+ISOLATED_NAMES = (
+    "REGION_NAME",
+    "K_SERVICE",
+    "FUNCTION_TARGET",
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "http_proxy",
+    "https_proxy",
+)
+
+
+def _loopback_only(event: str, args: tuple[object, ...]) -> None:
+    """Fail any test that would open a connection beyond this machine."""
+    if event != "socket.connect":
+        return
+    address = args[1]
+    if isinstance(address, tuple) and address:
+        host = str(address[0])
+        try:
+            if ipaddress.ip_address(host).is_loopback:
+                return
+        except ValueError:
+            if host == "localhost":
+                return
+        raise ConnectionRefusedError(f"test tried to reach {host}: only loopback is allowed")
+
+
+sys.addaudithook(_loopback_only)
+
+
+@pytest.fixture(autouse=True)
+def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Every default endpoint points at a refused loopback port unless a test says otherwise."""
+    for name in list(os.environ):
+        if name.startswith(ISOLATED_PREFIXES) or name in ISOLATED_NAMES:
+            monkeypatch.delenv(name, raising=False)
+    nowhere = refused_host()
+    monkeypatch.setenv("CARBONAWARE_METADATA_HOST", nowhere)
+    monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", f"http://{nowhere}")
+    monkeypatch.setenv("ELECTRICITYMAPS_API_URL", f"http://{nowhere}")
+    monkeypatch.setenv("WATTTIME_API_URL", f"http://{nowhere}")
+    monkeypatch.setenv("UKGRID_API_URL", f"http://{nowhere}")
+    monkeypatch.setenv("CARBONAWARE_SDK_URL", f"http://{nowhere}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    carbonaware_core.clear_cache()
+    yield
+    carbonaware_core.clear_cache()
