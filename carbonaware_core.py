@@ -13,7 +13,6 @@ CLI: ``python -m carbonaware_core plan|wait|run|detect --help``.
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import math
 import os
@@ -24,7 +23,10 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, TypeGuard
+
+TYPE_CHECKING = False  # importing typing costs milliseconds; with postponed annotations only mypy needs it
+if TYPE_CHECKING:
+    from typing import Any, TypeGuard
 
 __version__ = "0.2.0"
 __all__ = [
@@ -198,6 +200,12 @@ def register_source(source: Source) -> None:
     SOURCES[source.name] = source
 
 
+def _json_bytes(document: Any) -> bytes:
+    import json
+
+    return json.dumps(document).encode()
+
+
 def _round_or_none(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
 
@@ -206,19 +214,17 @@ def _round_or_none(value: float | None, digits: int = 2) -> float | None:
 # Time and durations
 # --------------------------------------------------------------------------------------------------------------
 
-_ISO_DATETIME = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?\s*(Z|z|[+-]\d{2}:?\d{2})?$"
-)
-_ISO_DURATION = re.compile(
+_ISO_DATETIME = r"^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?\s*(Z|z|[+-]\d{2}:?\d{2})?$"
+_ISO_DURATION = (
     r"^P(?:(\d+(?:\.\d+)?)W)?(?:(\d+(?:\.\d+)?)D)?"
     r"(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$"
 )
-_SHORT_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+_SHORT_DURATION = r"^(?:(\d+(?:\.\d+)?)d)?(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$"
 
 
 def parse_datetime(text: str) -> datetime:
     """ISO-8601 as providers write it ('Z', no seconds, fractions); naive means UTC. Python 3.10 lacks this."""
-    match = _ISO_DATETIME.match(text.strip())
+    match = re.match(_ISO_DATETIME, text.strip())
     if not match:
         raise ValueError(f"not an ISO-8601 date-time: {text[:40]!r}")
     year, month, day, hour, minute, second, fraction, offset = match.groups()
@@ -239,8 +245,8 @@ def _iso(moment: datetime) -> str:
 def parse_duration(text: str) -> timedelta:
     """'30m', '6h', '1h30m', '2d', '90s' or ISO-8601 ('PT30M', 'P1DT2H'). Bare numbers are refused as ambiguous."""
     cleaned = text.strip()
-    iso = _ISO_DURATION.match(cleaned.upper())
-    short = _SHORT_DURATION.match(cleaned.lower())
+    iso = re.match(_ISO_DURATION, cleaned.upper())
+    short = re.match(_SHORT_DURATION, cleaned.lower())
     parts = iso.groups() if iso else (None, *short.groups()) if short else None
     if not cleaned or parts is None or not any(parts):
         raise ValueError(f"not a duration: {text!r} (use 30m, 6h, 1h30m or ISO-8601 such as PT30M)")
@@ -458,6 +464,8 @@ class HttpResponse:
     body: bytes
 
     def json(self) -> Any:
+        import json
+
         try:
             return json.loads(self.body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
@@ -779,8 +787,8 @@ def clear_cache() -> None:
 # --------------------------------------------------------------------------------------------------------------
 
 METADATA_HOST = "169.254.169.254"
-_REGION_PATTERN = re.compile(r"^[a-z]{2,}(?:-[a-z0-9]+)*-?\d*[a-z]*$")
-_AWS_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+$")
+_REGION_PATTERN = r"^[a-z]{2,}(?:-[a-z0-9]+)*-?\d*[a-z]*$"
+_AWS_REGION = r"^[a-z]{2}(?:-[a-z]+)+-\d+$"
 
 
 def _normalise_region(provider: str, region: str) -> str:
@@ -797,10 +805,10 @@ def _zone_from_environment(env: Mapping[str, str]) -> tuple[CloudZone, str] | No
         return CloudZone(provider, _normalise_region(provider, region)), "CARBONAWARE_PROVIDER/REGION"
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         value = env.get(name, "").strip().lower()
-        if _AWS_REGION.match(value):
+        if re.match(_AWS_REGION, value):
             return CloudZone("aws", value), name
     region_name = _normalise_region("azure", env.get("REGION_NAME", ""))
-    if region_name and _REGION_PATTERN.match(region_name):
+    if region_name and re.match(_REGION_PATTERN, region_name):
         return CloudZone("azure", region_name), "REGION_NAME"
     return None
 
@@ -832,7 +840,7 @@ def _probe_aws(env: Mapping[str, str], deadline: float) -> CloudZone | None:
     if answer is None or answer.status != 200:
         return None
     region = answer.body.decode("ascii", "replace").strip()
-    return CloudZone("aws", region) if _AWS_REGION.match(region) else None
+    return CloudZone("aws", region) if re.match(_AWS_REGION, region) else None
 
 
 def _probe_gcp(env: Mapping[str, str], deadline: float) -> CloudZone | None:
@@ -876,12 +884,14 @@ def _probe_ecs(env: Mapping[str, str], deadline: float) -> CloudZone | None:
     answer = _probe_get(f"{uri}/task", {}, deadline)
     if answer is None or answer.status != 200:
         return None
+    import json
+
     try:
         document = json.loads(answer.body)
         region = str(document.get("TaskARN", "")).split(":")[3]
     except (ValueError, AttributeError, IndexError):
         return None
-    return CloudZone("aws", region) if _AWS_REGION.match(region) else None
+    return CloudZone("aws", region) if re.match(_AWS_REGION, region) else None
 
 
 _PROBES: tuple[Callable[[Mapping[str, str], float], CloudZone | None], ...] = (
@@ -1170,7 +1180,8 @@ def _fetch_carbonaware(query: Query) -> Decision:
         "num_options": 3,
     }
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
-    response = http_request("POST", url, headers=headers, body=json.dumps(payload).encode(), timeout=query.timeout)
+    body = _json_bytes(payload)
+    response = http_request("POST", url, headers=headers, body=body, timeout=query.timeout)
     return _carbonaware_decision(expect_json(response, "scheduler"), query)
 
 
@@ -1199,7 +1210,7 @@ def _field(document: Any, name: str, kind: type | tuple[type, ...]) -> Any:
     if not isinstance(value, kind):
         kind = kind if isinstance(kind, type) else kind[0]
         raise SourceError(
-            f"unexpected answer: no {name!r} {kind.__name__} in {_snippet(json.dumps(document)[:80].encode())}"
+            f"unexpected answer: no {name!r} {kind.__name__} in {_snippet(repr(document)[:100].encode())}"
         )
     return value
 
@@ -1294,6 +1305,8 @@ def _parse_series_bytes(data: bytes, name: str) -> tuple[ForecastPoint, ...]:
     text = data.decode("utf-8-sig", "replace")
     if name.lower().endswith(".csv") or not text.lstrip().startswith(("[", "{")):
         return parse_series_csv(text)
+    import json
+
     try:
         return parse_series_document(json.loads(text))
     except ValueError as exc:
@@ -1598,6 +1611,8 @@ def offline_model(path: str | None = None) -> dict[str, Any]:
         or os.environ.get("CARBONAWARE_OFFLINE_DATA")
         or os.path.join(os.path.dirname(os.path.abspath(__file__)), OFFLINE_DATA_FILE)
     )
+    import json
+
     with _OFFLINE_LOCK:
         if location not in _OFFLINE:
             try:
@@ -2167,6 +2182,8 @@ def _cli_options(args: Any) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    import json
+
     parser = _cli_parser()
     args = parser.parse_args(argv)
     if args.command == "detect":
