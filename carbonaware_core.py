@@ -288,6 +288,10 @@ class Clock:
     def time(self) -> float:
         return time.time()
 
+    def monotonic(self) -> float:
+        """For cache lifetimes (never network timeouts, which stay on the real clock)."""
+        return time.monotonic()
+
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
@@ -566,7 +570,7 @@ def _read_bounded(
     size = 0
     while True:
         settimeout(_remaining(deadline))
-        chunk = read(65536)
+        chunk = read(65536)  # at most one receive, so a trickled body cannot stretch the budget
         if not chunk:
             return b"".join(chunks)
         size += len(chunk)
@@ -581,13 +585,16 @@ def _check_declared_size(headers: Mapping[str, str], max_bytes: int) -> None:
         raise SourceError(f"response larger than {max_bytes // (1024 * 1024)} MB ({declared} bytes), refused")
 
 
-def _socket_settimeout(raw: Any) -> Callable[[float], None]:
+def _socket_settimeout(http_response: Any) -> Callable[[float], None]:
     """Reach the socket under an http.client response so each read gets the remaining budget, not a fresh one."""
-    try:
-        sock = raw.fp.raw._sock
-        return sock.settimeout  # type: ignore[no-any-return]
-    except AttributeError:
-        return lambda _seconds: None
+
+    def settimeout(seconds: float) -> None:
+        try:
+            http_response.fp.raw._sock.settimeout(seconds)
+        except (AttributeError, OSError):  # already closed at end of body, or not a plain socket
+            pass
+
+    return settimeout
 
 
 _URLLIB_OPENERS: dict[bool, Any] = {}
@@ -628,9 +635,8 @@ def _urllib_call(
     with response:
         response_headers = {k.lower(): v for k, v in response.headers.items()}
         _check_declared_size(response_headers, max_bytes)
-        raw = getattr(response, "fp", None)
-        settimeout = _socket_settimeout(getattr(raw, "raw", raw) if raw is not None else response)
-        payload = _read_bounded(response.read, deadline, max_bytes, settimeout)
+        inner = response.fp if isinstance(response, urllib.error.HTTPError) else response
+        payload = _read_bounded(inner.read1, deadline, max_bytes, _socket_settimeout(inner))
         return HttpResponse(
             response.status if hasattr(response, "status") else response.code, response_headers, payload
         )
@@ -661,7 +667,8 @@ def _requests_call(
         response_headers = {k.lower(): v for k, v in response.headers.items()}
         _check_declared_size(response_headers, max_bytes)
         settimeout = _socket_settimeout(getattr(response.raw, "_fp", None))
-        payload = _read_bounded(lambda n: response.raw.read(n, decode_content=True), deadline, max_bytes, settimeout)
+        read = getattr(response.raw, "read1", response.raw.read)  # read1: one recv, so the deadline holds
+        payload = _read_bounded(lambda n: read(n, decode_content=True), deadline, max_bytes, settimeout)
         return HttpResponse(response.status_code, response_headers, payload)
 
 
@@ -723,10 +730,10 @@ class SingleFlightCache:
         self._max_entries = max_entries
         self.fetches = 0  # for tests and benchmarks: how many times a fetch actually ran
 
-    def get(self, key: Hashable, fetch: Callable[[], Any], ttl: float, failure_ttl: float = FAILURE_TTL_SECONDS) -> Any:
+    def get(self, key: Hashable, fetch: Callable[[], Any], ttl: float, failure_ttl: float | None = None) -> Any:
         with self._lock:
             entry = self._entries.get(key)
-            leader = entry is None or (entry.done.is_set() and entry.expires <= time.monotonic())
+            leader = entry is None or (entry.done.is_set() and entry.expires <= CLOCK.monotonic())
             if leader:
                 entry = _Entry()
                 self._entries[key] = entry
@@ -734,7 +741,7 @@ class SingleFlightCache:
                 self.fetches += 1
         assert entry is not None
         if leader:
-            self._run(entry, fetch, ttl, failure_ttl)
+            self._run(entry, fetch, ttl, FAILURE_TTL_SECONDS if failure_ttl is None else failure_ttl)
         else:
             entry.done.wait()
         if entry.error is not None:
@@ -745,20 +752,20 @@ class SingleFlightCache:
         try:
             entry.value = fetch()
             entry.error = None
-            entry.expires = time.monotonic() + ttl
+            entry.expires = CLOCK.monotonic() + ttl
         except SourceError as error:
             entry.error = error
             hold = min(error.retry_after, MAX_RETRY_AFTER_SECONDS) if error.retry_after else failure_ttl
-            entry.expires = time.monotonic() + max(hold, failure_ttl)
+            entry.expires = CLOCK.monotonic() + max(hold, failure_ttl)
         except Exception as exc:  # noqa: BLE001 - a source bug must not escape into user work
             entry.error = SourceError(f"{type(exc).__name__}: {str(exc)[:160]}")
-            entry.expires = time.monotonic() + failure_ttl
+            entry.expires = CLOCK.monotonic() + failure_ttl
         finally:
             entry.done.set()
 
     def _evict_if_full(self) -> None:
         if len(self._entries) > self._max_entries:
-            now = time.monotonic()
+            now = CLOCK.monotonic()
             for stale in [k for k, e in self._entries.items() if e.done.is_set() and e.expires <= now]:
                 del self._entries[stale]
             while len(self._entries) > self._max_entries:
