@@ -635,11 +635,9 @@ def _urllib_call(
     with response:
         response_headers = {k.lower(): v for k, v in response.headers.items()}
         _check_declared_size(response_headers, max_bytes)
-        inner = response.fp if isinstance(response, urllib.error.HTTPError) else response
+        inner: Any = response.fp if isinstance(response, urllib.error.HTTPError) else response  # http.client's
         payload = _read_bounded(inner.read1, deadline, max_bytes, _socket_settimeout(inner))
-        return HttpResponse(
-            response.status if hasattr(response, "status") else response.code, response_headers, payload
-        )
+        return HttpResponse(int(response.status), response_headers, payload)
 
 
 _SESSION: Any = None

@@ -6,12 +6,14 @@ Nothing here mocks urllib or requests: the library under test opens real sockets
 from __future__ import annotations
 
 import json
+import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -40,6 +42,10 @@ class Reply:
     chunks: int = 1
     delay: float = 0.0  # seconds before the status line
     truncate: bool = False
+    # A body produced piece by piece (huge bodies without holding them in memory): sent with
+    # "Transfer-Encoding: chunked", or raw after "Content-Length: length" when ``length`` is given.
+    stream: Callable[[], Iterable[bytes]] | None = None
+    length: int | None = None
 
     def payload(self) -> bytes:
         if isinstance(self.body, bytes):
@@ -80,6 +86,9 @@ class LoopbackServer:
             def _send(self, reply: Reply) -> None:
                 if reply.delay:
                     time.sleep(reply.delay)
+                if reply.stream is not None:
+                    self._send_stream(reply)
+                    return
                 payload = reply.payload()
                 self.send_response(reply.status)
                 headers = {"Content-Type": "application/json", **reply.headers}
@@ -98,6 +107,34 @@ class LoopbackServer:
                     pass
                 if reply.truncate:
                     self.close_connection = True
+
+            def _send_stream(self, reply: Reply) -> None:
+                assert reply.stream is not None
+                self.send_response(reply.status)
+                for name, value in {"Content-Type": "application/json", **reply.headers}.items():
+                    self.send_header(name, value)
+                chunked = reply.length is None
+                if chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
+                else:
+                    self.send_header("Content-Length", str(reply.length))
+                self.end_headers()
+                try:
+                    for piece in reply.stream():
+                        if reply.pause:
+                            time.sleep(reply.pause)
+                        if chunked:
+                            self.wfile.write(b"%x\r\n" % len(piece))
+                        self.wfile.write(piece)
+                        if chunked:
+                            self.wfile.write(b"\r\n")
+                        self.wfile.flush()
+                    if chunked:
+                        self.wfile.write(b"0\r\n\r\n")
+                        self.wfile.flush()
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                self.close_connection = True
 
             do_GET = do_POST = do_PUT = _handle
 
@@ -159,3 +196,158 @@ def refused_host() -> str:
     port = probe.getsockname()[1]
     probe.close()
     return f"127.0.0.1:{port}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A stand-in for carbonaware_core.CLOCK: time moves only when the code under test sleeps or a test advances it
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """Duck-types ``carbonaware_core.Clock`` (time, monotonic, now, sleep, asleep) and records every sleep.
+
+    ``on_sleep(seconds)`` runs before each sleep is accounted, so a test can raise from inside the wait
+    (KeyboardInterrupt, a cancellation) exactly as a real signal would arrive during ``time.sleep``.
+    """
+
+    def __init__(self, start: datetime | float = 1748779200.0) -> None:  # 2025-06-01T12:00:00Z
+        self.t = start.timestamp() if isinstance(start, datetime) else float(start)
+        self.sleeps: list[float] = []
+        self.asleeps: list[float] = []
+        self.on_sleep: Callable[[float], None] | None = None
+        self._lock = threading.Lock()
+
+    def time(self) -> float:
+        with self._lock:
+            return self.t
+
+    def monotonic(self) -> float:
+        return self.time()
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.time(), timezone.utc)
+
+    def advance(self, seconds: float) -> None:
+        with self._lock:
+            self.t += seconds
+
+    def sleep(self, seconds: float) -> None:
+        if self.on_sleep is not None:
+            self.on_sleep(seconds)
+        self.sleeps.append(seconds)
+        self.advance(max(0.0, seconds))
+
+    async def asleep(self, seconds: float) -> None:
+        import asyncio
+
+        if self.on_sleep is not None:
+            self.on_sleep(seconds)
+        self.asleeps.append(seconds)
+        self.advance(max(0.0, seconds))
+        await asyncio.sleep(0)  # a real await point: other tasks run, as with asyncio.sleep
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hosted CarbonAware scheduler (protocols.md §1), answering the way scheduler.carbonaware.dev does
+# ----------------------------------------------------------------------------------------------------------------
+
+SCHEDULER_PROVIDERS = ("aws", "gcp", "azure", "ovh")
+_ISO_DURATION_TEXT = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+
+
+def fastapi_422(loc: list[Any], msg: str, kind: str = "value_error") -> Reply:
+    """FastAPI's validation error body."""
+    return Reply(422, {"detail": [{"type": kind, "loc": loc, "msg": msg, "input": None}]})
+
+
+def _utc_text(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+class HostedScheduler:
+    """Routes for ``POST /v0/schedule/`` (307 without the trailing slash), ``GET /health`` and ``GET /v0/regions/``.
+
+    The request is validated as the real server does (422 with a FastAPI ``detail`` list; ``start`` must be no
+    earlier than five minutes before the server's clock and before ``end``). The ideal start is ``ideal_after``
+    past the window start; intensities are WattTime MOER in lbs/MWh. ``clock`` is the server's clock.
+    """
+
+    def __init__(
+        self,
+        server: LoopbackServer,
+        *,
+        ideal_after: timedelta = timedelta(hours=1),
+        ideal_lbs: float = 500.0,
+        naive_lbs: float = 800.0,
+        clock: Callable[[], float] = time.time,
+        latency: float = 0.0,
+    ) -> None:
+        self.server = server
+        self.ideal_after = ideal_after
+        self.ideal_lbs = ideal_lbs
+        self.naive_lbs = naive_lbs
+        self.clock = clock
+        self.latency = latency
+        server.route("POST", "/v0/schedule/", self.schedule)
+        server.route("POST", "/v0/schedule", Reply(307, b"", {"Location": "/v0/schedule/"}))
+        server.route("GET", "/health", Reply(200, {"status": "ok"}))
+        server.route("GET", "/v0/regions/", Reply(200, {"regions": [{"provider": "aws", "region": "us-east-1"}]}))
+
+    @property
+    def base_url(self) -> str:
+        return self.server.url
+
+    @property
+    def calls(self) -> list[Seen]:
+        return self.server.requests_to("/v0/schedule/")
+
+    def schedule(self, seen: Seen) -> Reply:
+        try:
+            document = seen.json()
+        except ValueError:
+            return fastapi_422(["body", 0], "JSON decode error", "json_invalid")
+        if not isinstance(document, dict):
+            return fastapi_422(["body"], "Input should be a valid dictionary", "model_attributes_type")
+        match = _ISO_DURATION_TEXT.match(str(document.get("duration", "")))
+        if not match or not any(match.groups()):
+            return fastapi_422(["body", "duration"], "Input should be a valid duration", "duration_parsing")
+        windows, zones = document.get("windows"), document.get("zones")
+        if not isinstance(windows, list) or not windows:
+            return fastapi_422(["body", "windows"], "List should have at least 1 item after validation")
+        try:
+            start = datetime.fromisoformat(windows[0]["start"].replace("Z", "+00:00"))
+            end = datetime.fromisoformat(windows[0]["end"].replace("Z", "+00:00"))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return fastapi_422(["body", "windows", 0], "Input should be a valid datetime", "datetime_parsing")
+        if start.tzinfo is None or end.tzinfo is None:
+            return fastapi_422(["body", "windows", 0], "Input should have timezone info", "timezone_aware")
+        if start.timestamp() < self.clock() - 300:
+            return fastapi_422(["body", "windows", 0], "Value error, start time must not be in the past")
+        if not start < end:
+            return fastapi_422(["body", "windows", 0], "Value error, start must be before end")
+        if not isinstance(zones, list) or len(zones) != 1 or not isinstance(zones[0], dict):
+            return fastapi_422(["body", "zones"], "List should have at least 1 item after validation")
+        zone = zones[0]
+        if zone.get("provider") not in SCHEDULER_PROVIDERS:
+            return fastapi_422(["body", "zones", 0, "provider"], "Input should be 'aws', 'gcp', 'azure' or 'ovh'")
+        if not isinstance(zone.get("region"), str) or not isinstance(document.get("num_options"), int):
+            return fastapi_422(["body", "zones", 0, "region"], "Input should be a valid string", "string_type")
+        ideal = start + self.ideal_after
+
+        def case(moment: datetime, lbs: float) -> dict[str, Any]:
+            return {"time": _utc_text(moment), "zone": zone, "co2_intensity": lbs}
+
+        worst = max(self.naive_lbs, self.ideal_lbs) * 1.2
+        body = {
+            "ideal": case(ideal, self.ideal_lbs),
+            "options": [case(ideal, self.ideal_lbs), case(ideal + timedelta(minutes=5), self.ideal_lbs * 1.01)],
+            "worst_case": case(start + timedelta(minutes=5), worst),
+            "naive_case": case(start, self.naive_lbs),
+            "median_case": case(start + timedelta(minutes=10), (self.naive_lbs + self.ideal_lbs) / 2),
+            "carbon_savings": {
+                "vs_worst_case": round(100 * (worst - self.ideal_lbs) / worst, 1),
+                "vs_naive_case": round(100 * (self.naive_lbs - self.ideal_lbs) / self.naive_lbs, 1),
+                "vs_median_case": 5.1,
+            },
+        }
+        return Reply(200, body, delay=self.latency)
