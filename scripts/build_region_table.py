@@ -2,7 +2,10 @@
 
 Run from the repository root; prints a Python snippet on stdout (diagnostics go to stderr):
 
-    python scripts/build_region_table.py [--data DIR] > scripts/region_table_snippet.py
+    python scripts/build_region_table.py [--data DIR]
+
+The output is pasted into carbonaware_core.py (section "Region tables"); tests/test_region_table.py checks that
+the two agree.
 
 Only facts (which region lies in which zone) are taken from the inputs in DIR
 (default ../shared/data/mappings/, see ../shared/data/README.md):
