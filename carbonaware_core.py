@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 
 TYPE_CHECKING = False  # importing typing costs milliseconds; with postponed annotations only mypy needs it
@@ -174,6 +174,10 @@ class SourceError(Exception):
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class _NoZone(SourceError):
+    """The source needs a zone and none is known: reported once as reason "no-zone", not per source."""
 
 
 SourceResult = Forecast | Decision
@@ -1848,6 +1852,8 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
     for label, attempt in _attempts(spec, query):
         try:
             plan = _plan_from(attempt(), label, query, request.min_savings)
+        except _NoZone:
+            continue
         except SourceError as error:
             failures.append(f"{label}: {error}")
             continue
@@ -1866,11 +1872,19 @@ def _attempts(spec: Any, query: Query) -> Iterator[tuple[str, Callable[[], Sourc
     """(label, fetch) for each source to try in order; named sources go through the shared cache."""
     if isinstance(spec, str):
         for name, arg in _expand_chain(spec):
-            yield (name, _cached_fetch(SOURCES[name], Query(**{**query.__dict__, "arg": arg})))
+            yield name, _cached_fetch(SOURCES[name], replace(query, arg=arg))
     elif callable(spec):
-        yield (_callable_name(spec), lambda: Forecast(tuple(spec(query.zone, query.now, query.horizon_end))))
+        yield _callable_name(spec), lambda: _user_series(lambda: spec(query.zone, query.now, query.horizon_end))
     else:
-        yield "series", lambda: Forecast(tuple(spec))
+        yield "series", lambda: _user_series(lambda: spec)
+
+
+def _user_series(produce: Callable[[], Iterable[ForecastPoint]]) -> Forecast:
+    """A series from the user's callable or iterable; whatever it raises is a source failure, not a crash."""
+    try:
+        return Forecast(tuple(produce()))
+    except Exception as exc:  # noqa: BLE001 - user code: fail open
+        raise SourceError(f"raised {type(exc).__name__}: {str(exc)[:160]}") from None
 
 
 def _callable_name(fn: Any) -> str:
@@ -1880,7 +1894,7 @@ def _callable_name(fn: Any) -> str:
 def _cached_fetch(source: Source, query: Query) -> Callable[[], SourceResult]:
     def fetch() -> SourceResult:
         if source.needs_zone and query.zone is None and query.grid_zone is None:
-            raise SourceError("no cloud zone")
+            raise _NoZone("no cloud zone")
         if source.cache_key is None:
             return source.fetch(query)
         key = (source.name, source.cache_key(query))
@@ -1936,8 +1950,9 @@ def _decide(
             0.0,
         )
         detail = "now is already the best time in the window"
-    elif savings is not None and savings < min_savings:
-        detail = f"waiting would save {savings:.1%}, below min_savings {min_savings:.1%}"
+    elif min_savings > 0 and (savings is None or savings < min_savings):
+        known = "an unknown amount" if savings is None else f"{savings:.1%}"
+        detail = f"waiting would save {known}, below min_savings {min_savings:.1%}"
         reason, start, expected, savings = "below-threshold", query.now, now_value, 0.0
     else:
         reason, detail = "optimal", f"best start in the next {_human(query.window)}"
@@ -1962,8 +1977,6 @@ def _decide(
 
 
 def _with_detail(plan: Plan, detail: str) -> Plan:
-    from dataclasses import replace
-
     return replace(plan, detail=detail)
 
 
@@ -2018,8 +2031,6 @@ def _prepare(
     called_at = CLOCK.time()
     plan = _plan(request)
     if _env_flag("CARBONAWARE_DRY_RUN") and plan.reason != "disabled":
-        from dataclasses import replace
-
         plan = replace(plan, reason="dry-run", detail=f"CARBONAWARE_DRY_RUN is set; {plan.detail}")
     _log_plan(plan, request.log)
     if request.on_plan is not None:
@@ -2058,8 +2069,6 @@ class _Waiter:
         return now >= self.next_replan and self.wake_at - now > 60
 
     def replan(self) -> None:
-        from dataclasses import replace
-
         now = CLOCK.time()
         self.next_replan = now + self.request.replan_every.total_seconds()
         reference = self.planned_from + timedelta(seconds=now - self.called_at)

@@ -1,0 +1,613 @@
+"""Prefect integration: start tasks and flows at the lowest-carbon time within a bounded wait.
+
+Drop-in replacement for the original ``carbonaware_prefect`` package: the decorator and the task factory keep their
+names, defaults and behaviour; planning, sources and the wait live in ``carbonaware_core``. On top of the core this
+module adds what only Prefect can give: run logging, artifacts, retry and timeout awareness, and scheduling
+deployment runs at the best time so that no worker sits idle while waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, Callable, Generator, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+from uuid import UUID
+
+import carbonaware_core as core
+from carbonaware_core import (
+    DEFAULT_DURATION,
+    DEFAULT_WINDOW,
+    CloudZone,
+    Plan,
+    carbonaware_delay,
+    carbonaware_delay_async,
+    plan_delay,
+)
+from prefect import Flow, Task, task
+from prefect.artifacts import acreate_markdown_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.deployments import arun_deployment, run_deployment
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.states import Completed
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.objects import State as ClientState
+    from prefect.states import State
+
+__all__ = [
+    "RESCHEDULED_TAG",
+    "CloudZone",
+    "Plan",
+    "acarbonaware_run_deployment",
+    "areschedule_current_flow_run",
+    "carbonaware_delay",
+    "carbonaware_delay_async",
+    "carbonaware_delay_decorator",
+    "carbonaware_delay_task",
+    "carbonaware_run_deployment",
+    "plan_delay",
+    "reschedule_current_flow_run",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RESCHEDULED_TAG = "carbonaware-rescheduled"  # a run carrying it was already moved once and never moves again
+PREFECT_OPTIONS = frozenset({"delay_on_retry", "artifact"})
+LIBRARY_OPTIONS = core._OPTIONS | PREFECT_OPTIONS  # recognised by name among task and run_deployment kwargs
+ARTIFACT_TIMEOUT_SECONDS = 30.0
+_ARTIFACT_KEY = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+
+log = core.logger
+if log.level == logging.NOTSET:
+    # Prefect's root handler shows WARNING and up only; the decisions are INFO and worth seeing outside runs too.
+    log.setLevel(logging.INFO)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Settings: validated once, when the decorator or task is built
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What a decorated function or delay task was built with; picklable for process-pool task runners."""
+
+    window: timedelta
+    duration: timedelta
+    provider: str | None
+    region: str | None
+    options: Mapping[str, Any]  # core options, as given
+    delay_on_retry: bool = False
+    artifact: bool | str = True  # False: none; a string: the artifact key
+
+
+def _settings(
+    window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
+) -> _Settings:
+    """Split Prefect options from core options and raise every argument error now, not at run time."""
+    core_options = {k: v for k, v in options.items() if k not in PREFECT_OPTIONS}
+    core.validate_arguments(window, duration, provider, region, core_options)
+    delay_on_retry = options.get("delay_on_retry", False)
+    if not isinstance(delay_on_retry, bool):
+        raise TypeError(f"delay_on_retry must be a bool, not {type(delay_on_retry).__name__}")
+    artifact = options.get("artifact", True)
+    if not isinstance(artifact, (bool, str)) or (isinstance(artifact, str) and not _ARTIFACT_KEY.match(artifact)):
+        raise ValueError(f"artifact must be True, False or a key of lowercase letters, digits and dashes: {artifact!r}")
+    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact)
+
+
+def _split_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Remove and return the library options among a function's keyword arguments."""
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in LIBRARY_OPTIONS}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The run we are in
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Run:
+    """The innermost task or flow run: what decides retries, the timeout cap, logging and artifacts."""
+
+    name: str
+    run_count: int
+    timeout: float | None
+    elapsed: float  # seconds of this attempt already spent: the timeout clock started then
+
+
+def _current_run() -> _Run | None:
+    task_ctx = TaskRunContext.get()
+    if task_ctx is not None:
+        state = task_ctx.task_run.state
+        return _Run(task_ctx.task.name, task_ctx.task_run.run_count, task_ctx.task.timeout_seconds, _elapsed(state))
+    flow_ctx = FlowRunContext.get()
+    if flow_ctx is not None and flow_ctx.flow_run is not None:
+        run = flow_ctx.flow_run
+        return _Run(flow_ctx.flow.name, run.run_count, flow_ctx.flow.timeout_seconds, _elapsed(run.state))
+    return None
+
+
+def _elapsed(state: ClientState | None) -> float:
+    if state is None or not state.is_running():
+        return 0.0
+    return max(0.0, time.time() - state.timestamp.timestamp())
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
+    """The run logger inside runs (messages reach the UI), the ``carbonaware`` logger outside."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Delaying inside a run
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _run_now(settings: _Settings, window: timedelta, detail: str) -> Plan:
+    """A plan that does not wait, for the cases decided here without asking a source."""
+    now = core.CLOCK.now()
+    return Plan(
+        start=now,
+        delay=timedelta(0),
+        zone=None,
+        source="-",
+        expected=None,
+        now=None,
+        savings=None,
+        unit=core.G_PER_KWH,
+        reason="disabled",
+        detail=detail,
+        duration=settings.duration,
+        window=window,
+    )
+
+
+def _prepare(settings: _Settings, loop: asyncio.AbstractEventLoop | None) -> Plan | tuple[timedelta, dict[str, Any]]:
+    """Either a plan that does not wait (a retry, no room before the timeout), or the core's window and options."""
+    run = _current_run()
+    logger = settings.options.get("logger") or _run_logger()
+    window = settings.window
+    if run is not None and run.run_count > 1 and not settings.delay_on_retry:
+        return _skip(settings, window, f"attempt {run.run_count} of {run.name}: retries run at once", logger)
+    if run is not None and run.timeout is not None:
+        room = timedelta(seconds=run.timeout - run.elapsed) - settings.duration
+        if room <= timedelta(0):
+            detail = f"timeout_seconds={run.timeout:g} leaves no room to wait before a {settings.duration} job"
+            return _skip(settings, window, detail, logger)
+        window = min(window, room)
+    options = {**settings.options, "logger": logger}
+    if run is not None and settings.artifact:
+        key = settings.artifact if isinstance(settings.artifact, str) else _artifact_key(run.name)
+        options["on_plan"] = _artifact_hook(key, loop, logger, settings.options.get("on_plan"))
+    return window, options
+
+
+def _skip(
+    settings: _Settings, window: timedelta, detail: str, logger: logging.Logger | logging.LoggerAdapter[Any]
+) -> Plan:
+    plan = _run_now(settings, window, detail)
+    logger.info(core.describe(plan))
+    return plan
+
+
+def _delay_sync(settings: _Settings) -> Plan:
+    """Wait in this thread (in chunks, so Prefect's timeout lands); never raises an ``Exception``."""
+    try:
+        prepared = _prepare(settings, None)
+        if isinstance(prepared, Plan):
+            return prepared
+        window, options = prepared
+        return carbonaware_delay(window, settings.duration, settings.provider, settings.region, **options)
+    except Exception as exc:  # noqa: BLE001 - fail open: cancellations and timeouts are BaseException and pass
+        return _failed(settings, exc)
+
+
+async def _delay_async(settings: _Settings) -> Plan:
+    """Wait without blocking the event loop; never raises an ``Exception``."""
+    try:
+        prepared = _prepare(settings, asyncio.get_running_loop())
+        if isinstance(prepared, Plan):
+            return prepared
+        window, options = prepared
+        return await carbonaware_delay_async(window, settings.duration, settings.provider, settings.region, **options)
+    except Exception as exc:  # noqa: BLE001 - fail open
+        return _failed(settings, exc)
+
+
+def _failed(settings: _Settings, exc: Exception) -> Plan:
+    detail = f"internal error: {type(exc).__name__}: {exc}"
+    plan = _run_now(settings, settings.window, detail)
+    log.warning(core.describe(plan))
+    return plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Artifacts: one markdown artifact per decision, created before the wait
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _artifact_key(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "run"
+    return slug if slug.startswith("carbonaware") else f"carbonaware-{slug}"
+
+
+def _artifact_hook(
+    key: str,
+    loop: asyncio.AbstractEventLoop | None,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    then: Callable[[Plan], None] | None,
+) -> Callable[[Plan], None]:
+    """The core's ``on_plan`` hook: publish the artifact, then call the user's own hook if any."""
+
+    def on_plan(plan: Plan) -> None:
+        _publish(plan, key, loop, logger)
+        if then is not None:
+            then(plan)
+
+    return on_plan
+
+
+def _publish(
+    plan: Plan, key: str, loop: asyncio.AbstractEventLoop | None, logger: logging.Logger | logging.LoggerAdapter[Any]
+) -> None:
+    """Create the artifact; a failure costs one warning, never the user's work."""
+    markdown, description = render_markdown(plan), core.describe(plan)
+    try:
+        if loop is not None and not _on_loop_thread(loop):
+            # Async runs: planning runs in a worker thread, so the run's own loop is free to create it.
+            coroutine = acreate_markdown_artifact(markdown=markdown, key=key, description=description)
+            asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=ARTIFACT_TIMEOUT_SECONDS)
+        else:
+            # _sync: a sync caller inside an async flow must not get an un-awaited coroutine back.
+            cast(Any, create_markdown_artifact)(markdown=markdown, key=key, description=description, _sync=True)
+    except Exception as exc:  # noqa: BLE001 - reporting must not break the work
+        logger.warning("carbonaware: could not create artifact %r: %s: %s", key, type(exc).__name__, exc)
+
+
+def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
+    try:
+        return asyncio.get_running_loop() is loop
+    except RuntimeError:
+        return False
+
+
+def render_markdown(plan: Plan) -> str:
+    """The artifact: the decision, the numbers behind it and the forecast it came from."""
+    data = plan.to_dict()
+    where = str(plan.zone) if plan.zone else "-"
+    if plan.grid_zone:
+        where += f" (grid zone {plan.grid_zone})"
+    rows = [
+        ("Decision", f"{plan.reason}: {plan.detail}"),
+        ("Start", f"{data['start']} (after {data['delay_seconds']:g} s)"),
+        ("Zone", where),
+        ("Source", plan.source),
+        ("Intensity if started now", _intensity(plan.now, plan.unit)),
+        ("Expected at the chosen start", _intensity(plan.expected, plan.unit)),
+        ("Savings", "n/a" if plan.savings is None else f"{plan.savings:.1%}"),
+        ("Window / job", f"{core.format_iso_duration(plan.window)} / {core.format_iso_duration(plan.duration)}"),
+    ]
+    table = "\n".join(f"| {name} | {value.replace('|', '/')} |" for name, value in rows)
+    chart = core.render_chart(plan)
+    return f"### {core.describe(plan)}\n\n| | |\n|---|---|\n{table}\n\n```text\n{chart}\n```\n"
+
+
+def _intensity(value: float | None, unit: str) -> str:
+    return "n/a" if value is None else f"{value:.1f} {unit}"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The decorator
+# --------------------------------------------------------------------------------------------------------------
+
+
+def carbonaware_delay_decorator(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **options: Any,
+) -> Callable[[F], F]:
+    """Delay each call of the decorated function until the lowest-carbon start within ``window``.
+
+    Put it under ``@task`` (or ``@flow``), or use it on a plain function. Options: the core's (``source``,
+    ``min_savings``, ``grid_zone``, ``timeout``, ``logger``, ``on_plan``, ``now``), ``delay_on_retry`` (default
+    False: retries run at once) and ``artifact`` (default True; False for none, or a key). Argument errors raise here.
+    """
+    settings = _settings(window, duration, provider, region, options)
+
+    def decorate(fn: F) -> F:
+        return cast(F, _wrap(fn, settings))
+
+    return decorate
+
+
+def _wrap(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
+    """A wrapper of the same kind (sync, async, generator, async generator) that Prefect sees as ``fn`` itself."""
+    target = fn.fn if isinstance(fn, (Task, Flow)) else fn  # applied above @task: judge by the function inside
+    if inspect.isasyncgenfunction(target):
+        wrapper = _async_generator_wrapper(fn, settings)
+    elif inspect.isgeneratorfunction(target):
+        wrapper = _generator_wrapper(fn, settings)
+    elif inspect.iscoroutinefunction(target):
+        wrapper = _async_wrapper(fn, settings)
+    else:
+        wrapper = _sync_wrapper(fn, settings)
+    # A Task or Flow object's attributes must not be copied onto a plain function.
+    functools.update_wrapper(wrapper, fn, updated=() if target is not fn else functools.WRAPPER_UPDATES)
+    wrapper.__prefect_task_source__ = fn  # type: ignore[attr-defined] # Prefect: task key and cache from fn's code
+    return wrapper
+
+
+def _sync_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        _delay_sync(settings)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _async_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        await _delay_async(settings)
+        return await fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
+    def wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
+        _delay_sync(settings)  # at the first next(): inside the run, before the first item
+        return (yield from fn(*args, **kwargs))
+
+    return wrapper
+
+
+def _async_generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
+    async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
+        await _delay_async(settings)
+        inner = fn(*args, **kwargs)
+        try:  # ``yield from`` for async generators: asend() and athrow() reach the inner generator
+            value = await inner.__anext__()
+            while True:
+                try:
+                    sent = yield value
+                except GeneratorExit:
+                    raise
+                except BaseException as exc:  # noqa: BLE001 - forwarded, as yield from would
+                    value = await inner.athrow(exc)
+                else:
+                    value = await inner.asend(sent)
+        except StopAsyncIteration:
+            return
+        finally:
+            await inner.aclose()
+
+    return wrapper
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The task factory
+# --------------------------------------------------------------------------------------------------------------
+
+
+def carbonaware_delay_task(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **task_kwargs: Any,
+) -> Task[[], dict[str, Any]]:
+    """A Prefect task that waits for the lowest-carbon start and returns the plan (``Plan.to_dict()``).
+
+    ``task_kwargs`` go to ``@task`` (default name ``carbonaware-delay``, never cached), except the library options,
+    recognised by name: the core's (``source``, ``min_savings``, ...) plus ``delay_on_retry`` and ``artifact``.
+    """
+    options = _split_options(task_kwargs)
+    settings = _settings(window, duration, provider, region, options)
+    task_kwargs.setdefault("name", "carbonaware-delay")
+    if "cache_policy" not in task_kwargs and "cache_key_fn" not in task_kwargs:
+        task_kwargs["cache_policy"] = NO_CACHE  # a wait served from a cache would not wait
+
+    def carbonaware_delay_task() -> dict[str, Any]:
+        """Wait for the lowest-carbon start within the window; return the decision."""
+        return _delay_sync(settings).to_dict()
+
+    return task(carbonaware_delay_task, **task_kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Deployments: schedule the run at the best start instead of waiting in a worker
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _decide(
+    window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
+) -> Plan:
+    """``plan_delay`` with the run logger and CARBONAWARE_DRY_RUN applied, as ``carbonaware_delay`` does."""
+    plan = plan_delay(window, duration, provider, region, **{"logger": _run_logger(), **options})
+    if core._env_flag("CARBONAWARE_DRY_RUN") and plan.reason != "disabled":
+        plan = replace(plan, reason="dry-run", detail=f"CARBONAWARE_DRY_RUN is set; {plan.detail}")
+    return plan
+
+
+def _deployment_kwargs(run_kwargs: dict[str, Any]) -> dict[str, Any]:
+    for name in ("scheduled_time", "timeout"):
+        if name in run_kwargs:
+            raise TypeError(
+                f"{name!r} is set by carbonaware_run_deployment (the best start, and 0: nothing waits for the run); "
+                "to wait for the run to finish, use prefect.flow_runs.wait_for_flow_run(flow_run.id)"
+            )
+    return run_kwargs
+
+
+def _announce(plan: Plan, what: str) -> None:
+    logger = _run_logger()
+    when = "now" if not plan.waits else core._iso(plan.start)
+    logger.info("carbonaware: scheduling %s for %s; %s", what, when, core.describe(plan))
+    if _current_run() is not None:
+        _publish(plan, "carbonaware-deployment", None, logger)
+
+
+def carbonaware_run_deployment(
+    name: str | UUID,
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    parameters: dict[str, Any] | None = None,
+    **run_kwargs: Any,
+) -> tuple[FlowRun, Plan]:
+    """Create a run of deployment ``name`` scheduled at the lowest-carbon start; return ``(flow_run, plan)``.
+
+    Nothing sleeps: the run waits in Prefect's scheduler, so no worker or machine idles through the window. Other
+    ``run_kwargs`` go to ``prefect.deployments.run_deployment`` (tags, flow_run_name, job_variables, as_subflow, ...);
+    library options (``source``, ``min_savings``, ...) are recognised by name.
+    """
+    options = {k: v for k, v in _split_options(run_kwargs).items() if k not in PREFECT_OPTIONS}
+    kwargs = _deployment_kwargs(run_kwargs)
+    plan = _decide(window, duration, provider, region, options)
+    _announce(plan, f"a run of {name}")
+    scheduled = plan.start if plan.waits else None
+    # _sync: this function is sync even when called inside an async flow (async callers: the "a" variant).
+    runner = cast(Any, run_deployment)
+    flow_run = runner(name, parameters=parameters, scheduled_time=scheduled, timeout=0, _sync=True, **kwargs)
+    return flow_run, plan
+
+
+async def acarbonaware_run_deployment(
+    name: str | UUID,
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    parameters: dict[str, Any] | None = None,
+    **run_kwargs: Any,
+) -> tuple[FlowRun, Plan]:
+    """As ``carbonaware_run_deployment``, for async code (planning runs in a worker thread)."""
+    options = {k: v for k, v in _split_options(run_kwargs).items() if k not in PREFECT_OPTIONS}
+    kwargs = _deployment_kwargs(run_kwargs)
+    plan = await asyncio.to_thread(_decide, window, duration, provider, region, options)
+    await asyncio.to_thread(_announce, plan, f"a run of {name}")
+    scheduled = plan.start if plan.waits else None
+    flow_run = await arun_deployment(name, parameters=parameters, scheduled_time=scheduled, timeout=0, **kwargs)
+    return flow_run, plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Handing a deployment run over to a later run of the same deployment
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Handover:
+    """Everything needed to create the later run, read from the current flow run."""
+
+    deployment_id: UUID
+    kwargs: dict[str, Any]
+    plan: Plan
+
+
+def _handover(
+    window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
+) -> _Handover | None:
+    """The later run to create, or None when the current run should simply go on now (logged)."""
+    core.validate_arguments(window, duration, provider, region, options)
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    logger = _run_logger()
+    if run is None or run.deployment_id is None:
+        logger.warning("carbonaware: not a deployment flow run, so it cannot be rescheduled; running now")
+        return None
+    if RESCHEDULED_TAG in run.tags or run.run_count > 1:
+        logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
+        return None
+    plan = _decide(window, duration, provider, region, options)
+    if not plan.waits:
+        logger.info(core.describe(plan))
+        return None
+    kwargs = {
+        "parameters": dict(run.parameters),
+        "scheduled_time": plan.start,
+        "timeout": 0,
+        "tags": [*run.tags, RESCHEDULED_TAG],
+        "as_subflow": False,
+        "idempotency_key": f"carbonaware-reschedule-{run.id}",  # a retried handover creates no second run
+        "work_queue_name": run.work_queue_name,
+        "job_variables": run.job_variables,
+    }
+    return _Handover(run.deployment_id, kwargs, plan)
+
+
+def _handed_over(handover: _Handover, new_run: FlowRun) -> State[Any]:
+    message = f"carbonaware: handed over to flow run {new_run.name!r} scheduled at {core._iso(handover.plan.start)}"
+    logger = _run_logger()
+    logger.info("%s; %s", message, core.describe(handover.plan))
+    _publish(handover.plan, "carbonaware-reschedule", None, logger)
+    return Completed(name="Rescheduled", message=message)
+
+
+def reschedule_current_flow_run(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **options: Any,
+) -> State[Any] | None:
+    """Inside a deployment flow run: if waiting pays, create a run of the same deployment at the best start and
+    return a ``Completed`` state named ``Rescheduled`` for the flow to return at once; otherwise None (go on now).
+
+        @flow
+        def nightly(day: str) -> None:
+            if handed_over := reschedule_current_flow_run(window=timedelta(hours=8), duration=timedelta(hours=1)):
+                return handed_over
+            ...
+
+    The new run has the same parameters, work queue and job variables plus the tag ``carbonaware-rescheduled``,
+    which keeps it from rescheduling again. Any failure to create it is logged and the current run goes on.
+    """
+    handover = _handover(window, duration, provider, region, options)
+    if handover is None:
+        return None
+    try:
+        new_run = cast(Any, run_deployment)(handover.deployment_id, _sync=True, **handover.kwargs)
+    except Exception as exc:  # noqa: BLE001 - fail open: run now rather than not at all
+        _run_logger().warning("carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc)
+        return None
+    return _handed_over(handover, new_run)
+
+
+async def areschedule_current_flow_run(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **options: Any,
+) -> State[Any] | None:
+    """As ``reschedule_current_flow_run``, for async flows."""
+    handover = await asyncio.to_thread(_handover, window, duration, provider, region, options)
+    if handover is None:
+        return None
+    try:
+        new_run = await arun_deployment(handover.deployment_id, **handover.kwargs)
+    except Exception as exc:  # noqa: BLE001 - fail open
+        _run_logger().warning("carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc)
+        return None
+    return await asyncio.to_thread(_handed_over, handover, new_run)
+
+
+_ = datetime  # re-exported types only
