@@ -107,6 +107,7 @@ class Plan:
     grid_zone: str | None = None
     duration: timedelta = DEFAULT_DURATION
     window: timedelta = DEFAULT_WINDOW
+    fallbacks: tuple[str, ...] = ()  # why earlier sources in the chain gave no answer
     forecast: tuple[ForecastPoint, ...] = field(default=(), repr=False, compare=False)
 
     @property
@@ -128,6 +129,7 @@ class Plan:
             "detail": self.detail,
             "duration_seconds": self.duration.total_seconds(),
             "window_seconds": self.window.total_seconds(),
+            "fallbacks": list(self.fallbacks),
         }
 
 
@@ -435,13 +437,7 @@ def choose_start(points: Iterable[ForecastPoint], now: datetime, window: timedel
     """Plan over a series; raises SourceError when the series cannot say anything about starting now."""
     t0 = now.timestamp()
     starts, ends, values = _series_arrays(points, t0)
-    if not starts:
-        raise SourceError("forecast is empty or has no valid values")
-    if ends[-1] <= t0:
-        raise SourceError(f"forecast is stale: it ends at {_iso(_utc(ends[-1]))}, before now")
-    covered_until = _coverage_end(starts, ends, t0)
-    if covered_until is None:
-        raise SourceError(f"forecast does not cover now: it starts at {_iso(_utc(starts[0]))}")
+    covered_until = _covered_from(starts, ends, t0)
     length = min(duration.total_seconds(), covered_until - t0)
     now_mean = lowest_mean_start(starts, ends, values, t0, t0, length)
     best = lowest_mean_start(starts, ends, values, t0, t0 + window.total_seconds(), length)
@@ -449,11 +445,16 @@ def choose_start(points: Iterable[ForecastPoint], now: datetime, window: timedel
     return Choice(start=best[0], expected=best[1], now_value=now_mean[1], length=length)
 
 
-def _coverage_end(starts: Sequence[float], ends: Sequence[float], t: float) -> float | None:
+def _covered_from(starts: Sequence[float], ends: Sequence[float], t: float) -> float:
+    """Where the gap-free stretch of data holding ``t`` ends; a SourceError if nothing holds ``t``."""
+    if not starts:
+        raise SourceError("forecast is empty or has no valid values")
+    if ends[-1] <= t:
+        raise SourceError(f"forecast is stale: it ends at {_iso(_utc(ends[-1]))}, before now")
     for lo, hi in _contiguous_runs(starts, ends):
         if starts[lo] <= t < ends[hi - 1]:
             return ends[hi - 1]
-    return None
+    raise SourceError(f"forecast does not cover now: it starts at {_iso(_utc(starts[0]))}")
 
 
 def _utc(seconds: float) -> datetime:
@@ -533,7 +534,15 @@ def http_request(
     except SourceError:
         raise
     except Exception as exc:  # noqa: BLE001 - every transport failure means "no answer"
-        raise SourceError(_transport_message(exc, timeout)) from None
+        raise SourceError(_without_secrets(_transport_message(exc, timeout), headers or {})) from None
+
+
+def _without_secrets(text: str, headers: Mapping[str, str]) -> str:
+    """Transport errors may quote a header (e.g. one refused for a line break); never let a credential through."""
+    pieces = {piece for value in headers.values() for piece in (value, *value.split()) if len(piece) >= 4}
+    for piece in sorted(pieces, key=len, reverse=True):
+        text = text.replace(piece, "***").replace(repr(piece)[1:-1], "***")
+    return text
 
 
 def _transport_message(exc: BaseException, timeout: float) -> str:
@@ -684,7 +693,9 @@ def expect_json(response: HttpResponse, what: str) -> Any:
         where = response.headers.get("location", "?")
         raise SourceError(f"{what} answered a redirect (HTTP {response.status} to {where[:80]}); check the URL")
     if response.status >= 400 or response.status < 200:
-        raise SourceError(f"{what} answered HTTP {response.status} ({_snippet(response.body)})")
+        after = response.retry_after()
+        hint = f", retry after {after:g}s" if after is not None else ""
+        raise SourceError(f"{what} answered HTTP {response.status}{hint} ({_snippet(response.body)})", after)
     return response.json()
 
 
@@ -729,6 +740,7 @@ class SingleFlightCache:
     def __init__(self, max_entries: int = 256) -> None:
         self._lock = threading.Lock()
         self._entries: dict[Hashable, _Entry] = {}
+        self._blocked: dict[str, tuple[float, str]] = {}  # source -> (monotonic time, the answer that said so)
         self._max_entries = max_entries
         self.fetches = 0  # for tests and benchmarks: how many times a fetch actually ran
 
@@ -746,8 +758,8 @@ class SingleFlightCache:
             self._run(entry, fetch, ttl, FAILURE_TTL_SECONDS if failure_ttl is None else failure_ttl)
         else:
             entry.done.wait()
-        if entry.error is not None:
-            raise entry.error
+        if entry.error is not None:  # a fresh exception per caller: a shared one would pile up tracebacks
+            raise type(entry.error)(str(entry.error), entry.error.retry_after) from None
         return entry.value
 
     def _run(self, entry: _Entry, fetch: Callable[[], Any], ttl: float, failure_ttl: float) -> None:
@@ -773,6 +785,18 @@ class SingleFlightCache:
             while len(self._entries) > self._max_entries:
                 del self._entries[next(iter(self._entries))]
 
+    def block(self, name: str, error: SourceError) -> None:
+        """A provider said Retry-After: no request to it, for any key, until then."""
+        until = CLOCK.monotonic() + min(error.retry_after or 0.0, MAX_RETRY_AFTER_SECONDS)
+        with self._lock:
+            if until > self._blocked.get(name, (0.0, ""))[0]:
+                self._blocked[name] = (until, str(error))
+
+    def check_not_blocked(self, name: str) -> None:
+        until, why = self._blocked.get(name, (0.0, ""))
+        if until > CLOCK.monotonic():
+            raise SourceError(f"{why}; next request in {until - CLOCK.monotonic():.0f}s")
+
     def forget(self, key: Hashable) -> None:
         with self._lock:
             self._entries.pop(key, None)
@@ -780,6 +804,7 @@ class SingleFlightCache:
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+            self._blocked.clear()
             self.fetches = 0
 
 
@@ -1172,10 +1197,6 @@ ZONE_WATTTIME: dict[str, str] = {
 CARBONAWARE_BASE_URL = "https://scheduler.carbonaware.dev"
 
 
-def _zone_key(query: Query) -> Hashable:
-    return (query.zone, query.grid_zone, query.arg)
-
-
 def _fetch_carbonaware(query: Query) -> Decision:
     """The hosted scheduler decides the start itself (WattTime MOER on a 5-minute grid)."""
     if query.zone is None:
@@ -1242,7 +1263,12 @@ register_source(
     Source(
         "carbonaware",
         _fetch_carbonaware,
-        cache_key=lambda q: (q.zone, q.duration, round(q.window.total_seconds() / 60)),
+        cache_key=lambda q: (
+            base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL),
+            q.zone,
+            q.duration,
+            round(q.window.total_seconds() / 60),
+        ),
         ttl=300.0,
     )
 )
@@ -1258,19 +1284,19 @@ _VALUE_KEYS = ("value", "carbonIntensity", "carbon_intensity", "intensity", "for
 def series_from_starts(
     rows: Iterable[tuple[datetime, float, timedelta | None]], default_period: timedelta | None = None
 ) -> tuple[ForecastPoint, ...]:
-    """Points given by their start (and maybe their length): a missing end is the next start, the last one
-    takes ``default_period`` or the most common spacing."""
+    """Points given by their start (and maybe their length). Without a length, a point lasts ``default_period`` or,
+    if none is known, until the next start -- at most the most common spacing, so a missing item stays a gap."""
     ordered = sorted(rows, key=lambda row: row[0])
     gaps = [b[0] - a[0] for a, b in itertools.pairwise(ordered) if b[0] > a[0]]
-    fallback = default_period or (max(set(gaps), key=gaps.count) if gaps else timedelta(hours=1))
+    spacing = default_period or (max(set(gaps), key=gaps.count) if gaps else timedelta(hours=1))
     points = []
     for i, (start, value, length) in enumerate(ordered):
-        if length is not None:
-            end = start + length
-        elif i + 1 < len(ordered) and ordered[i + 1][0] - start <= 2 * fallback:
+        if length is not None or default_period is not None:
+            end = start + (length or spacing)
+        elif i + 1 < len(ordered) and ordered[i + 1][0] - start <= spacing:
             end = ordered[i + 1][0]
         else:
-            end = start + fallback
+            end = start + spacing
         points.append(ForecastPoint(start, end, value))
     return tuple(points)
 
@@ -1345,8 +1371,16 @@ def _fetch_url(query: Query) -> Forecast:
     return Forecast(_parse_series_bytes(response.body, url.split("?")[0]))
 
 
-register_source(Source("file", _fetch_file, cache_key=_zone_key, ttl=60.0, needs_zone=False))
-register_source(Source("url", _fetch_url, cache_key=_zone_key, ttl=900.0, needs_zone=False))
+register_source(
+    Source(
+        "file",
+        _fetch_file,
+        cache_key=lambda q: q.arg or os.environ.get("CARBONAWARE_FORECAST_FILE"),
+        ttl=60.0,
+        needs_zone=False,
+    )
+)
+register_source(Source("url", _fetch_url, cache_key=lambda q: q.arg, ttl=900.0, needs_zone=False))
 
 
 # ---- Electricity Maps v3 -----------------------------------------------------------------------------------------
@@ -1359,21 +1393,29 @@ def _hours_needed(query: Query, choices: Sequence[int]) -> int:
     return next((h for h in choices if h >= needed), choices[-1])
 
 
-def _fetch_electricitymaps(query: Query) -> Forecast:
-    """Hourly lifecycle gCO2eq/kWh forecast; the zone from the region table or from the data-centre lookup."""
-    key = os.environ.get("ELECTRICITYMAPS_API_KEY", "").strip()
-    if not key:
-        raise SourceError("ELECTRICITYMAPS_API_KEY is not set")
+def _electricitymaps_params(query: Query) -> dict[str, str | int]:
+    """What to ask for; also the cache key, so that any change in the question asks again."""
     zone = grid_zone_for(query)
-    params: dict[str, str | int] = {"zone": zone} if zone else {}
-    if not zone and query.zone is not None:
+    if zone:
+        params: dict[str, str | int] = {"zone": zone}
+    elif query.zone is not None:
         params = {"dataCenterProvider": query.zone.provider, "dataCenterRegion": query.zone.region}
-    if not params:
+    else:
         raise SourceError("no grid zone or cloud zone to ask for")
     params["horizonHours"] = _hours_needed(query, (6, 24, 48, 72))
     params["emissionFactorType"] = os.environ.get("ELECTRICITYMAPS_EMISSION_FACTOR", "lifecycle")
+    return params
+
+
+def _electricitymaps_url(query: Query) -> str:
     base = base_url("ELECTRICITYMAPS_API_URL", ELECTRICITYMAPS_BASE_URL).removesuffix("/v3")
-    url = f"{base}/v3/carbon-intensity/forecast?{_query_string(params)}"
+    return f"{base}/v3/carbon-intensity/forecast?{_query_string(_electricitymaps_params(query))}"
+
+
+def _fetch_electricitymaps(query: Query) -> Forecast:
+    """Hourly lifecycle gCO2eq/kWh forecast; the zone from the region table or from the data-centre lookup."""
+    key = _header_value("ELECTRICITYMAPS_API_KEY", os.environ.get("ELECTRICITYMAPS_API_KEY", ""))
+    url = _electricitymaps_url(query)
     _require_safe_url(url, carries_secret=True)
     response = http_request(
         "GET", url, headers={"auth-token": key, "Accept": "application/json"}, timeout=query.timeout
@@ -1386,8 +1428,18 @@ def _fetch_electricitymaps(query: Query) -> Forecast:
     document = expect_json(response, "electricitymaps")
     items = _field(document, "forecast", list)
     rows = [(_point_time(item, "datetime"), _point_value(item, "carbonIntensity"), None) for item in items]
-    answered_zone = document.get("zone") if isinstance(document.get("zone"), str) else zone
+    answered_zone = document.get("zone") if isinstance(document.get("zone"), str) else grid_zone_for(query)
     return Forecast(series_from_starts(rows, timedelta(hours=1)), unit=G_PER_KWH, grid_zone=answered_zone)
+
+
+def _header_value(name: str, value: str) -> str:
+    """A credential fit for an HTTP header; a bad one is named, never echoed."""
+    cleaned = value.strip()
+    if not cleaned:
+        raise SourceError(f"{name} is not set")
+    if any(not " " <= ch <= "~" for ch in cleaned):
+        raise SourceError(f"{name} contains characters not allowed in an HTTP header (a pasted line break?)")
+    return cleaned
 
 
 def _query_string(params: Mapping[str, str | int]) -> str:
@@ -1412,14 +1464,7 @@ def _point_value(item: Any, name: str) -> float:
     return float(value)
 
 
-register_source(
-    Source(
-        "electricitymaps",
-        _fetch_electricitymaps,
-        cache_key=lambda q: (grid_zone_for(q), q.zone, _hours_needed(q, (6, 24, 48, 72))),
-        ttl=900.0,
-    )
-)
+register_source(Source("electricitymaps", _fetch_electricitymaps, cache_key=_electricitymaps_url, ttl=900.0))
 
 
 # ---- WattTime v3 ---------------------------------------------------------------------------------------------------
@@ -1459,32 +1504,39 @@ def _watttime_region(query: Query) -> str:
     return ZONE_WATTTIME[zone]
 
 
-def _fetch_watttime(query: Query) -> Forecast:
-    """Marginal (MOER) forecast in 5-minute periods, lbs/MWh converted to g/kWh; one re-login on 401/403."""
-    user, password = _watttime_credentials()
-    region = _watttime_region(query)
-    base = base_url("WATTTIME_API_URL", WATTTIME_BASE_URL)
-    _require_safe_url(base, carries_secret=True)
-    token_key = ("watttime-token", base, user)
+def _watttime_url(query: Query) -> str:
     params: dict[str, str | int] = {
-        "region": region,
+        "region": _watttime_region(query),
         "signal_type": "co2_moer",
         "horizon_hours": _hours_needed(query, (1, 6, 24, 72)),
     }
-    url = f"{base}/v3/forecast?{_query_string(params)}"
+    return f"{base_url('WATTTIME_API_URL', WATTTIME_BASE_URL)}/v3/forecast?{_query_string(params)}"
+
+
+def _fetch_watttime(query: Query) -> Forecast:
+    """Marginal (MOER) forecast in 5-minute periods, lbs/MWh converted to g/kWh. An expired token (401, or 403
+    without a scope complaint) earns one fresh login; a region outside the account's scope does not."""
+    user, password = _watttime_credentials()
+    region = _watttime_region(query)
+    base = base_url("WATTTIME_API_URL", WATTTIME_BASE_URL)
+    url = _watttime_url(query)
+    _require_safe_url(url, carries_secret=True)
+    token_key = ("watttime-token", base, user)
     for attempt in range(2):
         token = CACHE.get(
             token_key, lambda: _watttime_login(base, user, password, query.timeout), ttl=WATTTIME_TOKEN_TTL_SECONDS
         )
-        response = http_request("GET", url, headers={"Authorization": f"Bearer {token}"}, timeout=query.timeout)
-        if response.status not in (401, 403):
+        bearer = _header_value("the WattTime token", f"Bearer {token}")
+        response = http_request("GET", url, headers={"Authorization": bearer}, timeout=query.timeout)
+        out_of_scope = response.status == 403 and b"scope" in response.body.lower()
+        if response.status not in (401, 403) or out_of_scope or attempt == 1:
             break
         CACHE.forget(token_key)
-        if attempt == 1:
-            raise SourceError(
-                f"watttime refused the forecast for {region} (HTTP {response.status}: {_snippet(response.body)}); "
-                "free accounts may only read CAISO_NORTH"
-            )
+    if response.status in (401, 403):
+        raise SourceError(
+            f"watttime refused the forecast for {region} (HTTP {response.status}: {_snippet(response.body)}); "
+            "free accounts may only read CAISO_NORTH"
+        )
     return _watttime_forecast(expect_json(response, "watttime"), region)
 
 
@@ -1503,19 +1555,7 @@ def _watttime_forecast(document: Any, region: str) -> Forecast:
     return Forecast(series_from_starts(rows), unit="gCO2/kWh (marginal)", grid_zone=region)
 
 
-register_source(
-    Source(
-        "watttime",
-        _fetch_watttime,
-        cache_key=lambda q: (
-            q.arg,
-            grid_zone_for(q),
-            os.environ.get("WATTTIME_REGION"),
-            _hours_needed(q, (1, 6, 24, 72)),
-        ),
-        ttl=300.0,
-    )
-)
+register_source(Source("watttime", _fetch_watttime, cache_key=_watttime_url, ttl=300.0))
 
 
 # ---- NESO Carbon Intensity API (Great Britain) ----------------------------------------------------------------------
@@ -1523,33 +1563,39 @@ register_source(
 UKGRID_BASE_URL = "https://api.carbonintensity.org.uk"
 
 
-def _ukgrid_path(query: Query) -> str:
-    """National, or regional by outward postcode ('RG10') or region id (1..17)."""
-    start = query.now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+def _ukgrid_where(query: Query) -> str:
+    """'' for national, else the regional suffix: 'postcode/RG10' (outward code) or 'regionid/12'."""
     where = (query.arg or os.environ.get("CARBONAWARE_UK_POSTCODE", "")).strip().upper()
     if not where:
-        return f"/intensity/{start}/fw48h"
+        return ""
     if where.isdigit():
-        return f"/regional/intensity/{start}/fw48h/regionid/{int(where)}"
+        return f"regionid/{int(where)}"
     outward = where.split()[0]
     if not re.match(r"^[A-Z]{1,2}[0-9][A-Z0-9]?$", outward):
         raise SourceError(f"not a UK outward postcode: {outward[:10]!r}")
-    return f"/regional/intensity/{start}/fw48h/postcode/{outward}"
+    return f"postcode/{outward}"
+
+
+def _ukgrid_key(query: Query) -> Hashable:
+    return base_url("UKGRID_API_URL", UKGRID_BASE_URL), _ukgrid_where(query)
 
 
 def _fetch_ukgrid(query: Query) -> Forecast:
     zone = grid_zone_for(query)
-    if zone is not None and zone != "GB":
-        raise SourceError(f"ukgrid covers Great Britain only, not {zone}")
-    url = base_url("UKGRID_API_URL", UKGRID_BASE_URL) + _ukgrid_path(query)
+    if zone != "GB" and (zone is not None or query.zone is not None):
+        raise SourceError(f"ukgrid covers Great Britain only, not {zone or query.zone}")
+    start = query.now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    where = _ukgrid_where(query)
+    path = f"/regional/intensity/{start}/fw48h/{where}" if where else f"/intensity/{start}/fw48h"
+    url = base_url("UKGRID_API_URL", UKGRID_BASE_URL) + path
     response = http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.timeout)
     data = _ukgrid_items(expect_json(response, "ukgrid"))
     rows = []
     for item in data:
-        start, end = _point_time(item, "from"), _point_time(item, "to")
+        start_at, end_at = _point_time(item, "from"), _point_time(item, "to")
         intensity = item.get("intensity") if isinstance(item, dict) else None
         value = _point_value(intensity, "forecast") if isinstance(intensity, dict) else math.nan
-        rows.append((start, value, end - start))
+        rows.append((start_at, value, end_at - start_at))
     return Forecast(series_from_starts(rows), unit="gCO2/kWh", grid_zone="GB")
 
 
@@ -1565,13 +1611,15 @@ def _ukgrid_items(document: Any) -> list[Any]:
     return data
 
 
-register_source(Source("ukgrid", _fetch_ukgrid, cache_key=_zone_key, ttl=900.0, needs_zone=False))
+register_source(Source("ukgrid", _fetch_ukgrid, cache_key=_ukgrid_key, ttl=900.0, needs_zone=False))
 
 
 # ---- Green Software Foundation Carbon Aware SDK WebAPI (self-hosted) -------------------------------------------------
 
 
-def _fetch_gsf(query: Query) -> Forecast:
+def _gsf_question(query: Query) -> tuple[str, str, int, str]:
+    """(base URL, location, window size in minutes, data end rounded up to the hour): the cache key too, so
+    callers minutes apart share one answer that covers them all."""
     base = os.environ.get("CARBONAWARE_SDK_URL", "").strip().rstrip("/")
     if not base:
         raise SourceError("CARBONAWARE_SDK_URL is not set (the Carbon Aware SDK is self-hosted)")
@@ -1580,11 +1628,21 @@ def _fetch_gsf(query: Query) -> Forecast:
         location = query.zone.region
     if not location:
         raise SourceError("no location for the Carbon Aware SDK; set CARBONAWARE_SDK_LOCATION")
+    end = query.horizon_end.astimezone(timezone.utc)
+    end_hour = end.replace(minute=0, second=0, microsecond=0) + (
+        timedelta(hours=1) if end.minute or end.second else timedelta(0)
+    )
+    window_size = max(1, round(query.duration.total_seconds() / 60))
+    return base, location, window_size, _iso(end_hour)
+
+
+def _fetch_gsf(query: Query) -> Forecast:
+    base, location, window_size, data_end = _gsf_question(query)
     params: dict[str, str | int] = {
         "location": location,
         "dataStartAt": _iso(query.now),
-        "dataEndAt": _iso(query.horizon_end),
-        "windowSize": max(1, round(query.duration.total_seconds() / 60)),
+        "dataEndAt": data_end,
+        "windowSize": window_size,
     }
     _require_safe_url(base, carries_secret=False)
     url = f"{base}/emissions/forecasts/current?{_query_string(params)}"
@@ -1603,7 +1661,7 @@ def _minutes(value: Any) -> timedelta | None:
     return timedelta(minutes=value) if isinstance(value, (int, float)) and 0 < value <= 1440 else None
 
 
-register_source(Source("gsf", _fetch_gsf, cache_key=_zone_key, ttl=600.0, needs_zone=False))
+register_source(Source("gsf", _fetch_gsf, cache_key=_gsf_question, ttl=600.0, needs_zone=False))
 
 
 # ---- offline: typical intensity by month and hour, built from Electricity Maps' 2021-2023 data -------------------
@@ -1828,7 +1886,9 @@ def plan_delay(
 ) -> Plan:
     """Decide when to start, never sleeping. Argument errors raise; every other failure gives a run-now plan."""
     request = validate_arguments(window, duration, provider, region, options)
-    return _plan(request)
+    plan = _plan(request)
+    _log_plan(plan, request.log, waiting=False)
+    return plan
 
 
 def _plan(request: _Request) -> Plan:
@@ -1858,7 +1918,7 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
             failures.append(f"{label}: {error}")
             continue
         if failures:
-            plan = _with_detail(plan, f"{plan.detail}; after {'; '.join(failures)}")
+            plan = replace(plan, detail=f"{plan.detail}; after {'; '.join(failures)}", fallbacks=tuple(failures))
         return plan
     if zone is None and grid_zone is None:
         detail = "no cloud zone: give provider and region (or set CARBONAWARE_PROVIDER/CARBONAWARE_REGION)"
@@ -1896,12 +1956,27 @@ def _cached_fetch(source: Source, query: Query) -> Callable[[], SourceResult]:
         if source.needs_zone and query.zone is None and query.grid_zone is None:
             raise _NoZone("no cloud zone")
         if source.cache_key is None:
-            return source.fetch(query)
-        key = (source.name, source.cache_key(query))
-        result: SourceResult = CACHE.get(key, lambda: source.fetch(query), ttl=source.ttl)
+            return _usable(source.fetch(query), query.now)
+        CACHE.check_not_blocked(source.name)
+        try:
+            key = (source.name, source.cache_key(query))
+            result: SourceResult = CACHE.get(key, lambda: _usable(source.fetch(query), query.now), ttl=source.ttl)
+        except SourceError as error:
+            if error.retry_after:  # a provider that asks for a pause gets it, whatever we would ask next
+                CACHE.block(source.name, error)
+            raise
         return result
 
     return fetch
+
+
+def _usable(result: SourceResult, now: datetime) -> SourceResult:
+    """Reject, inside the cache, answers no one can plan with -- so they are remembered briefly like any failure
+    instead of for the source's whole lifetime."""
+    if isinstance(result, Forecast):
+        starts, ends, _values = _series_arrays(result.points, now.timestamp())
+        _covered_from(starts, ends, now.timestamp())
+    return result
 
 
 def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
@@ -1976,10 +2051,6 @@ def _decide(
     )
 
 
-def _with_detail(plan: Plan, detail: str) -> Plan:
-    return replace(plan, detail=detail)
-
-
 def _run_now(request: _Request, now: datetime, zone: CloudZone | None, source: str, reason: str, detail: str) -> Plan:
     return Plan(
         start=now,
@@ -1998,25 +2069,26 @@ def _run_now(request: _Request, now: datetime, zone: CloudZone | None, source: s
     )
 
 
-def describe(plan: Plan) -> str:
-    """One line that says what was decided and why."""
+def describe(plan: Plan, *, waiting: bool = True) -> str:
+    """One line that says what was decided and why (``waiting=False``: a plan only, nobody sleeps on it)."""
     where = str(plan.zone) if plan.zone else (plan.grid_zone or "unknown zone")
+    fell_back = f" (after {'; '.join(plan.fallbacks)})" if plan.fallbacks else ""
     if plan.reason in ("optimal", "dry-run") and plan.delay > timedelta(0):
-        verb = "would wait" if plan.reason == "dry-run" else "waiting"
+        verb = "would wait" if plan.reason == "dry-run" or not waiting else "waiting"
         numbers = ""
         if plan.now is not None and plan.expected is not None:
             numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
             if plan.savings is not None:
                 numbers += f" (-{plan.savings:.1%})"
-        return (
-            f"carbonaware: {verb} {_human(plan.delay)} until {_iso(plan.start)} for {where} via {plan.source}{numbers}"
-        )
-    return f"carbonaware: running now for {where} ({plan.reason}: {plan.detail})"
+        when = f"{verb} {_human(plan.delay)} until {_iso(plan.start)}"
+        return f"carbonaware: {when} for {where} via {plan.source}{numbers}{fell_back}"
+    verb = "running now" if waiting else "start now"
+    return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail})"
 
 
-def _log_plan(plan: Plan, log: logging.Logger | logging.LoggerAdapter[Any]) -> None:
+def _log_plan(plan: Plan, log: logging.Logger | logging.LoggerAdapter[Any], *, waiting: bool = True) -> None:
     level = logging.WARNING if plan.reason in ("no-zone", "source-failed") else logging.INFO
-    log.log(level, describe(plan))
+    log.log(level, describe(plan, waiting=waiting))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2224,7 +2296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     elif args.command == "plan":
-        print(describe(plan))
+        print(describe(plan, waiting=False))
         if plan.forecast:
             print(render_chart(plan))
     if args.command == "run":
