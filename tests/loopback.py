@@ -61,7 +61,7 @@ Route = Callable[[Seen], Reply]
 class LoopbackServer:
     """A threaded HTTP/1.1 server; ``routes[(METHOD, path-without-query)] = callable(Seen) -> Reply``."""
 
-    def __init__(self) -> None:
+    def __init__(self, poll_interval: float = 0.5) -> None:
         self.routes: dict[tuple[str, str], Route] = {}
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
@@ -140,7 +140,10 @@ class LoopbackServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        # serve_forever notices shutdown() only every poll_interval seconds: a short one makes teardown quick
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": poll_interval}, daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -169,8 +172,8 @@ class LoopbackServer:
 
 
 @contextmanager
-def serving() -> Iterator[LoopbackServer]:
-    server = LoopbackServer().start()
+def serving(poll_interval: float = 0.5) -> Iterator[LoopbackServer]:
+    server = LoopbackServer(poll_interval).start()
     try:
         yield server
     finally:
