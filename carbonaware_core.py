@@ -164,6 +164,7 @@ class Query:
     duration: timedelta
     timeout: float
     arg: str | None = None  # the part after ':' in a source spec, e.g. the path in "file:forecast.json"
+    fixed_now: bool = False  # the caller chose ``now`` (a replay): answers for another moment do not fit
 
     @property
     def horizon_end(self) -> datetime:
@@ -409,9 +410,9 @@ def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[fl
     Invalid values (NaN, infinite, negative) become gaps; overlaps are cut at the later start.
     """
     rows = sorted(
-        (p.start.timestamp(), p.end.timestamp(), float(p.value))
+        (_epoch(p.start), _epoch(p.end), float(p.value))
         for p in points
-        if _valid_intensity(p.value) and p.end > p.start
+        if _valid_intensity(p.value) and _epoch(p.end) > _epoch(p.start)
     )
     starts: list[float] = []
     ends: list[float] = []
@@ -427,6 +428,17 @@ def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[fl
     if starts and now < starts[0] <= now + (ends[0] - starts[0]):
         starts[0] = now  # forecasts often begin at the next period boundary; carry the first value back
     return starts, ends, values
+
+
+def _aware(point: ForecastPoint) -> ForecastPoint:
+    if point.start.tzinfo and point.end.tzinfo:
+        return point
+    return ForecastPoint(_utc(_epoch(point.start)), _utc(_epoch(point.end)), point.value)
+
+
+def _epoch(moment: datetime) -> float:
+    """Seconds since the epoch; naive means UTC (as in parse_datetime), never the machine's local time."""
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
 
 
 def _valid_intensity(value: object) -> TypeGuard[float]:
@@ -471,6 +483,11 @@ class HttpResponse:
     status: int
     headers: Mapping[str, str]  # lower-case names
     body: bytes
+    secrets: tuple[str, ...] = ()  # credentials sent with the request: never quoted back, even if echoed
+
+    def excerpt(self, limit: int = 80) -> str:
+        """A short, secret-free quote of the body for log lines."""
+        return _redact(_snippet(self.body, limit), self.secrets)
 
     def json(self) -> Any:
         import json
@@ -478,7 +495,7 @@ class HttpResponse:
         try:
             return json.loads(self.body.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
-            raise SourceError(f"response is not JSON ({_snippet(self.body)})") from exc
+            raise SourceError(f"response is not JSON ({self.excerpt()})") from exc
 
     def retry_after(self) -> float | None:
         value = self.headers.get("retry-after", "").strip()
@@ -527,21 +544,32 @@ def http_request(
     """
     deadline = time.monotonic() + timeout
     chosen = backend or _http_backend()
+    secrets = _secrets_in(headers or {})
     try:
         if chosen == "requests":
-            return _requests_call(method, url, headers or {}, body, deadline, max_bytes)
-        return _urllib_call(method, url, headers or {}, body, deadline, max_bytes, proxies=True)
-    except SourceError:
-        raise
+            response = _requests_call(method, url, headers or {}, body, deadline, max_bytes)
+        else:
+            response = _urllib_call(method, url, headers or {}, body, deadline, max_bytes, proxies=True)
+    except SourceError as error:
+        raise SourceError(_redact(str(error), secrets), error.retry_after) from None
     except Exception as exc:  # noqa: BLE001 - every transport failure means "no answer"
-        raise SourceError(_without_secrets(_transport_message(exc, timeout), headers or {})) from None
+        raise SourceError(_redact(_transport_message(exc, timeout), secrets)) from None
+    return replace(response, secrets=secrets)
 
 
-def _without_secrets(text: str, headers: Mapping[str, str]) -> str:
-    """Transport errors may quote a header (e.g. one refused for a line break); never let a credential through."""
-    pieces = {piece for value in headers.values() for piece in (value, *value.split()) if len(piece) >= 4}
-    for piece in sorted(pieces, key=len, reverse=True):
-        text = text.replace(piece, "***").replace(repr(piece)[1:-1], "***")
+_SENSITIVE_HEADERS = ("authorization", "auth-token", "x-api-key", "cookie", "proxy-authorization")
+
+
+def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
+    """Credential values and their words ('Bearer T' -> 'T'), longest first, as they may be quoted back."""
+    values = [v for k, v in headers.items() if k.lower() in _SENSITIVE_HEADERS]
+    pieces = {piece for value in values for piece in (value, *value.split()) if len(piece) >= 4}
+    return tuple(sorted(pieces, key=len, reverse=True))
+
+
+def _redact(text: str, secrets: Sequence[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***").replace(repr(secret)[1:-1], "***")
     return text
 
 
@@ -650,6 +678,9 @@ def _urllib_call(
         _check_declared_size(response_headers, max_bytes)
         inner: Any = response.fp if isinstance(response, urllib.error.HTTPError) else response  # http.client's
         payload = _read_bounded(inner.read1, deadline, max_bytes, _socket_settimeout(inner))
+        declared = response_headers.get("content-length", "")
+        if declared.isdigit() and len(payload) < int(declared):  # read1 ends quietly where read() would raise
+            raise SourceError(f"connection closed early: response cut short ({len(payload)} of {declared} bytes)")
         return HttpResponse(int(response.status), response_headers, payload)
 
 
@@ -695,7 +726,7 @@ def expect_json(response: HttpResponse, what: str) -> Any:
     if response.status >= 400 or response.status < 200:
         after = response.retry_after()
         hint = f", retry after {after:g}s" if after is not None else ""
-        raise SourceError(f"{what} answered HTTP {response.status}{hint} ({_snippet(response.body)})", after)
+        raise SourceError(f"{what} answered HTTP {response.status}{hint} ({response.excerpt()})", after)
     return response.json()
 
 
@@ -1268,6 +1299,7 @@ register_source(
             q.zone,
             q.duration,
             round(q.window.total_seconds() / 60),
+            q.now if q.fixed_now else None,
         ),
         ttl=300.0,
     )
@@ -1317,6 +1349,8 @@ def parse_series_document(document: Any) -> tuple[ForecastPoint, ...]:
         value = next((item[k] for k in _VALUE_KEYS if k in item), None)
         if isinstance(value, dict):  # NESO-style {"intensity": {"forecast": 120}}
             value = value.get("forecast")
+        if isinstance(value, str) and not value.strip():  # an empty CSV cell is a gap, as JSON null is
+            value = None
         end_text = next((item[k] for k in _END_KEYS if k in item), None)
         try:
             start = parse_datetime(str(start_text))
@@ -1423,7 +1457,7 @@ def _fetch_electricitymaps(query: Query) -> Forecast:
     if response.status in (401, 403):
         raise SourceError(
             f"electricitymaps refused the key or this plan has no forecast access (HTTP {response.status}: "
-            f"{_snippet(response.body)})"
+            f"{response.excerpt()})"
         )
     document = expect_json(response, "electricitymaps")
     items = _field(document, "forecast", list)
@@ -1534,7 +1568,7 @@ def _fetch_watttime(query: Query) -> Forecast:
         CACHE.forget(token_key)
     if response.status in (401, 403):
         raise SourceError(
-            f"watttime refused the forecast for {region} (HTTP {response.status}: {_snippet(response.body)}); "
+            f"watttime refused the forecast for {region} (HTTP {response.status}: {response.excerpt()}); "
             "free accounts may only read CAISO_NORTH"
         )
     return _watttime_forecast(expect_json(response, "watttime"), region)
@@ -1786,6 +1820,11 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
     source = options.get("source")
     if source is not None:
         check_source_spec(source)
+    log, on_plan = options.get("logger"), options.get("on_plan")
+    if log is not None and not isinstance(log, (logging.Logger, logging.LoggerAdapter)):
+        raise TypeError(f"logger must be a logging.Logger or LoggerAdapter, not {type(log).__name__}")
+    if on_plan is not None and not callable(on_plan):
+        raise TypeError("on_plan must be a callable taking the Plan")
     replan, replan_every = options.get("replan"), options.get("replan_every", REPLAN_EVERY)
     if replan is not None and not isinstance(replan, bool):
         raise TypeError("replan must be True, False or None (None: only for waits over an hour)")
@@ -1799,9 +1838,9 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         min_savings=float(min_savings),
         now=now,
         timeout=float(timeout),
-        log=options.get("logger") or logger,
+        log=log or logger,
         grid_zone=options.get("grid_zone"),
-        on_plan=options.get("on_plan"),
+        on_plan=on_plan,
         replan=replan,
         replan_every=replan_every,
     )
@@ -1907,7 +1946,9 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
     zone = request.zone or detect_cloud_zone()
     grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
     spec = _source_spec(request)
-    query = Query(zone, grid_zone, now, request.window, request.duration, request.timeout)
+    query = Query(
+        zone, grid_zone, now, request.window, request.duration, request.timeout, fixed_now=request.now is not None
+    )
     failures: list[str] = []
     for label, attempt in _attempts(spec, query):
         try:
@@ -1982,12 +2023,14 @@ def _usable(result: SourceResult, now: datetime) -> SourceResult:
 def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
     if isinstance(result, Decision):
         start = min(max(result.start, query.now), query.now + query.window)
-        return _decide(query, label, start, result.expected, result.now, result.unit, min_savings, None, ())
+        return _decide(
+            query, label, start, result.expected, result.now, result.unit, min_savings, None, (), stated=result.savings
+        )
     if not isinstance(result, Forecast):
         raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
-    points = tuple(p for p in result.points if isinstance(p, ForecastPoint))
-    if len(points) != len(result.points):
+    if not all(isinstance(p, ForecastPoint) for p in result.points):
         raise SourceError("source returned items that are not ForecastPoint")
+    points = tuple(_aware(p) for p in result.points)
     choice = choose_start(points, query.now, query.window, query.duration)
     start = _utc(choice.start)
     return _decide(
@@ -2015,8 +2058,11 @@ def _decide(
     grid_zone: str | None,
     points: tuple[ForecastPoint, ...],
     shortened: bool = False,
+    stated: float | None = None,
 ) -> Plan:
     savings = _savings(now_value, expected)
+    if savings is None:
+        savings = stated  # the source's own figure, when its intensities do not tell
     if start <= query.now or (savings is not None and savings <= 0):
         reason, start, expected, savings = (
             "already-best",
@@ -2211,8 +2257,8 @@ def render_chart(plan: Plan, rows: int = 24, width: int = 40) -> str:
     job_end = plan.start + plan.duration
     bar = "#" if (sys.stdout.encoding or "").lower().replace("-", "") != "utf8" else "\u2588"
     lines = [f"{plan.unit} from {plan.source} ({_iso(now)} .. {_iso(horizon_end)})"]
-    for bucket, mean in zip(buckets, means, strict=True):
-        begin, end = max(bucket[0].start, now), bucket[-1].end
+    for index, (bucket, mean) in enumerate(zip(buckets, means, strict=True)):
+        begin, end = now if index == 0 else bucket[0].start, bucket[-1].end  # a first value carried back to now
         length = 1 + round((width - 1) * (mean - low) / (high - low)) if high > low else width // 2
         mark = " <- start" if begin <= plan.start < end else (" |" if plan.start < end and begin < job_end else "")
         lines.append(f"{begin.astimezone(timezone.utc):%a %H:%M} {mean:6.0f} {bar * length}{mark}")

@@ -61,7 +61,7 @@ Route = Callable[[Seen], Reply]
 class LoopbackServer:
     """A threaded HTTP/1.1 server; ``routes[(METHOD, path-without-query)] = callable(Seen) -> Reply``."""
 
-    def __init__(self, poll_interval: float = 0.5) -> None:
+    def __init__(self, poll_interval: float = 0.02) -> None:
         self.routes: dict[tuple[str, str], Route] = {}
         self.seen: list[Seen] = []
         self._lock = threading.Lock()
@@ -72,6 +72,11 @@ class LoopbackServer:
 
             def log_message(self, *args: Any) -> None:
                 return
+
+            def setup(self) -> None:
+                super().setup()
+                # headers and body go out in separate writes: without this, Nagle plus delayed ACKs add ~40 ms
+                self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
@@ -172,7 +177,7 @@ class LoopbackServer:
 
 
 @contextmanager
-def serving(poll_interval: float = 0.5) -> Iterator[LoopbackServer]:
+def serving(poll_interval: float = 0.02) -> Iterator[LoopbackServer]:
     server = LoopbackServer(poll_interval).start()
     try:
         yield server

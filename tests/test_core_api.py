@@ -1,0 +1,501 @@
+"""The public API: argument errors at once, the original positional order, Plan.to_dict, user sources, files."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import carbonaware_core as core
+from carbonaware_core import CloudZone, ForecastPoint, Plan, carbonaware_delay, carbonaware_delay_async, plan_delay
+from tests.loopback import FakeClock, HostedScheduler, Reply, serving
+
+BASE = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+HOUR = timedelta(hours=1)
+W, D = timedelta(hours=6), timedelta(minutes=30)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(BASE)
+    monkeypatch.setattr(core, "CLOCK", fake)
+    return fake
+
+
+@pytest.fixture
+def scheduler(monkeypatch: pytest.MonkeyPatch, clock: FakeClock) -> Iterator[HostedScheduler]:
+    with serving(poll_interval=0.02) as server:
+        monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", server.url)
+        yield HostedScheduler(server, clock=clock.time)
+
+
+def hourly(*values: float, first: datetime = BASE) -> list[ForecastPoint]:
+    return [ForecastPoint(first + i * HOUR, first + (i + 1) * HOUR, v) for i, v in enumerate(values)]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Argument errors: raised at once, before any request, by every entry point
+# --------------------------------------------------------------------------------------------------------------
+
+BAD_CALLS: list[tuple[str, tuple, dict, type[Exception], str]] = [
+    ("zero duration", (W, timedelta(0)), {}, ValueError, "duration must be positive"),
+    ("negative duration", (W, -D), {}, ValueError, "duration must be positive"),
+    ("zero window", (timedelta(0), D), {}, ValueError, "window must be positive"),
+    ("negative window", (-W, D), {}, ValueError, "window must be positive"),
+    ("window in seconds", (3600, D), {}, TypeError, "window must be a datetime.timedelta"),
+    ("window as text", ("6h", D), {}, TypeError, "window must be a datetime.timedelta"),
+    ("duration as float", (W, 1800.0), {}, TypeError, "duration must be a datetime.timedelta"),
+    ("window None", (None, D), {}, TypeError, "window must be a datetime.timedelta"),
+    ("provider without region", (W, D), {"provider": "aws"}, ValueError, "provider and region go together"),
+    ("region without provider", (W, D), {"region": "us-east-1"}, ValueError, "provider and region go together"),
+    ("unknown provider", (W, D, "digitalocean", "nyc3"), {}, ValueError, "unknown provider 'digitalocean'"),
+    ("empty region", (W, D, "aws", "  "), {}, ValueError, "region"),
+    ("provider not a string", (W, D, 1, "us-east-1"), {}, TypeError, "must be strings"),
+    ("unknown option", (W, D), {"min_saving": 0.1}, TypeError, "unknown option.*min_saving"),
+    ("misspelt source option", (W, D), {"sources": "offline"}, TypeError, "unknown option"),
+    ("min_savings of 1", (W, D), {"min_savings": 1.0}, ValueError, "min_savings"),
+    ("min_savings negative", (W, D), {"min_savings": -0.1}, ValueError, "min_savings"),
+    ("min_savings as percent", (W, D), {"min_savings": 20}, ValueError, "min_savings"),
+    ("min_savings as text", (W, D), {"min_savings": "0.1"}, ValueError, "min_savings"),
+    ("min_savings NaN", (W, D), {"min_savings": math.nan}, ValueError, "min_savings"),
+    ("min_savings bool", (W, D), {"min_savings": True}, ValueError, "min_savings"),
+    ("unknown source", (W, D), {"source": "wattime"}, ValueError, "unknown source 'wattime'"),
+    ("unknown source in a chain", (W, D), {"source": "offline,nope"}, ValueError, "unknown source 'nope'"),
+    ("source of the wrong type", (W, D), {"source": 42}, TypeError, "source must be"),
+    ("naive now", (W, D), {"now": datetime(2025, 6, 1, 12)}, ValueError, "timezone-aware"),
+    ("now as text", (W, D), {"now": "2025-06-01T12:00Z"}, ValueError, "timezone-aware"),
+    ("zero timeout", (W, D), {"timeout": 0}, ValueError, "timeout"),
+    ("huge timeout", (W, D), {"timeout": 3600}, ValueError, "timeout"),
+    ("logger not a logger", (W, D), {"logger": "my.flow"}, TypeError, "logger"),
+    ("on_plan not callable", (W, D), {"on_plan": "print"}, TypeError, "on_plan"),
+]
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"), [c[1:] for c in BAD_CALLS], ids=[c[0] for c in BAD_CALLS]
+)
+@pytest.mark.parametrize("entry", ["plan_delay", "carbonaware_delay", "carbonaware_delay_async"])
+def test_argument_errors_raise_at_once(
+    entry: str,
+    args: tuple,
+    kwargs: dict,
+    error: type[Exception],
+    message: str,
+    scheduler: HostedScheduler,
+    clock: FakeClock,
+) -> None:
+    clock.on_sleep = lambda seconds: pytest.fail("slept before rejecting the arguments")
+    began = time.monotonic()
+    with pytest.raises(error, match=message):
+        if entry == "plan_delay":
+            plan_delay(*args, **kwargs)
+        elif entry == "carbonaware_delay":
+            carbonaware_delay(*args, **kwargs)
+        else:
+            asyncio.run(carbonaware_delay_async(*args, **kwargs))
+    assert time.monotonic() - began < 0.5
+    assert scheduler.server.seen == []  # no request was made first
+
+
+def test_argument_errors_raise_even_when_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARBONAWARE_DISABLE", "1")
+    with pytest.raises(ValueError):
+        carbonaware_delay(W, D, provider="aws")
+    with pytest.raises(TypeError):
+        carbonaware_delay(W, D, colour="green")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Zones given by the caller
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "zone"),
+    [
+        (("aws", "us-east-1"), {}, {"provider": "aws", "region": "us-east-1"}),
+        (("us-east-1", "aws"), {}, {"provider": "aws", "region": "us-east-1"}),  # the original package's order
+        (("westeurope", "azure"), {}, {"provider": "azure", "region": "westeurope"}),
+        ((), {"region": "europe-west4", "provider": "gcp"}, {"provider": "gcp", "region": "europe-west4"}),
+        (("AWS", "US-EAST-1"), {}, {"provider": "aws", "region": "us-east-1"}),
+        (("azure", "West Europe"), {}, {"provider": "azure", "region": "westeurope"}),
+    ],
+)
+def test_zone_forms(args: tuple, kwargs: dict, zone: dict, scheduler: HostedScheduler) -> None:
+    plan = plan_delay(W, D, *args, **kwargs)
+    assert plan.zone == CloudZone(zone["provider"], zone["region"])
+    [seen] = scheduler.calls
+    assert seen.json()["zones"] == [zone]
+
+
+def test_defaults_are_six_hours_and_thirty_minutes(scheduler: HostedScheduler) -> None:
+    plan = plan_delay(provider="aws", region="us-east-1")
+    assert (plan.window, plan.duration) == (timedelta(hours=6), timedelta(minutes=30))
+    body = scheduler.calls[0].json()
+    assert body["duration"] == "PT30M"
+    assert body["windows"] == [{"start": "2025-06-01T12:00:00Z", "end": "2025-06-01T18:00:00Z"}]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Plan
+# --------------------------------------------------------------------------------------------------------------
+
+moments = st.datetimes(
+    min_value=datetime(1980, 1, 1),
+    max_value=datetime(2200, 1, 1),
+    timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=-5)), timezone(timedelta(hours=5, minutes=30))]),
+)
+intensities = st.one_of(st.none(), st.floats(0, 5000, allow_nan=False))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    start=moments,
+    delay=st.timedeltas(min_value=timedelta(0), max_value=timedelta(days=2)),
+    zone=st.one_of(
+        st.none(),
+        st.builds(CloudZone, st.sampled_from(core.PROVIDERS), st.from_regex(r"[a-z0-9-]{2,20}", fullmatch=True)),
+    ),
+    expected=intensities,
+    now=intensities,
+    savings=st.one_of(st.none(), st.floats(-1, 1, allow_nan=False)),
+    reason=st.sampled_from(core.REASONS),
+    detail=st.text(max_size=60),
+    duration=st.timedeltas(min_value=timedelta(seconds=1), max_value=timedelta(days=1)),
+)
+def test_plan_to_dict_is_json_and_round_trips(start, delay, zone, expected, now, savings, reason, detail, duration):
+    plan = Plan(
+        start=start,
+        delay=delay,
+        zone=zone,
+        source="carbonaware",
+        expected=expected,
+        now=now,
+        savings=savings,
+        unit="gCO2eq/kWh",
+        reason=reason,
+        detail=detail,
+        duration=duration,
+        forecast=tuple(hourly(1.0, 2.0)),
+    )
+    text = json.dumps(plan.to_dict(), allow_nan=False)
+    back = json.loads(text)
+    assert abs(core.parse_datetime(back["start"]) - start) < timedelta(seconds=1)
+    assert back["start"].endswith("Z")
+    assert back["delay_seconds"] == pytest.approx(delay.total_seconds(), abs=1e-3)
+    assert back["zone"] == (None if zone is None else {"provider": zone.provider, "region": zone.region})
+    assert (back["reason"], back["source"], back["detail"], back["unit"]) == (
+        reason,
+        "carbonaware",
+        detail,
+        "gCO2eq/kWh",
+    )
+    for key, value in (("expected", expected), ("now", now)):
+        assert back[key] == (None if value is None else pytest.approx(value, abs=0.01))
+    assert back["savings"] == (None if savings is None else pytest.approx(savings, abs=1e-4))
+    assert back["duration_seconds"] == pytest.approx(duration.total_seconds())
+    assert back["window_seconds"] == pytest.approx(plan.window.total_seconds())
+
+
+def test_plan_to_dict_of_a_real_plan(scheduler: HostedScheduler) -> None:
+    plan = plan_delay(W, D, "aws", "us-west-2")
+    back = json.loads(json.dumps(plan.to_dict(), allow_nan=False))
+    assert back["start"] == "2025-06-01T13:00:00Z"
+    assert back["delay_seconds"] == 3600
+    assert back["zone"] == {"provider": "aws", "region": "us-west-2"}
+    assert back["reason"] == "optimal" and back["source"] == "carbonaware"
+    assert back["now"] == pytest.approx(800 * core.LBS_PER_MWH_TO_G_PER_KWH, abs=0.01)
+    assert plan.waits
+
+
+def test_plan_is_frozen() -> None:
+    plan = plan_delay(W, D, "aws", "us-east-1", source=hourly(5, 5, 5, 5, 5, 5, 5), now=BASE)
+    with pytest.raises(AttributeError):
+        plan.delay = timedelta(0)  # type: ignore[misc]
+    assert not plan.waits
+
+
+# --------------------------------------------------------------------------------------------------------------
+# User sources: callables and iterables
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_callable_source_gets_the_zone_and_the_horizon() -> None:
+    asked: list[tuple] = []
+
+    def my_forecast(zone, start, end):
+        asked.append((zone, start, end))
+        return hourly(300, 100, 300, 300, 300, 300, 300, first=start)
+
+    plan = plan_delay(W, D, "gcp", "europe-west1", source=my_forecast, now=BASE)
+    assert asked == [(CloudZone("gcp", "europe-west1"), BASE, BASE + W + D)]
+    assert (plan.source, plan.start, plan.reason) == ("my_forecast", BASE + HOUR, "optimal")
+
+
+def test_callable_source_without_a_zone() -> None:
+    asked: list[object] = []
+    plan = plan_delay(
+        W,
+        D,
+        source=lambda zone, start, end: asked.append(zone) or hourly(100, 50, 100, 100, 100, 100, 100, first=start),
+        now=BASE,
+    )
+    assert asked == [None]
+    assert plan.start == BASE + HOUR and plan.zone is None
+
+
+def test_callable_returning_a_generator() -> None:
+    def gen(zone, start, end) -> Iterator[ForecastPoint]:
+        yield from hourly(100, 20, 100, 100, 100, 100, 100, first=start)
+
+    assert plan_delay(W, D, "aws", "us-east-1", source=gen, now=BASE).start == BASE + HOUR
+
+
+@pytest.mark.parametrize("kind", [list, tuple, iter])
+def test_iterable_sources(kind) -> None:
+    points = hourly(300, 300, 10, 300, 300, 300, 300)
+    plan = plan_delay(W, D, "aws", "us-east-1", source=kind(points), now=BASE)
+    assert (plan.start, plan.source) == (BASE + 2 * HOUR, "series")
+    assert plan.forecast == tuple(points)
+
+
+@pytest.mark.parametrize(
+    ("source", "detail"),
+    [
+        (lambda zone, start, end: None, "TypeError"),
+        (lambda zone, start, end: [(start, end, 100.0)], "not ForecastPoint"),
+        (lambda zone, start, end: 1 / 0, "ZeroDivisionError"),
+        ([{"start": BASE, "value": 3}], "not ForecastPoint"),
+    ],
+)
+def test_broken_user_sources_fail_open(source, detail: str) -> None:
+    plan = plan_delay(W, D, "aws", "us-east-1", source=source, now=BASE)
+    assert (plan.reason, plan.delay) == ("source-failed", timedelta(0))
+    assert detail in plan.detail
+
+
+def test_registered_source_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fetch(query: core.Query) -> core.Forecast:
+        return core.Forecast(tuple(hourly(200, 40, 200, 200, 200, 200, 200, first=query.now)), grid_zone="XX")
+
+    monkeypatch.setitem(core.SOURCES, "mine", core.Source("mine", fetch, cache_key=None, needs_zone=False))
+    plan = plan_delay(W, D, source="mine", now=BASE)
+    assert (plan.source, plan.start, plan.grid_zone) == ("mine", BASE + HOUR, "XX")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# file: and url: sources
+# --------------------------------------------------------------------------------------------------------------
+
+ROWS = [
+    ("2025-06-01T12:00:00Z", 320),
+    ("2025-06-01T13:00:00Z", 280),
+    ("2025-06-01T14:00:00Z", 95),
+    ("2025-06-01T15:00:00Z", 300),
+    ("2025-06-01T16:00:00Z", 310),
+    ("2025-06-01T17:00:00Z", 330),
+    ("2025-06-01T18:00:00Z", 340),
+]
+
+
+def _next(text: str) -> str:
+    return core._iso(core.parse_datetime(text) + HOUR)
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [
+        ("plain.json", json.dumps([{"start": t, "value": v} for t, v in ROWS])),
+        (
+            "with-ends.json",
+            json.dumps(
+                [
+                    {"start": t, "end": ROWS[i + 1][0] if i + 1 < len(ROWS) else "2025-06-01T19:00:00Z", "value": v}
+                    for i, (t, v) in enumerate(ROWS)
+                ]
+            ),
+        ),
+        (
+            "electricitymaps.json",
+            json.dumps({"zone": "DE", "forecast": [{"carbonIntensity": v, "datetime": t} for t, v in ROWS]}),
+        ),
+        (
+            "neso.json",
+            json.dumps(
+                {
+                    "data": [
+                        {"from": t[:16] + "Z", "to": _next(t)[:16] + "Z", "intensity": {"forecast": v, "index": "low"}}
+                        for t, v in ROWS
+                    ]
+                }
+            ),
+        ),
+        ("series.csv", "start,value\n" + "".join(f"{t},{v}\n" for t, v in ROWS)),
+        ("excel.csv", "\ufefftimestamp,carbon_intensity\r\n" + "".join(f"{t},{v}\r\n" for t, v in ROWS)),
+        ("no-extension", "datetime,intensity\n" + "".join(f"{t},{v}\n" for t, v in ROWS)),
+    ],
+)
+def test_file_source(tmp_path, name: str, content: str) -> None:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    plan = plan_delay(W, D, "aws", "us-east-1", source=f"file:{path}", now=BASE)
+    assert (plan.reason, plan.start, plan.source) == ("optimal", BASE + 2 * HOUR, "file")
+    assert plan.expected == pytest.approx(95) and plan.now == pytest.approx(320)
+
+
+def test_missing_values_are_gaps_in_csv_as_in_json(tmp_path) -> None:
+    """An empty cell (a missing hour in a spreadsheet export) is a gap, as JSON null is; the rest still plans."""
+    values = [320, None, 95, 300, 310, 330, 340]
+    json_path, csv_path = tmp_path / "f.json", tmp_path / "f.csv"
+    json_path.write_text(json.dumps([{"start": t, "value": v} for (t, _), v in zip(ROWS, values, strict=False)]))
+    csv_path.write_text(
+        "start,value\n" + "".join(f"{t},{'' if v is None else v}\n" for (t, _), v in zip(ROWS, values, strict=False))
+    )
+    for path in (json_path, csv_path):
+        plan = plan_delay(W, D, "aws", "us-east-1", source=f"file:{path}", now=BASE)
+        assert (plan.reason, plan.start) == ("optimal", BASE + 2 * HOUR), (path.name, plan.detail)
+
+
+def test_file_source_from_the_environment(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.json"
+    path.write_text(json.dumps([{"start": t, "value": v} for t, v in ROWS]))
+    monkeypatch.setenv("CARBONAWARE_SOURCE", f"file:{path}")
+    plan = plan_delay(W, D, "aws", "us-east-1", now=BASE)
+    assert (plan.source, plan.start) == ("file", BASE + 2 * HOUR)
+
+
+def test_unknown_source_in_the_environment_is_ignored_with_a_warning(
+    scheduler: HostedScheduler, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setenv("CARBONAWARE_SOURCE", "wattime")
+    plan = plan_delay(W, D, "aws", "us-east-1")
+    assert plan.source == "carbonaware"  # auto
+    assert any("CARBONAWARE_SOURCE" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    ("content", "detail"),
+    [
+        (None, "cannot read"),
+        ("[]", "non-empty list"),
+        ('[{"start": "yesterday", "value": 3}]', "bad point"),
+        ('{"forecast": [1, 2]}', "must be an object"),
+        ("[{]", "not valid JSON"),
+    ],
+)
+def test_bad_files_fail_open(tmp_path, content: str | None, detail: str) -> None:
+    path = tmp_path / "forecast.json"
+    if content is not None:
+        path.write_text(content)
+    plan = plan_delay(W, D, "aws", "us-east-1", source=f"file:{path}", now=BASE)
+    assert (plan.reason, plan.delay) == ("source-failed", timedelta(0))
+    assert detail in plan.detail
+
+
+def test_file_larger_than_the_cap_fails_open(tmp_path) -> None:
+    path = tmp_path / "huge.json"
+    with path.open("wb") as handle:
+        handle.truncate(core.MAX_BODY_BYTES + 10)
+    plan = plan_delay(W, D, "aws", "us-east-1", source=f"file:{path}", now=BASE)
+    assert plan.reason == "source-failed" and "larger than" in plan.detail
+
+
+def test_url_source(monkeypatch: pytest.MonkeyPatch) -> None:
+    with serving(poll_interval=0.02) as server:
+        csv = "start,value\n" + "".join(f"{t},{v}\n" for t, v in ROWS)
+        server.route("GET", "/forecast.csv", Reply(200, csv, {"Content-Type": "text/csv"}))
+        plan = plan_delay(W, D, "aws", "us-east-1", source=f"url:{server.url}/forecast.csv", now=BASE)
+        assert (plan.source, plan.start) == ("url", BASE + 2 * HOUR)
+        server.route("GET", "/gone.csv", Reply(404, "Not Found", {"Content-Type": "text/plain"}))
+        plan = plan_delay(W, D, "aws", "us-east-1", source=f"url:{server.url}/gone.csv", now=BASE)
+        assert plan.reason == "source-failed" and "HTTP 404" in plan.detail
+
+
+def test_source_chain_falls_back_in_order(tmp_path, clock: FakeClock) -> None:
+    path = tmp_path / "f.csv"
+    path.write_text("start,value\n" + "".join(f"{t},{v}\n" for t, v in ROWS))
+    plan = plan_delay(W, D, "aws", "us-east-1", source=f"carbonaware,file:{path}", timeout=0.5)
+    assert (plan.source, plan.start) == ("file", BASE + 2 * HOUR)
+    assert "carbonaware: connection refused" in plan.detail  # the earlier failure is told, not hidden
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Durations and date-times
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("30m", timedelta(minutes=30)),
+        ("6h", timedelta(hours=6)),
+        ("1h30m", timedelta(minutes=90)),
+        ("2d", timedelta(days=2)),
+        ("90s", timedelta(seconds=90)),
+        ("PT30M", timedelta(minutes=30)),
+        ("pt6h", timedelta(hours=6)),
+        ("P1DT2H", timedelta(hours=26)),
+        ("PT1.5H", timedelta(minutes=90)),
+        ("P1W", timedelta(weeks=1)),
+        (" 45M ", timedelta(minutes=45)),
+    ],
+)
+def test_parse_duration(text: str, expected: timedelta) -> None:
+    assert core.parse_duration(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "30", "soon", "PT", "P", "m", "-30m", "30 minutes", "1h-30m", "PT30X"])
+def test_parse_duration_refuses_garbage(text: str) -> None:
+    with pytest.raises(ValueError, match="not a duration"):
+        core.parse_duration(text)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.timedeltas(min_value=timedelta(seconds=1), max_value=timedelta(days=30)).map(
+        lambda d: timedelta(seconds=round(d.total_seconds()))
+    )
+)
+def test_iso_duration_round_trips(duration: timedelta) -> None:
+    text = core.format_iso_duration(duration)
+    assert text.startswith("P") and "." not in text
+    assert core.parse_duration(text) == duration
+
+
+@settings(max_examples=300, deadline=None)
+@given(moments)
+def test_parse_datetime_reads_isoformat(moment: datetime) -> None:
+    parsed = core.parse_datetime(moment.isoformat())
+    assert parsed == moment
+    assert parsed.tzinfo == timezone.utc
+    assert core.parse_datetime(moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")) == moment
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("2025-06-01T12:00Z", BASE),
+        ("2025-06-01T12:00:00.000Z", BASE),
+        ("2025-06-01 14:00:00+02:00", BASE),
+        ("2025-06-01T12:00:00", BASE),
+        ("2025-06-01T07:00:00-0500", BASE),
+        ("2022-07-15T00:00:00+00:00", datetime(2022, 7, 15, tzinfo=timezone.utc)),
+    ],
+)
+def test_parse_datetime_provider_forms(text: str, expected: datetime) -> None:
+    assert core.parse_datetime(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "2025-06-01", "tomorrow", "2025-13-01T00:00Z", "1748779200"])
+def test_parse_datetime_refuses_garbage(text: str) -> None:
+    with pytest.raises(ValueError):
+        core.parse_datetime(text)

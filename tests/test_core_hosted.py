@@ -1,0 +1,437 @@
+"""The hosted CarbonAware scheduler (protocols.md §1) against a real server on 127.0.0.1, over both HTTP backends."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import threading
+import time
+import tracemalloc
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import carbonaware_core as core
+from carbonaware_core import carbonaware_delay, plan_delay
+from tests.loopback import FakeClock, HostedScheduler, LoopbackServer, Reply, black_hole, fastapi_422, serving
+
+BASE = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
+WINDOW = timedelta(hours=6)
+DURATION = timedelta(minutes=30)
+TIMEOUT = 0.5
+SLACK = 0.4  # scheduling noise allowed beyond the request timeout
+LBS = 0.45359237
+ZONE = {"provider": "aws", "region": "us-west-1"}
+USER_AGENTS = {"requests": "python-requests/", "urllib": "Python-urllib/"}
+
+
+def utc(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def answer(ideal_time: str | object, ideal: object = 500.0, naive: object = 800.0) -> dict[str, object]:
+    """A 200 body as the scheduler writes it, with chosen fields."""
+    return {
+        "ideal": {"time": ideal_time, "zone": ZONE, "co2_intensity": ideal},
+        "options": [{"time": ideal_time, "zone": ZONE, "co2_intensity": ideal}],
+        "worst_case": {"time": utc(BASE + timedelta(minutes=5)), "zone": ZONE, "co2_intensity": 990.0},
+        "naive_case": {"time": utc(BASE), "zone": ZONE, "co2_intensity": naive},
+        "median_case": {"time": utc(BASE + timedelta(minutes=10)), "zone": ZONE, "co2_intensity": 700.0},
+        "carbon_savings": {"vs_worst_case": 49.5, "vs_naive_case": 37.5, "vs_median_case": 28.6},
+    }
+
+
+GOOD = answer(utc(BASE + timedelta(hours=1)))
+
+
+@pytest.fixture(params=["requests", "urllib"])
+def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("CARBONAWARE_HTTP_CLIENT", request.param)
+    return str(request.param)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock(BASE)
+    monkeypatch.setattr(core, "CLOCK", fake)
+    return fake
+
+
+@pytest.fixture
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[LoopbackServer]:
+    with serving(poll_interval=0.02) as running:
+        monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", running.url)
+        yield running
+
+
+@pytest.fixture
+def scheduler(server: LoopbackServer, clock: FakeClock) -> HostedScheduler:
+    return HostedScheduler(server, clock=clock.time)
+
+
+def carbonaware_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "carbonaware"]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The request and the 200 answer
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("duration", "iso"),
+    [
+        (timedelta(minutes=30), "PT30M"),
+        (timedelta(minutes=90), "PT1H30M"),
+        (timedelta(hours=2), "PT2H"),
+        (timedelta(days=1, hours=2), "P1DT2H"),
+        (timedelta(seconds=45), "PT45S"),
+    ],
+)
+def test_request_shape(backend: str, scheduler: HostedScheduler, duration: timedelta, iso: str) -> None:
+    plan = plan_delay(WINDOW, duration, "AWS", "us-west-1")  # default source: the hosted scheduler first
+    assert plan.source == "carbonaware"
+    [seen] = scheduler.calls
+    assert seen.method == "POST"
+    assert seen.path == "/v0/schedule/"  # the trailing slash: without it the server answers 307
+    assert seen.headers["content-type"].startswith("application/json")
+    assert seen.headers["user-agent"].startswith(USER_AGENTS[backend])  # the backend really is the one asked for
+    assert seen.json() == {
+        "duration": iso,
+        "windows": [{"start": "2025-06-01T12:00:00Z", "end": "2025-06-01T18:00:00Z"}],
+        "zones": [{"provider": "aws", "region": "us-west-1"}],
+        "num_options": 3,
+    }
+    assert scheduler.server.requests_to("/v0/schedule") == []
+
+
+def test_window_is_sent_in_utc_z_form_whatever_the_callers_timezone(
+    backend: str, scheduler: HostedScheduler, clock: FakeClock
+) -> None:
+    plus2 = timezone(timedelta(hours=2))
+    now = datetime(2025, 6, 1, 14, 0, 30, 123456, tzinfo=plus2)  # 12:00:30.123456Z
+    plan_delay(timedelta(hours=1), DURATION, "gcp", "europe-west1", now=now)
+    [seen] = scheduler.calls
+    window = seen.json()["windows"]
+    assert window == [{"start": "2025-06-01T12:00:30Z", "end": "2025-06-01T13:00:30Z"}]
+    assert seen.json()["zones"] == [{"provider": "gcp", "region": "europe-west1"}]
+
+
+def test_answer_becomes_the_plan(backend: str, scheduler: HostedScheduler) -> None:
+    scheduler.ideal_after = timedelta(hours=2, minutes=35)
+    scheduler.ideal_lbs, scheduler.naive_lbs = 612.3, 900.0
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1")
+    assert plan.reason == "optimal"
+    assert plan.start == BASE + timedelta(hours=2, minutes=35)
+    assert plan.delay == timedelta(hours=2, minutes=35)
+    assert plan.expected == pytest.approx(612.3 * LBS)
+    assert plan.now == pytest.approx(900.0 * LBS)
+    assert plan.savings == pytest.approx((900.0 - 612.3) / 900.0)
+    assert plan.zone == core.CloudZone("aws", "us-west-1")
+    assert plan.unit.startswith("gCO2")
+    assert json.loads(json.dumps(plan.to_dict()))["start"] == "2025-06-01T14:35:00Z"
+
+
+def test_savings_fall_back_to_the_stated_percentage(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    body = answer(utc(BASE + timedelta(hours=1)))
+    del body["naive_case"]
+    server.route("POST", "/v0/schedule/", Reply(200, body))
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    assert plan.reason == "optimal"
+    assert plan.now is None
+    assert plan.savings == pytest.approx(0.375)
+
+
+def test_ideal_a_few_minutes_in_the_past_starts_now(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    server.route("POST", "/v0/schedule/", Reply(200, answer(utc(BASE - timedelta(minutes=4)))))
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    assert plan.reason != "source-failed"
+    assert (plan.start, plan.delay) == (BASE, timedelta(0))
+
+
+def test_ideal_just_past_the_window_is_clamped_to_its_end(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    server.route("POST", "/v0/schedule/", Reply(200, answer(utc(BASE + WINDOW + timedelta(minutes=3)))))
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    assert plan.start == BASE + WINDOW  # never a start outside the window
+    assert plan.reason == "optimal"
+
+
+def test_ideal_worse_than_now_starts_now(backend: str, scheduler: HostedScheduler) -> None:
+    scheduler.ideal_lbs, scheduler.naive_lbs = 900.0, 800.0
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1")
+    assert (plan.reason, plan.delay) == ("already-best", timedelta(0))
+
+
+def test_min_savings_applies_to_the_hosted_decision(backend: str, scheduler: HostedScheduler) -> None:
+    scheduler.ideal_lbs, scheduler.naive_lbs = 760.0, 800.0  # 5 % better later
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", min_savings=0.1)
+    assert (plan.reason, plan.delay) == ("below-threshold", timedelta(0))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The fault matrix: every one runs the work at once, logs one line with the cause, and stays within the timeout
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _nan_body() -> str:
+    return json.dumps(answer(utc(BASE + timedelta(hours=1)), ideal=float("nan")))  # json writes a bare NaN
+
+
+def _huge(total: int) -> Iterator[bytes]:
+    piece = b" " * (1024 * 1024)
+    for _ in range(total // len(piece)):
+        yield piece
+
+
+FAULTS: dict[str, tuple[Reply, str]] = {
+    "redirect-301": (Reply(301, "", {"Location": "https://scheduler.example.com/v0/schedule/"}), r"redirect.*301"),
+    "redirect-307": (Reply(307, "", {"Location": "/v0/schedule"}), r"redirect.*307"),
+    "http-404": (Reply(404, {"detail": "Not Found"}), r"HTTP 404"),
+    "http-422": (fastapi_422(["body", "windows", 0], "Value error, start time must not be in the past"), r"HTTP 422"),
+    "http-429": (Reply(429, {"detail": "Too Many Requests"}, {"Retry-After": "120"}), r"429"),
+    "http-500": (Reply(500, "Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"}), r"HTTP 500"),
+    "truncated-json": (Reply(200, json.dumps(GOOD)[:70]), r"not JSON"),
+    "connection-cut-mid-body": (Reply(200, GOOD, truncate=True), r"(?i)incomplete|connection|broken"),
+    "html-instead-of-json": (
+        Reply(200, "<html><body>Bad gateway</body></html>", {"Content-Type": "text/html"}),
+        r"not JSON",
+    ),
+    "json-list": (Reply(200, []), r"unexpected answer"),
+    "json-without-ideal": (Reply(200, {"options": [], "carbon_savings": {}}), r"ideal"),
+    "ideal-not-an-object": (Reply(200, {"ideal": "2025-06-01T13:00:00Z"}), r"ideal"),
+    "ideal-time-a-number": (Reply(200, {"ideal": {"time": 1748782800, "co2_intensity": 500}}), r"time"),
+    "ideal-time-not-a-date": (Reply(200, answer("tomorrow morning")), r"not a date"),
+    "ideal-time-far-in-the-past": (Reply(200, answer(utc(BASE - timedelta(hours=3)))), r"outside the window"),
+    "ideal-time-beyond-the-window": (
+        Reply(200, answer(utc(BASE + WINDOW + timedelta(hours=1)))),
+        r"outside the window",
+    ),
+    "nan-intensity": (Reply(200, _nan_body()), r"not a valid intensity"),
+    "negative-intensity": (Reply(200, answer(utc(BASE + timedelta(hours=1)), ideal=-12.0)), r"not a valid intensity"),
+    "string-intensity": (Reply(200, answer(utc(BASE + timedelta(hours=1)), ideal="612")), r"not a valid intensity"),
+    "negative-naive-intensity": (
+        Reply(200, answer(utc(BASE + timedelta(hours=1)), naive=-1.0)),
+        r"not a valid intensity",
+    ),
+    "status-line-too-late": (Reply(200, GOOD, delay=1.5), r"timeout"),
+    "slow-body-trickled-past-the-timeout": (Reply(200, GOOD, chunks=40, pause=0.05), r"timeout"),
+    "body-50MB-declared": (Reply(200, stream=lambda: _huge(50 * 2**20), length=50 * 2**20), r"larger than"),
+    "body-50MB-chunked": (Reply(200, stream=lambda: _huge(50 * 2**20)), r"larger than"),
+}
+
+
+def _assert_failed_open(plan: core.Plan, caplog: pytest.LogCaptureFixture, cause: str, elapsed: float) -> None:
+    assert plan.reason == "source-failed", plan
+    assert (plan.delay, plan.start) == (timedelta(0), BASE)
+    assert plan.expected is None and plan.savings is None
+    assert re.search(cause, plan.detail), plan.detail
+    [line] = carbonaware_logs(caplog)  # one line, with the cause
+    assert line.levelno == logging.WARNING
+    assert re.search(cause, line.getMessage()), line.getMessage()
+    assert elapsed <= TIMEOUT + SLACK, f"took {elapsed:.2f}s with a {TIMEOUT}s timeout"
+
+
+@pytest.mark.parametrize("fault", list(FAULTS))
+def test_fault_runs_now(
+    fault: str, backend: str, server: LoopbackServer, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    reply, cause = FAULTS[fault]
+    server.route("POST", "/v0/schedule/", reply)
+    clock.on_sleep = lambda seconds: pytest.fail(f"waited {seconds}s after a failure")
+    caplog.set_level(logging.INFO)
+    began = time.monotonic()
+    plan = carbonaware_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    _assert_failed_open(plan, caplog, cause, time.monotonic() - began)
+    assert len(server.requests_to("/v0/schedule/")) == 1  # one request: no redirect followed, no retry storm
+    assert server.requests_to("/v0/schedule") == []
+
+
+def test_refused(backend: str, clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)  # the conftest points the scheduler at a port nothing listens on
+    began = time.monotonic()
+    plan = carbonaware_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    _assert_failed_open(plan, caplog, r"refused", time.monotonic() - began)
+
+
+def test_black_holed(
+    backend: str, clock: FakeClock, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.INFO)
+    with black_hole() as host:
+        monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", f"http://{host}")
+        began = time.monotonic()
+        plan = carbonaware_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+        elapsed = time.monotonic() - began
+    _assert_failed_open(plan, caplog, r"timeout", elapsed)
+    assert elapsed >= TIMEOUT * 0.8  # it did wait for an answer, up to the budget
+
+
+def test_default_source_fails_open_too(
+    backend: str, server: LoopbackServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(tmp_path / "no-offline-model.json"))
+    server.route("POST", "/v0/schedule/", Reply(500, "Internal Server Error", {"Content-Type": "text/plain"}))
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", timeout=TIMEOUT)
+    assert (plan.reason, plan.delay) == ("source-failed", timedelta(0))
+    assert "HTTP 500" in plan.detail
+
+
+def test_huge_body_is_refused_without_reading_it(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    sent = {"pieces": 0}
+
+    def counted() -> Iterator[bytes]:
+        for piece in _huge(50 * 2**20):
+            sent["pieces"] += 1
+            yield piece
+
+    server.route("POST", "/v0/schedule/", Reply(200, stream=counted))  # chunked: no size declared up front
+    tracemalloc.start()
+    try:
+        began = time.monotonic()
+        plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=5.0)
+        elapsed = time.monotonic() - began
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert (plan.reason, plan.delay) == ("source-failed", timedelta(0))
+    assert "larger than" in plan.detail
+    assert elapsed < 2.0
+    assert peak < 16 * 2**20, f"peak {peak / 2**20:.1f} MB while refusing a 50 MB body"
+    assert sent["pieces"] < 50  # the server could not deliver it all: the client stopped reading
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Caching: failures briefly, Retry-After as asked, successes for their TTL, one request for many callers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def test_429_is_remembered_for_retry_after(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    server.route("POST", "/v0/schedule/", Reply(429, {"detail": "Too Many Requests"}, {"Retry-After": "120"}))
+    first = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    server.route("POST", "/v0/schedule/", Reply(200, GOOD))  # the server would answer now, but we were told to wait
+    second = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    clock.advance(100)
+    # a rate limit is the server's, not one zone's: other questions wait too
+    other = plan_delay(WINDOW, DURATION, "aws", "eu-west-1", source="carbonaware", timeout=TIMEOUT)
+    assert len(server.requests_to("/v0/schedule/")) == 1
+    assert first.reason == second.reason == other.reason == "source-failed"
+    assert "rate-limited" in second.detail and "120s" in second.detail  # the remembered cause, not a new one
+    clock.advance(21)  # once Retry-After has passed, it is asked again
+    server.route("POST", "/v0/schedule/", Reply(200, answer(utc(BASE + timedelta(hours=2)))))
+    again = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    assert len(server.requests_to("/v0/schedule/")) == 2
+    assert again.reason == "optimal"
+
+
+def test_retry_after_is_honoured_only_within_reason(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    server.route("POST", "/v0/schedule/", Reply(429, {"detail": "Too Many Requests"}, {"Retry-After": "86400"}))
+    plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    clock.advance(core.MAX_RETRY_AFTER_SECONDS - 10)
+    plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    assert len(server.requests_to("/v0/schedule/")) == 1
+    clock.advance(20)  # a day-long Retry-After must not switch the library off for a day
+    plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    assert len(server.requests_to("/v0/schedule/")) == 2
+
+
+def test_retry_after_as_http_date(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    from email.utils import format_datetime
+
+    when = format_datetime(clock.now() + timedelta(seconds=90), usegmt=True)
+    server.route("POST", "/v0/schedule/", Reply(429, {"detail": "Too Many Requests"}, {"Retry-After": when}))
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware", timeout=TIMEOUT)
+    assert "retry after 90s" in plan.detail
+
+
+def test_failure_is_remembered_only_briefly(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    server.route("POST", "/v0/schedule/", Reply(500, "Internal Server Error", {"Content-Type": "text/plain"}))
+    assert plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware").reason == "source-failed"
+    server.route("POST", "/v0/schedule/", Reply(200, answer(utc(BASE + timedelta(hours=1, seconds=30)))))
+    clock.advance(core.FAILURE_TTL_SECONDS / 2)
+    assert plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware").reason == "source-failed"
+    assert len(server.requests_to("/v0/schedule/")) == 1  # a blip is not asked again at once...
+    clock.advance(core.FAILURE_TTL_SECONDS)
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    assert len(server.requests_to("/v0/schedule/")) == 2  # ...but it does not disable the library for long
+    assert plan.reason == "optimal"
+
+
+def test_success_is_cached(backend: str, scheduler: HostedScheduler) -> None:
+    plans = [plan_delay(WINDOW, DURATION, "aws", "us-west-1") for _ in range(25)]
+    assert len(scheduler.calls) == 1
+    assert {p.start for p in plans} == {BASE + timedelta(hours=1)}
+    # a different duration or window is a different question
+    plan_delay(WINDOW, timedelta(hours=1), "aws", "us-west-1")
+    plan_delay(timedelta(hours=3), DURATION, "aws", "us-west-1")
+    assert len(scheduler.calls) == 3
+
+
+def test_success_cache_expires(backend: str, scheduler: HostedScheduler, clock: FakeClock) -> None:
+    plan_delay(WINDOW, DURATION, "aws", "us-west-1")
+    clock.advance(3600)  # an hour later the old decision is stale: ask again
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1")
+    assert len(scheduler.calls) == 2
+    assert plan.start == BASE + timedelta(hours=2)
+
+
+def test_explicit_now_far_apart_is_not_answered_from_the_cache(backend: str, scheduler: HostedScheduler) -> None:
+    """``now=`` plans as if it were that time: a decision made for another time must not be reused."""
+    later = BASE + timedelta(hours=3)
+    first = plan_delay(WINDOW, DURATION, "aws", "us-west-1", now=BASE)
+    second = plan_delay(WINDOW, DURATION, "aws", "us-west-1", now=later)
+    assert first.start == BASE + timedelta(hours=1)
+    assert second.start == later + timedelta(hours=1)
+    assert second.reason == "optimal"
+
+
+def test_thousand_threads_make_one_request(backend: str, server: LoopbackServer) -> None:
+    scheduler = HostedScheduler(server, latency=0.3)  # real clock; the answer takes a while to come
+    count = 1000
+    barrier = threading.Barrier(count)
+    plans: list[core.Plan] = []
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        try:
+            barrier.wait()
+            result = plan_delay(WINDOW, DURATION, "azure", "westeurope", source="carbonaware", timeout=5.0)
+            with lock:
+                plans.append(result)
+        except BaseException as exc:
+            with lock:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=call) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not errors
+    assert len(plans) == count
+    assert len(scheduler.calls) == 1
+    assert {p.reason for p in plans} == {"optimal"}
+    assert len({p.start for p in plans}) == 1
+
+
+def test_thousand_threads_share_one_failure(backend: str, server: LoopbackServer) -> None:
+    server.route("POST", "/v0/schedule/", Reply(503, "Service Unavailable", {"Content-Type": "text/plain"}, delay=0.2))
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def call() -> None:
+        plan = plan_delay(WINDOW, DURATION, "azure", "westeurope", source="carbonaware", timeout=5.0)
+        with lock:
+            results.append(plan.reason)
+
+    threads = [threading.Thread(target=call) for _ in range(1000)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == ["source-failed"] * 1000
+    assert len(server.requests_to("/v0/schedule/")) == 1
