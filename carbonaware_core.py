@@ -140,6 +140,7 @@ class Forecast:
     points: tuple[ForecastPoint, ...]
     unit: str = G_PER_KWH
     grid_zone: str | None = None
+    attribution: str | None = None  # credit the data's licence asks for wherever a plan is shown
 
 
 @dataclass(frozen=True)
@@ -1701,6 +1702,8 @@ register_source(Source("gsf", _fetch_gsf, cache_key=_gsf_question, ttl=600.0, ne
 # ---- offline: typical intensity by month and hour, built from Electricity Maps' 2021-2023 data -------------------
 
 OFFLINE_DATA_FILE = "carbonaware_offline.json"
+OFFLINE_KINDS = ("month-hour-utc", "month-weekpart-hour-utc")
+OFFLINE_ATTRIBUTION = "typical-day profile from Electricity Maps data (ODbL)"
 _OFFLINE: dict[str, Any] = {}
 _OFFLINE_LOCK = threading.Lock()
 
@@ -1763,8 +1766,11 @@ def _fetch_offline(query: Query) -> Forecast:
     if profile is None:
         covered = "no offline model installed" if not model else f"the offline model does not cover {zone}"
         raise SourceError(covered)
-    kind = str(model.get("kind", "month-hour-utc"))
-    return Forecast(profile_series(profile, kind, query.now, query.horizon_end), unit=G_PER_KWH, grid_zone=zone)
+    kind = model.get("kind")
+    if model.get("format", 1) != 1 or kind not in OFFLINE_KINDS:
+        raise SourceError(f"unsupported offline model (format {model.get('format')!r}, kind {kind!r})")
+    series = profile_series(profile, kind, query.now, query.horizon_end)
+    return Forecast(series, unit=G_PER_KWH, grid_zone=zone, attribution=OFFLINE_ATTRIBUTION)
 
 
 register_source(Source("offline", _fetch_offline, cache_key=None))
@@ -2044,6 +2050,7 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
         result.grid_zone,
         points,
         shortened=choice.length < query.duration.total_seconds() - 1e-6,
+        attribution=result.attribution,
     )
 
 
@@ -2059,6 +2066,7 @@ def _decide(
     points: tuple[ForecastPoint, ...],
     shortened: bool = False,
     stated: float | None = None,
+    attribution: str | None = None,
 ) -> Plan:
     savings = _savings(now_value, expected)
     if savings is None:
@@ -2079,6 +2087,8 @@ def _decide(
         reason, detail = "optimal", f"best start in the next {_human(query.window)}"
     if shortened:
         detail += "; the forecast ends before the job would, so only its covered part was compared"
+    if attribution:
+        detail += f"; {attribution}"
     return Plan(
         start=start,
         delay=start - query.now,
@@ -2262,6 +2272,8 @@ def render_chart(plan: Plan, rows: int = 24, width: int = 40) -> str:
         length = 1 + round((width - 1) * (mean - low) / (high - low)) if high > low else width // 2
         mark = " <- start" if begin <= plan.start < end else (" |" if plan.start < end and begin < job_end else "")
         lines.append(f"{begin.astimezone(timezone.utc):%a %H:%M} {mean:6.0f} {bar * length}{mark}")
+    if plan.source == "offline":
+        lines.append(OFFLINE_ATTRIBUTION)
     return "\n".join(lines)
 
 
@@ -2323,7 +2335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = None if zone is None else {"provider": zone.provider, "region": zone.region}
         print(json.dumps(found) if args.json else (str(zone) if zone else "no cloud zone detected"))
         return 0 if zone else 1
-    if not args.quiet:
+    if not args.quiet and args.command != "plan":  # plan prints its decision on stdout instead
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

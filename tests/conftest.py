@@ -12,7 +12,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import carbonaware_core
-from tests.loopback import refused_host
+from tests.loopback import LoopbackServer, refused_host, serving
 
 ISOLATED_PREFIXES = ("CARBONAWARE_", "AWS_", "ECS_", "GCE_", "ELECTRICITYMAPS_", "WATTTIME_", "UKGRID_")
 ISOLATED_NAMES = (
@@ -62,3 +62,18 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     carbonaware_core.clear_cache()
     yield
     carbonaware_core.clear_cache()
+
+
+@pytest.fixture(scope="module")
+def shared_server() -> Iterator[LoopbackServer]:
+    """One loopback server per test module: starting and stopping one per test costs more than the tests."""
+    with serving() as server:
+        yield server
+
+
+@pytest.fixture
+def server(shared_server: LoopbackServer) -> LoopbackServer:
+    """The module's server with no routes and no recorded requests."""
+    from tests.fake_providers import reset_server
+
+    return reset_server(shared_server)

@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import threading
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -30,29 +29,17 @@ from tests.fake_providers import (
     oracle,
     path_of,
     query_params,
-    reset_server,
     series,
     slots,
     valley,
 )
-from tests.loopback import FakeClock, HostedScheduler, LoopbackServer, Reply, serving
+from tests.loopback import FakeClock, HostedScheduler, LoopbackServer, Reply
 
 UTC = timezone.utc
 WINDOW = timedelta(hours=6)
 DURATION = timedelta(minutes=30)
 EM_CASE = CASES[0]
 by_case = pytest.mark.parametrize("case", CASES, ids=str)
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[LoopbackServer]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def server(shared_server: LoopbackServer) -> LoopbackServer:
-    return reset_server(shared_server)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -22,10 +21,9 @@ from tests.fake_providers import (
     oracle,
     path_of,
     query_params,
-    reset_server,
     slots,
 )
-from tests.loopback import FakeClock, LoopbackServer, Reply, serving
+from tests.loopback import FakeClock, LoopbackServer, Reply
 
 UTC = timezone.utc
 NOW = datetime(2025, 6, 1, 12, 20, tzinfo=UTC)
@@ -34,17 +32,6 @@ WINDOW = timedelta(hours=6)
 DURATION = timedelta(minutes=30)
 # 12:00 .. 11:00 next day; the lowest hour inside the window is 15:00
 VALUES = [300, 280, 260, 100, 120, 400, 500, 90, *range(310, 326)]
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[LoopbackServer]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def server(shared_server: LoopbackServer) -> LoopbackServer:
-    return reset_server(shared_server)
 
 
 @pytest.fixture(autouse=True)

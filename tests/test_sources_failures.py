@@ -9,7 +9,7 @@ import email.utils
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -27,12 +27,11 @@ from tests.fake_providers import (
     fake_clock,
     library_lines,
     oracle,
-    reset_server,
     series,
     slots,
     valley,
 )
-from tests.loopback import FakeClock, LoopbackServer, Reply, black_hole, serving
+from tests.loopback import FakeClock, LoopbackServer, Reply, black_hole
 
 UTC = timezone.utc
 WINDOW = timedelta(hours=6)
@@ -40,17 +39,6 @@ DURATION = timedelta(minutes=30)
 
 
 by_case = pytest.mark.parametrize("case", CASES, ids=str)
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[LoopbackServer]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def server(shared_server: LoopbackServer) -> LoopbackServer:
-    return reset_server(shared_server)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -18,10 +17,9 @@ from tests.fake_providers import (
     oracle,
     path_of,
     query_params,
-    reset_server,
     slots,
 )
-from tests.loopback import FakeClock, LoopbackServer, Reply, serving
+from tests.loopback import FakeClock, LoopbackServer, Reply
 
 UTC = timezone.utc
 NOW = datetime(2025, 6, 1, 12, 20, tzinfo=UTC)
@@ -31,17 +29,6 @@ DURATION = timedelta(minutes=30)
 # every five minutes from 12:20 for 8 hours; a valley 16:10-16:40 (indices 46..51)
 VALUES = [448.45 if 46 <= i < 52 else 532.02 + (i % 5) * 3.5 for i in range(96)]
 ZONE = {"provider": "azure", "region": "eastus"}
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[LoopbackServer]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def server(shared_server: LoopbackServer) -> LoopbackServer:
-    return reset_server(shared_server)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -19,10 +19,9 @@ from tests.fake_providers import (
     install,
     library_lines,
     oracle,
-    reset_server,
     series,
 )
-from tests.loopback import FakeClock, LoopbackServer, Reply, serving
+from tests.loopback import FakeClock, LoopbackServer, Reply
 
 UTC = timezone.utc
 WINDOW = timedelta(hours=6)
@@ -42,17 +41,6 @@ def low_at(*hours: int) -> Callable[[datetime], float]:
 
 def hourly(value: Callable[[datetime], float]) -> list[Point]:
     return series(HOUR, HOUR0, HOUR0 + timedelta(hours=24), value)
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[LoopbackServer]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def server(shared_server: LoopbackServer) -> LoopbackServer:
-    return reset_server(shared_server)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -21,10 +20,9 @@ from tests.fake_providers import (
     oracle,
     path_of,
     query_params,
-    reset_server,
     slots,
 )
-from tests.loopback import FakeClock, LoopbackServer, Reply, serving
+from tests.loopback import FakeClock, LoopbackServer, Reply
 
 UTC = timezone.utc
 NOW = datetime(2025, 6, 1, 12, 20, tzinfo=UTC)
@@ -35,17 +33,6 @@ DURATION = timedelta(minutes=45)
 # 96 half hours from 12:00; the cheapest hour inside the window starts at 15:00
 VALUES = [250 - (i % 4) * 5 if i not in (6, 7) else 60 + 20 * (i - 6) for i in range(96)]
 GB_ZONE = {"provider": "gcp", "region": "europe-west2"}
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[LoopbackServer]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def server(shared_server: LoopbackServer) -> LoopbackServer:
-    return reset_server(shared_server)
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -23,10 +22,9 @@ from tests.fake_providers import (
     oracle,
     path_of,
     query_params,
-    reset_server,
     slots,
 )
-from tests.loopback import FakeClock, LoopbackServer, Reply, serving
+from tests.loopback import FakeClock, LoopbackServer, Reply
 
 UTC = timezone.utc
 NOW = datetime(2025, 6, 1, 12, 20, tzinfo=UTC)
@@ -38,17 +36,6 @@ FIVE = timedelta(minutes=5)
 def moer_values(count: int = 288) -> list[float]:
     """lbs/MWh every five minutes from NOW; a valley from 15:00 to 15:30 (indices 32..37)."""
     return [400.5 if 32 <= i < 38 else 900.25 + 10 * (i % 7) for i in range(count)]
-
-
-@pytest.fixture(scope="module")
-def shared_server() -> Iterator[LoopbackServer]:
-    with serving() as server:
-        yield server
-
-
-@pytest.fixture
-def server(shared_server: LoopbackServer) -> LoopbackServer:
-    return reset_server(shared_server)
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,354 @@
+"""The offline model: its builder, the shipped data file, and planning with it through the public API."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+import re
+import sys
+from collections.abc import Callable
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import carbonaware_core as core
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import build_offline_model as bom  # noqa: E402 - scripts/ is not a package
+
+SHIPPED = ROOT / "carbonaware_offline.json"
+SHARED_DATA = bom.DEFAULT_DATA
+# the 19 zones of ../shared/data/README.md
+DATA_ZONES = {
+    *("AU-NSW", "AU-VIC", "BR", "BR-CS", "CA-ON", "CL-SEN", "DE", "ES", "GB", "IN-WE", "JP-TK", "KR", "NO", "SG"),
+    *("US-CAL-CISO", "US-MIDA-PJM", "US-NY-NYIS", "US-TEX-ERCO", "ZA"),
+}
+HEADER = (
+    "Datetime (UTC),Country,Zone Name,Zone Id,Carbon Intensity gCO₂eq/kWh (direct),"
+    "Carbon Intensity gCO₂eq/kWh (LCA),Low Carbon Percentage,Renewable Percentage,Data Source,Data Estimated,"
+    "Data Estimation Method"
+)
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "electricitymaps_hourly").is_dir(), reason="../shared/data is not present"
+)
+
+
+def hours_of(year: int) -> list[datetime]:
+    start = datetime(year, 1, 1, tzinfo=timezone.utc)
+    count = (datetime(year + 1, 1, 1, tzinfo=timezone.utc) - start) // timedelta(hours=1)
+    return [start + timedelta(hours=k) for k in range(count)]
+
+
+def write_zone_year(data_dir: Path, zone: str, year: int, value: Callable[[datetime], float]) -> None:
+    """A file laid out like Electricity Maps' download: the LCA column is the sixth, the direct one differs."""
+    path = bom.zone_file(data_dir, zone, year)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [HEADER]
+    for moment in hours_of(year):
+        v = value(moment)
+        lines.append(f"{moment:%Y-%m-%d %H:%M:%S},X,X,{zone},{v * 0.7:.2f},{v:.2f},50,40,test,false,")
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as handle:
+        handle.write("\n".join(lines) + "\n")
+
+
+def flat(profile: Any) -> list[Any]:
+    return [x for item in profile for x in flat(item)] if isinstance(profile, list) else [profile]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The builder
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def synthetic_data(tmp_path: Path) -> Path:
+    for zone, level in (("ZZ-B", 400.0), ("ZZ-A", 100.0)):
+        for year in (2021, 2022):
+            write_zone_year(tmp_path, zone, year, lambda m, lv=level: lv + 10 * m.hour + m.month + (m.year - 2021))
+    return tmp_path
+
+
+def test_two_builds_are_byte_identical(synthetic_data: Path, tmp_path: Path) -> None:
+    first, second = tmp_path / "one.json", tmp_path / "two.json"
+    assert bom.main(["--data", str(synthetic_data), "--years", "2021", "2022", "--out", str(first)]) == 0
+    reordered = ["--years", "2022", "2021", "--zones", "ZZ-B", "ZZ-A"]
+    assert bom.main(["--data", str(synthetic_data), *reordered, "--out", str(second)]) == 0
+    assert first.read_bytes() == second.read_bytes()
+    document = json.loads(first.read_text())
+    assert list(document["zones"]) == ["ZZ-A", "ZZ-B"]
+    assert document["training_years"] == [2021, 2022]
+    assert b" " not in first.read_bytes().split(b'"zones"')[1]  # compact separators
+
+
+def test_the_lca_column_is_read_not_the_direct_one(synthetic_data: Path) -> None:
+    rows = bom.load_zone_year(synthetic_data, "ZZ-A", 2021)
+    assert len(rows) == 8760
+    assert rows[0] == (datetime(2021, 1, 1, tzinfo=timezone.utc), 101.0)
+    assert rows[-1] == (datetime(2021, 12, 31, 23, tzinfo=timezone.utc), 100.0 + 230 + 12)
+
+
+def test_a_bad_value_or_a_missing_cell_fails_loudly() -> None:
+    with pytest.raises(ValueError, match=re.escape(":3: intensity -1.0")):
+        bom.parse_rows(HEADER + "\n2023-01-01 00:00:00,X,X,Z,1,2,,,,,\n2023-01-01 01:00:00,X,X,Z,1,-1,,,,,\n")
+    with pytest.raises(ValueError, match="one column containing 'LCA'"):
+        bom.parse_rows("Datetime (UTC),value\n2023-01-01 00:00:00,1\n")
+    january_only = [(m, 1.0) for m in hours_of(2023) if m.month == 1]
+    with pytest.raises(ValueError, match=r"cell \(1, 0\) of month-hour-utc has no data"):
+        bom.build_profile(january_only, "month-hour-utc")
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    shape=st.lists(st.floats(0, 800, allow_nan=False), min_size=24, max_size=24),
+    months=st.lists(st.floats(0, 400, allow_nan=False), min_size=12, max_size=12),
+    weekend=st.floats(-100, 0, allow_nan=False),
+)
+def test_a_known_daily_shape_is_recovered(shape: list[float], months: list[float], weekend: float) -> None:
+    """value = month level + hour shape (+ a weekend change): every cell mean is exactly that sum."""
+
+    def value(m: datetime) -> float:
+        return months[m.month - 1] + shape[m.hour] + (weekend if m.weekday() >= 5 else 0.0) + 100
+
+    rows = [(m, value(m)) for m in hours_of(2023)]
+    split = bom.build_profile(rows, "month-weekpart-hour-utc")
+    for month in range(12):
+        for hour in range(24):
+            base = months[month] + shape[hour] + 100
+            assert split[month][0][hour] == pytest.approx(base, abs=0.05 + 1e-9)
+            assert split[month][1][hour] == pytest.approx(base + weekend, abs=0.05 + 1e-9)
+    weekdays_only = [(m, v) for m, v in rows if m.weekday() < 5]
+    plain = bom.build_profile(weekdays_only, "month-hour-utc", digits=3)
+    smooth = bom.build_profile(weekdays_only, "month-hour-utc", digits=3, smoothing=0.25)
+    for month in range(12):
+        for hour in range(24):
+            assert plain[month][hour] == pytest.approx(months[month] + shape[hour] + 100, abs=5e-4 + 1e-9)
+            neighbours = months[month - 1] + months[(month + 1) % 12]
+            blended = 0.5 * months[month] + 0.25 * neighbours + shape[hour] + 100
+            assert smooth[month][hour] == pytest.approx(blended, abs=5e-4 + 1e-9)
+
+
+def test_recency_weights_double_per_year() -> None:
+    assert bom.recency_weights([2023, 2021, 2022]) == {2021: 1.0, 2022: 2.0, 2023: 4.0}
+    rows = [(m, 100.0) for m in hours_of(2021)] + [(m, 400.0) for m in hours_of(2022)]
+    profile = bom.build_profile(rows, "month-hour-utc", year_weights=bom.recency_weights([2021, 2022]))
+    assert set(flat(profile)) == {300.0}  # (100 * 1 + 400 * 2) / 3
+    assert set(flat(bom.build_profile(rows, "month-hour-utc", digits=0))) == {250}
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The lookup: the builder's cells and the core's profile_value agree, at every edge
+# --------------------------------------------------------------------------------------------------------------
+
+
+def coded_profile(kind: str) -> list[Any]:
+    """Every cell holds a code for its position: month * 1000 + weekend * 100 + hour."""
+    if kind == "month-hour-utc":
+        return [[m * 1000 + h for h in range(24)] for m in range(12)]
+    return [[[m * 1000 + part * 100 + h for h in range(24)] for part in (0, 1)] for m in range(12)]
+
+
+EDGES = [
+    # (moment, month index, weekend, hour)
+    (datetime(2023, 1, 31, 23, 59, 59, tzinfo=timezone.utc), 0, 0, 23),  # Tuesday, last second of January
+    (datetime(2023, 2, 1, 0, 0, tzinfo=timezone.utc), 1, 0, 0),
+    (datetime(2023, 3, 3, 23, 59, tzinfo=timezone.utc), 2, 0, 23),  # Friday night
+    (datetime(2023, 3, 4, 0, 0, tzinfo=timezone.utc), 2, 1, 0),  # Saturday starts
+    (datetime(2023, 3, 5, 23, 59, tzinfo=timezone.utc), 2, 1, 23),  # Sunday ends
+    (datetime(2023, 3, 6, 0, 0, tzinfo=timezone.utc), 2, 0, 0),  # Monday
+    (datetime(2023, 12, 31, 23, 30, tzinfo=timezone.utc), 11, 1, 23),  # Sunday, last hour of the year
+    (datetime(2024, 2, 29, 12, 0, tzinfo=timezone.utc), 1, 0, 12),  # leap day
+    # Aware non-UTC moments are looked up in UTC: Monday 01:30 in UTC+2 is Sunday 23:30 UTC, still December
+    (datetime(2024, 1, 1, 1, 30, tzinfo=timezone(timedelta(hours=2))), 11, 1, 23),
+    # ... and Friday 20:00 in UTC-5 is Saturday 01:00 UTC, in the next month
+    (datetime(2023, 3, 31, 20, 0, tzinfo=timezone(timedelta(hours=-5))), 3, 1, 1),
+]
+
+
+@pytest.mark.parametrize(("moment", "month", "weekend", "hour"), EDGES)
+def test_profile_value_edges(moment: datetime, month: int, weekend: int, hour: int) -> None:
+    assert core.profile_value(coded_profile("month-hour-utc"), "month-hour-utc", moment) == month * 1000 + hour
+    split = core.profile_value(coded_profile("month-weekpart-hour-utc"), "month-weekpart-hour-utc", moment)
+    assert split == month * 1000 + weekend * 100 + hour
+    assert bom.cell_of("month-weekpart-hour-utc", moment) == (month, weekend, hour)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    moment=st.datetimes(datetime(2000, 1, 1), datetime(2100, 1, 1)),
+    offset=st.integers(-14 * 60, 14 * 60),
+    kind=st.sampled_from(bom.KINDS),
+)
+def test_the_builder_files_each_hour_where_the_core_looks_it_up(moment: datetime, offset: int, kind: str) -> None:
+    aware = moment.replace(tzinfo=timezone(timedelta(minutes=offset)))
+    profile = coded_profile(kind)
+    cell: Any = profile
+    for index in bom.cell_of(kind, aware):
+        cell = cell[index]
+    assert core.profile_value(profile, kind, aware) == cell
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The shipped file
+# --------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(SHIPPED.read_text(encoding="utf-8"))
+    return document
+
+
+def test_the_shipped_file_covers_every_zone_with_sane_values(shipped: dict[str, Any]) -> None:
+    assert shipped["format"] == 1
+    assert shipped["unit"] == "gCO2eq/kWh"
+    assert shipped["kind"] in bom.KINDS
+    assert set(shipped["zones"]) == DATA_ZONES
+    for zone, profile in shipped["zones"].items():
+        assert len(profile) == 12, zone
+        for month in profile:
+            days = month if shipped["kind"] == "month-weekpart-hour-utc" else [month]
+            assert len(days) == (2 if shipped["kind"] == "month-weekpart-hour-utc" else 1), zone
+            for day in days:
+                assert len(day) == 24, zone
+                for value in day:
+                    assert isinstance(value, (int, float)) and not isinstance(value, bool), zone
+                    assert math.isfinite(value) and 0 <= value < 2000, (zone, value)
+        assert max(flat(profile)) > min(flat(profile)), f"{zone} has no daily or seasonal shape"
+
+
+def test_the_shipped_file_carries_its_odbl_notice(shipped: dict[str, Any]) -> None:
+    assert shipped["license"] == "ODbL-1.0"
+    assert shipped["license_url"] == "https://opendatacommons.org/licenses/odbl/1-0/"
+    assert "Electricity Maps" in shipped["attribution"] and "Open Database License" in shipped["attribution"]
+    assert shipped["training_years"] == [2021, 2022, 2023]
+    assert SHIPPED.stat().st_size < 100_000
+    notice = (ROOT / "DATA-LICENSE.md").read_text(encoding="utf-8")
+    for needle in (
+        "carbonaware_offline.json",
+        "Electricity Maps",
+        bom.LICENSE_URL,
+        "Apache License 2.0",
+        "Share-alike",
+    ):
+        assert needle in notice
+
+
+@needs_shared_data
+def test_the_shipped_file_is_what_the_builder_makes_from_the_shared_data() -> None:
+    assert set(bom.available_zones(SHARED_DATA)) == DATA_ZONES
+    rebuilt = bom.dump_model(bom.build_model(SHARED_DATA, sorted(DATA_ZONES), [2021, 2022, 2023]))
+    assert rebuilt == SHIPPED.read_text(encoding="ascii"), "run: python scripts/build_offline_model.py"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning with the offline source through the public API
+# --------------------------------------------------------------------------------------------------------------
+
+
+def brute_force_start(profile: Any, kind: str, now: datetime, window: timedelta, job: timedelta) -> datetime:
+    """Earliest start on a one-minute grid with the lowest mean, the profile read without ``profile_value``.
+
+    Exhaustive: the profile is a step series with steps at whole UTC hours, so the job mean is piecewise linear in
+    the start with kinks at whole hours and whole hours minus the job length; with ``now`` and the job length in
+    whole minutes, every kink and both ends of the range lie on the minute grid.
+    """
+
+    def at(moment: datetime) -> float:
+        cell: Any = profile[moment.month - 1]
+        if kind == "month-weekpart-hour-utc":
+            cell = cell[1 if moment.weekday() >= 5 else 0]
+        return float(cell[moment.hour])
+
+    minute = timedelta(minutes=1)
+    per_minute = [at(now + k * minute) for k in range((window + job) // minute)]
+    length = job // minute
+    means = [sum(per_minute[k : k + length]) / length for k in range(window // minute + 1)]
+    lowest = min(means)
+    first = next(k for k, m in enumerate(means) if m <= lowest + 1e-7 * lowest)
+    return now + first * minute
+
+
+NOWS = [
+    datetime(2024, 1, 15, 9, 0, tzinfo=timezone.utc),
+    datetime(2024, 6, 3, 4, 0, tzinfo=timezone.utc),
+    datetime(2024, 6, 3, 14, 20, tzinfo=timezone.utc),
+    datetime(2024, 10, 31, 21, 45, tzinfo=timezone.utc),  # the window crosses into November
+    datetime(2025, 3, 8, 23, 7, tzinfo=timezone(timedelta(hours=1))),
+]
+
+
+@pytest.mark.parametrize("now", NOWS)
+@pytest.mark.parametrize(
+    ("window", "job"), [(timedelta(hours=6), timedelta(hours=1)), (timedelta(hours=12), timedelta(minutes=90))]
+)
+def test_the_offline_source_plans_the_lowest_typical_hour(
+    shipped: dict[str, Any], now: datetime, window: timedelta, job: timedelta
+) -> None:
+    plan = core.plan_delay(window, job, provider="gcp", region="europe-west2", source="offline", now=now)
+    assert plan.source == "offline" and plan.grid_zone == "GB", plan.detail
+    expected = brute_force_start(shipped["zones"]["GB"], shipped["kind"], now.astimezone(timezone.utc), window, job)
+    assert plan.start == expected
+    assert plan.reason == ("already-best" if expected == now else "optimal")
+    assert plan.delay == expected - now
+
+
+def test_the_shipped_model_makes_london_wait_sometimes(shipped: dict[str, Any]) -> None:
+    """Guards the test above against a degenerate model under which every plan is 'start now'."""
+    six, one = timedelta(hours=6), timedelta(hours=1)
+    waits = [
+        core.plan_delay(six, one, provider="gcp", region="europe-west2", source="offline", now=now).waits
+        for now in NOWS
+    ]
+    assert any(waits) and not all(waits)
+
+
+def test_a_zone_the_model_does_not_cover_fails_with_its_name(shipped: dict[str, Any]) -> None:
+    assert core.REGION_ZONES[("gcp", "europe-west1")] == "BE" and "BE" not in shipped["zones"]
+    plan = core.plan_delay(
+        timedelta(hours=6), timedelta(hours=1), provider="gcp", region="europe-west1", source="offline", now=NOWS[0]
+    )
+    assert plan.reason == "source-failed"
+    assert plan.delay == timedelta(0)
+    assert "BE" in plan.detail
+
+
+def write_model(path: Path, kind: str, zones: dict[str, Any]) -> Path:
+    path.write_text(json.dumps({"format": 1, "kind": kind, "unit": "gCO2eq/kWh", "zones": zones}))
+    return path
+
+
+def test_a_weekpart_model_is_looked_up_by_weekday(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weekdays 300 at every hour, weekends 100: on Friday 20:00 UTC the plan waits for Saturday 00:00 UTC."""
+    month = [[300.0] * 24, [100.0] * 24]
+    monkeypatch.setenv(
+        "CARBONAWARE_OFFLINE_DATA",
+        str(write_model(tmp_path / "m.json", "month-weekpart-hour-utc", {"DE": [month] * 12})),
+    )
+    six, one = timedelta(hours=6), timedelta(hours=1)
+    friday = datetime(2024, 3, 8, 20, 0, tzinfo=timezone.utc)
+    plan = core.plan_delay(
+        six, one, provider="aws", region="eu-central-1", grid_zone="DE", source="offline", now=friday
+    )
+    assert plan.start == datetime(2024, 3, 9, 0, 0, tzinfo=timezone.utc)
+    assert plan.expected == pytest.approx(100.0) and plan.now == pytest.approx(300.0)
+    sunday = datetime(2024, 3, 10, 20, 0, tzinfo=timezone.utc)
+    plan = core.plan_delay(
+        six, one, provider="aws", region="eu-central-1", grid_zone="DE", source="offline", now=sunday
+    )
+    assert plan.reason == "already-best" and plan.start == sunday
+
+
+def test_without_a_model_the_offline_source_fails_open(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(tmp_path / "absent.json"))
+    plan = core.plan_delay(
+        timedelta(hours=6), timedelta(hours=1), provider="gcp", region="europe-west2", source="offline", now=NOWS[0]
+    )
+    assert plan.reason == "source-failed" and plan.delay == timedelta(0)
+    assert "no offline model" in plan.detail
