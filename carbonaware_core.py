@@ -43,6 +43,7 @@ __all__ = [
     "clear_cache",
     "detect_cloud_zone",
     "format_iso_duration",
+    "immediate_plan",
     "lowest_mean_start",
     "parse_duration",
     "plan_delay",
@@ -1780,7 +1781,7 @@ register_source(Source("offline", _fetch_offline, cache_key=None))
 # Planning: arguments, zone, source chain, decision
 # --------------------------------------------------------------------------------------------------------------
 
-_OPTIONS = frozenset(
+OPTIONS = frozenset(
     {"source", "min_savings", "now", "timeout", "logger", "grid_zone", "on_plan", "replan", "replan_every"}
 )
 REPLAN_AFTER = timedelta(hours=1)  # waits longer than this re-check the forecast by default
@@ -1810,9 +1811,9 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
             raise TypeError(f"{name} must be a datetime.timedelta, not {type(value).__name__}")
         if value <= timedelta(0):
             raise ValueError(f"{name} must be positive, got {value}")
-    unknown = set(options) - _OPTIONS
+    unknown = set(options) - OPTIONS
     if unknown:
-        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}")
+        raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTIONS))}")
     zone = _explicit_zone(provider, region)
     min_savings = options.get("min_savings", 0.0)
     if not isinstance(min_savings, (int, float)) or isinstance(min_savings, bool) or not 0 <= min_savings < 1:
@@ -1941,11 +1942,14 @@ def _plan(request: _Request) -> Plan:
     if _env_flag("CARBONAWARE_DISABLE"):
         return _run_now(request, now, None, "-", "disabled", "CARBONAWARE_DISABLE is set")
     try:
-        return _plan_with_sources(request, now)
+        plan = _plan_with_sources(request, now)
     except Exception as exc:  # noqa: BLE001 - last line of fail-open: a bug here must not break user work
-        return _run_now(
-            request, now, request.zone, "-", "source-failed", f"internal error: {type(exc).__name__}: {exc}"
-        )
+        detail = f"internal error: {type(exc).__name__}: {exc}"
+        plan = _run_now(request, now, request.zone, "-", "source-failed", detail)
+    if _env_flag("CARBONAWARE_DRY_RUN") and plan.reason in ("optimal", "already-best", "below-threshold"):
+        # the plan it would follow, which nobody waits for; failures keep their own reason
+        plan = replace(plan, reason="dry-run", detail=f"CARBONAWARE_DRY_RUN is set; {plan.detail}")
+    return plan
 
 
 def _plan_with_sources(request: _Request, now: datetime) -> Plan:
@@ -2108,20 +2112,36 @@ def _decide(
 
 
 def _run_now(request: _Request, now: datetime, zone: CloudZone | None, source: str, reason: str, detail: str) -> Plan:
+    plan = immediate_plan(reason, detail, window=request.window, duration=request.duration, now=now, zone=zone)
+    return replace(plan, source=source, grid_zone=request.grid_zone)
+
+
+def immediate_plan(
+    reason: str,
+    detail: str,
+    *,
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    now: datetime | None = None,
+    zone: CloudZone | None = None,
+) -> Plan:
+    """A plan to start at once, for callers that decide that without a forecast (a retry, no room to wait)."""
+    if reason not in REASONS:
+        raise ValueError(f"unknown reason {reason!r}; expected one of {', '.join(REASONS)}")
+    start = now or CLOCK.now()
     return Plan(
-        start=now,
+        start=start,
         delay=timedelta(0),
         zone=zone,
-        source=source,
+        source="-",
         expected=None,
         now=None,
         savings=None,
         unit=G_PER_KWH,
         reason=reason,
         detail=detail,
-        grid_zone=request.grid_zone,
-        duration=request.duration,
-        window=request.window,
+        duration=duration,
+        window=window,
     )
 
 
@@ -2158,8 +2178,6 @@ def _prepare(
     request = validate_arguments(window, duration, provider, region, options)
     called_at = CLOCK.time()
     plan = _plan(request)
-    if _env_flag("CARBONAWARE_DRY_RUN") and plan.reason != "disabled":
-        plan = replace(plan, reason="dry-run", detail=f"CARBONAWARE_DRY_RUN is set; {plan.detail}")
     _log_plan(plan, request.log)
     if request.on_plan is not None:
         try:

@@ -15,10 +15,19 @@ import logging
 import re
 import time
 from collections.abc import AsyncGenerator, Callable, Generator, Mapping
-from dataclasses import dataclass, replace
-from datetime import datetime, timedelta
+from dataclasses import dataclass
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
+
+from prefect import Flow, Task, task
+from prefect.artifacts import acreate_markdown_artifact, create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.context import FlowRunContext, TaskRunContext
+from prefect.deployments import arun_deployment, run_deployment
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+from prefect.states import Completed
 
 import carbonaware_core as core
 from carbonaware_core import (
@@ -30,19 +39,9 @@ from carbonaware_core import (
     carbonaware_delay_async,
     plan_delay,
 )
-from prefect import Flow, Task, task
-from prefect.artifacts import acreate_markdown_artifact, create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
-from prefect.deployments import arun_deployment, run_deployment
-from prefect.exceptions import MissingContextError
-from prefect.logging import get_run_logger
-from prefect.states import Completed
 
 if TYPE_CHECKING:
-    from prefect.client.schemas.objects import FlowRun
-    from prefect.client.schemas.objects import State as ClientState
-    from prefect.states import State
+    from prefect.client.schemas.objects import FlowRun, State
 
 __all__ = [
     "RESCHEDULED_TAG",
@@ -63,7 +62,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 RESCHEDULED_TAG = "carbonaware-rescheduled"  # a run carrying it was already moved once and never moves again
 PREFECT_OPTIONS = frozenset({"delay_on_retry", "artifact"})
-LIBRARY_OPTIONS = core._OPTIONS | PREFECT_OPTIONS  # recognised by name among task and run_deployment kwargs
+LIBRARY_OPTIONS = core.OPTIONS | PREFECT_OPTIONS  # recognised by name among task and run_deployment kwargs
 ARTIFACT_TIMEOUT_SECONDS = 30.0
 _ARTIFACT_KEY = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
@@ -106,9 +105,9 @@ def _settings(
     return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact)
 
 
-def _split_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+def _split_options(kwargs: dict[str, Any], names: frozenset[str] = LIBRARY_OPTIONS) -> dict[str, Any]:
     """Remove and return the library options among a function's keyword arguments."""
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in LIBRARY_OPTIONS}
+    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -132,13 +131,13 @@ def _current_run() -> _Run | None:
         state = task_ctx.task_run.state
         return _Run(task_ctx.task.name, task_ctx.task_run.run_count, task_ctx.task.timeout_seconds, _elapsed(state))
     flow_ctx = FlowRunContext.get()
-    if flow_ctx is not None and flow_ctx.flow_run is not None:
-        run = flow_ctx.flow_run
-        return _Run(flow_ctx.flow.name, run.run_count, flow_ctx.flow.timeout_seconds, _elapsed(run.state))
+    if flow_ctx is not None and flow_ctx.flow_run is not None and flow_ctx.flow is not None:
+        run, flow = flow_ctx.flow_run, flow_ctx.flow
+        return _Run(flow.name, run.run_count, flow.timeout_seconds, _elapsed(run.state))
     return None
 
 
-def _elapsed(state: ClientState | None) -> float:
+def _elapsed(state: State | None) -> float:
     if state is None or not state.is_running():
         return 0.0
     return max(0.0, time.time() - state.timestamp.timestamp())
@@ -158,22 +157,9 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
 
 
 def _run_now(settings: _Settings, window: timedelta, detail: str) -> Plan:
-    """A plan that does not wait, for the cases decided here without asking a source."""
-    now = core.CLOCK.now()
-    return Plan(
-        start=now,
-        delay=timedelta(0),
-        zone=None,
-        source="-",
-        expected=None,
-        now=None,
-        savings=None,
-        unit=core.G_PER_KWH,
-        reason="disabled",
-        detail=detail,
-        duration=settings.duration,
-        window=window,
-    )
+    """A plan that does not wait, for the cases decided here without asking a source (the wait is disabled for
+    this attempt)."""
+    return core.immediate_plan("disabled", detail, window=window, duration=settings.duration)
 
 
 def _prepare(settings: _Settings, loop: asyncio.AbstractEventLoop | None) -> Plan | tuple[timedelta, dict[str, Any]]:
@@ -231,7 +217,7 @@ async def _delay_async(settings: _Settings) -> Plan:
 def _failed(settings: _Settings, exc: Exception) -> Plan:
     detail = f"internal error: {type(exc).__name__}: {exc}"
     plan = _run_now(settings, settings.window, detail)
-    log.warning(core.describe(plan))
+    _run_logger().warning(core.describe(plan))
     return plan
 
 
@@ -265,12 +251,16 @@ def _publish(
     plan: Plan, key: str, loop: asyncio.AbstractEventLoop | None, logger: logging.Logger | logging.LoggerAdapter[Any]
 ) -> None:
     """Create the artifact; a failure costs one warning, never the user's work."""
-    markdown, description = render_markdown(plan), core.describe(plan)
+    markdown, description = _render_markdown(plan), core.describe(plan)
     try:
         if loop is not None and not _on_loop_thread(loop):
             # Async runs: planning runs in a worker thread, so the run's own loop is free to create it.
             coroutine = acreate_markdown_artifact(markdown=markdown, key=key, description=description)
-            asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout=ARTIFACT_TIMEOUT_SECONDS)
+            future = asyncio.run_coroutine_threadsafe(coroutine, loop)
+            try:
+                future.result(timeout=ARTIFACT_TIMEOUT_SECONDS)
+            finally:
+                future.cancel()  # no-op once done; a stuck API call must not outlive the warning
         else:
             # _sync: a sync caller inside an async flow must not get an un-awaited coroutine back.
             cast(Any, create_markdown_artifact)(markdown=markdown, key=key, description=description, _sync=True)
@@ -285,15 +275,16 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-def render_markdown(plan: Plan) -> str:
+def _render_markdown(plan: Plan) -> str:
     """The artifact: the decision, the numbers behind it and the forecast it came from."""
     data = plan.to_dict()
+    wait = core.format_iso_duration(timedelta(seconds=round(plan.delay.total_seconds())))
     where = str(plan.zone) if plan.zone else "-"
     if plan.grid_zone:
         where += f" (grid zone {plan.grid_zone})"
     rows = [
         ("Decision", f"{plan.reason}: {plan.detail}"),
-        ("Start", f"{data['start']} (after {data['delay_seconds']:g} s)"),
+        ("Start", f"{data['start']} (in {wait})"),
         ("Zone", where),
         ("Source", plan.source),
         ("Intensity if started now", _intensity(plan.now, plan.unit)),
@@ -325,8 +316,8 @@ def carbonaware_delay_decorator(
     """Delay each call of the decorated function until the lowest-carbon start within ``window``.
 
     Put it under ``@task`` (or ``@flow``), or use it on a plain function. Options: the core's (``source``,
-    ``min_savings``, ``grid_zone``, ``timeout``, ``logger``, ``on_plan``, ``now``), ``delay_on_retry`` (default
-    False: retries run at once) and ``artifact`` (default True; False for none, or a key). Argument errors raise here.
+    ``min_savings``, ``grid_zone``, ``timeout``, ``logger``, ``on_plan``, ...), ``delay_on_retry`` (default False:
+    retries run at once) and ``artifact`` (default True; False for none, or a key). Argument errors raise here.
     """
     settings = _settings(window, duration, provider, region, options)
 
@@ -386,7 +377,7 @@ def _async_generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Cal
             while True:
                 try:
                     sent = yield value
-                except GeneratorExit:
+                except GeneratorExit:  # close() of the wrapper: close the inner one (finally), do not forward
                     raise
                 except BaseException as exc:  # noqa: BLE001 - forwarded, as yield from would
                     value = await inner.athrow(exc)
@@ -423,11 +414,11 @@ def carbonaware_delay_task(
     if "cache_policy" not in task_kwargs and "cache_key_fn" not in task_kwargs:
         task_kwargs["cache_policy"] = NO_CACHE  # a wait served from a cache would not wait
 
-    def carbonaware_delay_task() -> dict[str, Any]:
+    def _carbonaware_delay_task() -> dict[str, Any]:
         """Wait for the lowest-carbon start within the window; return the decision."""
         return _delay_sync(settings).to_dict()
 
-    return task(carbonaware_delay_task, **task_kwargs)
+    return task(_carbonaware_delay_task, **task_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -438,27 +429,27 @@ def carbonaware_delay_task(
 def _decide(
     window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
 ) -> Plan:
-    """``plan_delay`` with the run logger and CARBONAWARE_DRY_RUN applied, as ``carbonaware_delay`` does."""
-    plan = plan_delay(window, duration, provider, region, **{"logger": _run_logger(), **options})
-    if core._env_flag("CARBONAWARE_DRY_RUN") and plan.reason != "disabled":
-        plan = replace(plan, reason="dry-run", detail=f"CARBONAWARE_DRY_RUN is set; {plan.detail}")
-    return plan
+    """``plan_delay`` (which logs the decision and applies CARBONAWARE_DRY_RUN) with the run logger."""
+    return plan_delay(window, duration, provider, region, **{"logger": _run_logger(), **options})
 
 
-def _deployment_kwargs(run_kwargs: dict[str, Any]) -> dict[str, Any]:
+def _deployment_options(run_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Take the core options out of ``run_kwargs``; ``timeout`` there would be ambiguous, so it is refused."""
     for name in ("scheduled_time", "timeout"):
         if name in run_kwargs:
             raise TypeError(
                 f"{name!r} is set by carbonaware_run_deployment (the best start, and 0: nothing waits for the run); "
                 "to wait for the run to finish, use prefect.flow_runs.wait_for_flow_run(flow_run.id)"
             )
-    return run_kwargs
+    return _split_options(run_kwargs, core.OPTIONS)
 
 
-def _announce(plan: Plan, what: str) -> None:
+def _announce(plan: Plan, flow_run: FlowRun, name: str | UUID) -> None:
+    """Say which run was created for when (the decision itself was logged by ``plan_delay``); inside a run,
+    publish the decision as an artifact too."""
     logger = _run_logger()
-    when = "now" if not plan.waits else core._iso(plan.start)
-    logger.info("carbonaware: scheduling %s for %s; %s", what, when, core.describe(plan))
+    when = plan.to_dict()["start"] if plan.waits else "now"
+    logger.info("carbonaware: flow run %r of %s scheduled for %s", flow_run.name, name, when)
     if _current_run() is not None:
         _publish(plan, "carbonaware-deployment", None, logger)
 
@@ -478,14 +469,13 @@ def carbonaware_run_deployment(
     ``run_kwargs`` go to ``prefect.deployments.run_deployment`` (tags, flow_run_name, job_variables, as_subflow, ...);
     library options (``source``, ``min_savings``, ...) are recognised by name.
     """
-    options = {k: v for k, v in _split_options(run_kwargs).items() if k not in PREFECT_OPTIONS}
-    kwargs = _deployment_kwargs(run_kwargs)
+    options = _deployment_options(run_kwargs)
     plan = _decide(window, duration, provider, region, options)
-    _announce(plan, f"a run of {name}")
     scheduled = plan.start if plan.waits else None
     # _sync: this function is sync even when called inside an async flow (async callers: the "a" variant).
-    runner = cast(Any, run_deployment)
-    flow_run = runner(name, parameters=parameters, scheduled_time=scheduled, timeout=0, _sync=True, **kwargs)
+    schedule = cast(Any, run_deployment)
+    flow_run = schedule(name, parameters=parameters, scheduled_time=scheduled, timeout=0, _sync=True, **run_kwargs)
+    _announce(plan, flow_run, name)
     return flow_run, plan
 
 
@@ -499,12 +489,11 @@ async def acarbonaware_run_deployment(
     **run_kwargs: Any,
 ) -> tuple[FlowRun, Plan]:
     """As ``carbonaware_run_deployment``, for async code (planning runs in a worker thread)."""
-    options = {k: v for k, v in _split_options(run_kwargs).items() if k not in PREFECT_OPTIONS}
-    kwargs = _deployment_kwargs(run_kwargs)
+    options = _deployment_options(run_kwargs)
     plan = await asyncio.to_thread(_decide, window, duration, provider, region, options)
-    await asyncio.to_thread(_announce, plan, f"a run of {name}")
     scheduled = plan.start if plan.waits else None
-    flow_run = await arun_deployment(name, parameters=parameters, scheduled_time=scheduled, timeout=0, **kwargs)
+    flow_run = await arun_deployment(name, parameters=parameters, scheduled_time=scheduled, timeout=0, **run_kwargs)
+    await asyncio.to_thread(_announce, plan, flow_run, name)
     return flow_run, plan
 
 
@@ -536,9 +525,8 @@ def _handover(
     if RESCHEDULED_TAG in run.tags or run.run_count > 1:
         logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
         return None
-    plan = _decide(window, duration, provider, region, options)
+    plan = _decide(window, duration, provider, region, options)  # logs the decision
     if not plan.waits:
-        logger.info(core.describe(plan))
         return None
     kwargs = {
         "parameters": dict(run.parameters),
@@ -554,9 +542,10 @@ def _handover(
 
 
 def _handed_over(handover: _Handover, new_run: FlowRun) -> State[Any]:
-    message = f"carbonaware: handed over to flow run {new_run.name!r} scheduled at {core._iso(handover.plan.start)}"
+    start = handover.plan.to_dict()["start"]
+    message = f"carbonaware: handed over to flow run {new_run.name!r} scheduled at {start}"
     logger = _run_logger()
-    logger.info("%s; %s", message, core.describe(handover.plan))
+    logger.info(message)
     _publish(handover.plan, "carbonaware-reschedule", None, logger)
     return Completed(name="Rescheduled", message=message)
 
@@ -586,7 +575,9 @@ def reschedule_current_flow_run(
     try:
         new_run = cast(Any, run_deployment)(handover.deployment_id, _sync=True, **handover.kwargs)
     except Exception as exc:  # noqa: BLE001 - fail open: run now rather than not at all
-        _run_logger().warning("carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc)
+        _run_logger().warning(
+            "carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc
+        )
         return None
     return _handed_over(handover, new_run)
 
@@ -605,9 +596,8 @@ async def areschedule_current_flow_run(
     try:
         new_run = await arun_deployment(handover.deployment_id, **handover.kwargs)
     except Exception as exc:  # noqa: BLE001 - fail open
-        _run_logger().warning("carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc)
+        _run_logger().warning(
+            "carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc
+        )
         return None
     return await asyncio.to_thread(_handed_over, handover, new_run)
-
-
-_ = datetime  # re-exported types only

@@ -5,9 +5,17 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
+import tempfile
 from collections.abc import Iterator
 
 import pytest
+
+# Prefect reads its settings when first imported, by whichever test module does so first: isolate its home and
+# silence analytics before any of them.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="carbonaware-prefect-home-")
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "90"
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
