@@ -61,6 +61,7 @@ DETECT_TIMEOUT_SECONDS = 0.3
 HTTP_TIMEOUT_SECONDS = 10.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FAILURE_TTL_SECONDS = 10.0  # a blip must not disable the library for long
+NEGLIGIBLE_SAVINGS = 0.001  # below any forecast's accuracy: waiting for less is waiting for nothing
 MAX_RETRY_AFTER_SECONDS = 300.0
 LBS_PER_MWH_TO_G_PER_KWH = 0.45359237
 G_PER_KWH = "gCO2eq/kWh"
@@ -2075,7 +2076,7 @@ def _decide(
     savings = _savings(now_value, expected)
     if savings is None:
         savings = stated  # the source's own figure, when its intensities do not tell
-    if start <= query.now or (savings is not None and savings <= 0):
+    if start <= query.now or (savings is not None and savings < NEGLIGIBLE_SAVINGS):
         reason, start, expected, savings = (
             "already-best",
             query.now,

@@ -1,4 +1,5 @@
-"""The original package's decorator example, unchanged apart from a short demo window and an offline source.
+"""The original package's decorator example, unchanged apart from a short demo window, an offline source and a
+region the offline model covers (London).
 
 Run it with ``python examples/decorator_flow.py``: no network is needed (the typical-day profile, or, if that data
 file is not installed, a logged fail-open that runs the task at once). In production drop ``source`` to use the
@@ -17,7 +18,7 @@ from carbonaware_prefect import carbonaware_delay_decorator
 @task
 @carbonaware_delay_decorator(
     provider="gcp",  # Optional, if workload is running in the cloud (azure, aws, or gcp)
-    region="us-central1",  # Optional, if workload is running in the cloud
+    region="europe-west2",  # Optional, if workload is running in the cloud
     window=timedelta(seconds=10),  # Max time to wait for a better time (real jobs: hours)
     duration=timedelta(minutes=30),  # Estimated duration of the job
     source="offline",  # Demo without network; omit to use the hosted forecast

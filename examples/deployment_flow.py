@@ -12,7 +12,7 @@ from prefect import flow
 
 from carbonaware_prefect import carbonaware_run_deployment, reschedule_current_flow_run
 
-ZONE = {"provider": "gcp", "region": "us-central1"}
+ZONE = {"provider": "gcp", "region": "europe-west2"}
 
 
 @flow(log_prints=True)

@@ -26,7 +26,7 @@ def training_pipeline() -> None:
     # Create a carbon-aware delay task with specific parameters
     delay = carbonaware_delay_task(
         provider="gcp",  # Optional, if workload is running in the cloud (azure, aws, or gcp)
-        region="us-central1",  # Optional, if workload is running in the cloud
+        region="europe-west2",  # Optional, if workload is running in the cloud
         window=timedelta(seconds=10),  # Max time to wait for a better time (real jobs: hours)
         duration=timedelta(minutes=30),  # Estimated duration of the job
         source="offline",  # Demo without network; omit to use the hosted forecast
