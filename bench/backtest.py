@@ -12,8 +12,8 @@ intensity over the job (real Electricity Maps hourly data), averaged over all st
 - planner/true: ``carbonaware_core.lowest_mean_start`` fed the true series; must equal the oracle;
 - offline <variant>: a profile trained only on years BEFORE the test year, planned exactly as the library does it
   (``profile_series`` then ``choose_start``, i.e. ``_fetch_offline`` + ``_plan_from``; a sample is re-checked
-  through the public ``plan_delay``);
-- yesterday: the same hours 24 h earlier as the forecast, through the same planner;
+  through the public ``plan_delay``), including its rule that a predicted saving under 0.1 % is no reason to wait;
+- yesterday: the same hours 24 h earlier as the forecast, through the same planner and decision rule;
 - grid60: the offline forecast the library would have, but only starts every 60 min from now, as tools that slide
   a fixed-step window do (evaluated exactly on the step forecast, so only the candidate set differs).
 
@@ -184,6 +184,15 @@ def plan_start(forecast: Series, now_h: float, config: Config) -> float:
     return (found[0] - forecast.origin) / HOUR
 
 
+def library_decision(forecast: Series, now_h: float, config: Config) -> float:
+    """What the library decides on a forecast: the planner's start, unless the forecast itself says waiting saves
+    less than NEGLIGIBLE_SAVINGS (then: at once)."""
+    start = plan_start(forecast, now_h, config)
+    if _negligible(forecast.mean(now_h, config.job_h), forecast.mean(start, config.job_h)):
+        return now_h
+    return start
+
+
 def grid_start(forecast: Series, now_h: float, config: Config, step_h: float = 1.0) -> float:
     """Fixed-step search as tools that slide a window do: starts now, now + step, ... up to now + window, each
     scored exactly on the same step forecast; the earliest of the lowest means wins."""
@@ -210,7 +219,14 @@ def library_start(profile: Any, kind: str, origin: float, now_h: float, config: 
     now = datetime.fromtimestamp(origin + now_h * HOUR, timezone.utc)
     window, job = timedelta(hours=config.window_h), timedelta(hours=config.job_h)
     choice = core.choose_start(core.profile_series(profile, kind, now, now + window + job), now, window, job)
+    if _negligible(choice.now_value, choice.expected):
+        return now_h
     return (choice.start - origin) / HOUR
+
+
+def _negligible(at_once: float, chosen: float) -> bool:
+    """The library's rule: a predicted saving below NEGLIGIBLE_SAVINGS is no reason to wait."""
+    return at_once <= 0 or (at_once - chosen) / at_once < core.NEGLIGIBLE_SAVINGS
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -299,10 +315,10 @@ def run_zone(args: tuple[Path, str, int, tuple[str, ...]]) -> list[ZoneResult]:
             methods: dict[str, Callable[[float], float]] = {"planner/true": partial(plan_start, truth, config=config)}
             if protocol == "on-the-hour":
                 for name, series in offline.items():
-                    methods[f"offline {name}"] = partial(plan_start, series, config=config)
-                methods["yesterday"] = partial(plan_start, yesterday, config=config)
+                    methods[f"offline {name}"] = partial(library_decision, series, config=config)
+                methods["yesterday"] = partial(library_decision, yesterday, config=config)
             else:
-                methods[f"offline {SHIPPED}"] = partial(plan_start, offline[SHIPPED], config=config)
+                methods[f"offline {SHIPPED}"] = partial(library_decision, offline[SHIPPED], config=config)
                 methods["grid60/true"] = partial(grid_start, truth, config=config)
             methods[f"grid60 {SHIPPED}"] = partial(grid_start, offline[SHIPPED], config=config)
             results.append(_sweep(zone, protocol, config, truth, first_test, offsets, methods))
@@ -317,7 +333,7 @@ def _check_library_path(
     for i in range(first_test + 24, len(truth.values) - 24, every):
         for config in CONFIGS:
             for offset in (0.0, 0.35):
-                fast = plan_start(series, i + offset, config)
+                fast = library_decision(series, i + offset, config)
                 slow = library_start(profile, kind, truth.origin, i + offset, config)
                 if abs(fast - slow) > 1e-6:
                     raise AssertionError(f"{zone} hour {i}: backtest path {fast} h, library {slow} h")
