@@ -57,7 +57,7 @@ DEFAULT_DURATION = timedelta(minutes=30)
 PROVIDERS = ("aws", "gcp", "azure", "ovh")
 REASONS = ("optimal", "already-best", "below-threshold", "no-zone", "source-failed", "disabled", "dry-run")
 WAIT_CHUNK_SECONDS = 1.0  # short sleeps so task timeouts and cancellation land promptly in worker threads
-DETECT_TIMEOUT_SECONDS = 0.3
+DETECT_TIMEOUT_SECONDS = 0.25  # the whole detection, threads and all, stays under 0.3 s
 HTTP_TIMEOUT_SECONDS = 10.0
 MAX_BODY_BYTES = 4 * 1024 * 1024
 FAILURE_TTL_SECONDS = 10.0  # a blip must not disable the library for long
@@ -412,11 +412,8 @@ def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[fl
 
     Invalid values (NaN, infinite, negative) become gaps; overlaps are cut at the later start.
     """
-    rows = sorted(
-        (_epoch(p.start), _epoch(p.end), float(p.value))
-        for p in points
-        if _valid_intensity(p.value) and _epoch(p.end) > _epoch(p.start)
-    )
+    spans = ((_epoch(p.start), _epoch(p.end), p.value) for p in points if _valid_intensity(p.value))
+    rows = sorted((begin, end, float(value)) for begin, end, value in spans if end > begin)
     starts: list[float] = []
     ends: list[float] = []
     values: list[float] = []
