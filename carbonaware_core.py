@@ -366,13 +366,13 @@ def _best_in_run(
         following = starts[i + 1] if i + 1 < count else run_end
         cumulative[i + 1] = cumulative[i] + (following - starts[i]) * values[i]
     boundaries = [*starts[1:], run_end]
-    candidates = sorted(
-        [
+    candidates = sorted(  # a set: on a regular grid most "boundary - length" points are boundaries too
+        {
             first,
             last,
             *(b for b in starts if first < b < last),
             *(b - length for b in boundaries if first < b - length < last),
-        ]
+        }
     )
     left = right = 0  # interval indices holding s and s + length
     best_start, best_mean = first, math.inf
@@ -867,7 +867,11 @@ def _zone_from_environment(env: Mapping[str, str]) -> tuple[CloudZone, str] | No
     """Zones the environment states outright, with the variable that said so."""
     provider, region = (env.get("CARBONAWARE_PROVIDER", "").strip().lower(), env.get("CARBONAWARE_REGION", ""))
     if provider and region.strip():
-        return CloudZone(provider, _normalise_region(provider, region)), "CARBONAWARE_PROVIDER/REGION"
+        if provider in PROVIDERS:
+            return CloudZone(provider, _normalise_region(provider, region)), "CARBONAWARE_PROVIDER/REGION"
+        logger.warning(
+            "carbonaware: ignoring CARBONAWARE_PROVIDER=%r: not one of %s", provider[:20], ", ".join(PROVIDERS)
+        )
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         value = env.get(name, "").strip().lower()
         if re.match(_AWS_REGION, value):

@@ -143,6 +143,17 @@ def test_provider_without_region_in_the_environment_is_not_a_zone(metadata: Loop
     assert detect_cloud_zone() == CloudZone("aws", "ca-central-1")
 
 
+def test_an_unknown_provider_in_the_environment_is_ignored_with_a_warning(
+    metadata: LoopbackServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("CARBONAWARE_PROVIDER", "amazon")
+    monkeypatch.setenv("CARBONAWARE_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_REGION", "eu-west-1")
+    with caplog.at_level("WARNING", logger="carbonaware"):
+        assert detect_cloud_zone() == CloudZone("aws", "eu-west-1")
+    assert any("CARBONAWARE_PROVIDER" in r.getMessage() and "amazon" in r.getMessage() for r in caplog.records)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Metadata services
 # --------------------------------------------------------------------------------------------------------------
