@@ -704,3 +704,38 @@ def assert_no_secrets(*texts: str) -> None:
 def library_lines(records: Iterable[Any]) -> list[Any]:
     """Log records of the library (logger 'carbonaware' and its children)."""
     return [r for r in records if r.name == "carbonaware" or r.name.startswith("carbonaware.")]
+
+
+@dataclass(frozen=True)
+class Planner:
+    """``plan_delay`` / ``carbonaware_delay`` with a test module's defaults; keyword options override them."""
+
+    window: timedelta
+    duration: timedelta
+    defaults: dict[str, Any]
+
+    def _arguments(self, options: dict[str, Any]) -> tuple[timedelta, timedelta, dict[str, Any]]:
+        settings = {"timeout": 5.0, **self.defaults, **options}
+        return settings.pop("window", self.window), settings.pop("duration", self.duration), settings
+
+    def plan(self, **options: Any) -> Any:
+        import carbonaware_core
+
+        window, duration, settings = self._arguments(options)
+        return carbonaware_core.plan_delay(window, duration, **settings)
+
+    def delay_logged(self, caplog: Any, **options: Any) -> tuple[Any, list[Any]]:
+        """carbonaware_delay on the fake clock (a run-now plan returns at once); the library's log records.
+        Asserts that no secret reached any log line, the plan's detail or its dict."""
+        import json
+        import logging
+
+        import carbonaware_core
+
+        window, duration, settings = self._arguments(options)
+        caplog.clear()
+        with caplog.at_level(logging.DEBUG, logger="carbonaware"):
+            result = carbonaware_core.carbonaware_delay(window, duration, **settings)
+        texts = [r.getMessage() for r in caplog.records]
+        assert_no_secrets(*texts, result.detail, repr(result), json.dumps(result.to_dict()))
+        return result, library_lines(caplog.records)

@@ -22,10 +22,9 @@ from tests.fake_providers import (
     FakeElectricityMaps,
     FakeGsf,
     FakeNeso,
-    assert_no_secrets,
+    Planner,
     fake_clock,
     install,
-    library_lines,
     oracle,
     path_of,
     query_params,
@@ -71,22 +70,15 @@ def offline_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
-def plan(**options: object) -> carbonaware_core.Plan:
-    window = options.pop("window", WINDOW)
-    duration = options.pop("duration", DURATION)
-    settings = {"now": NOW, "timeout": 5.0, "provider": "aws", "region": "eu-central-1", **options}
-    return carbonaware_core.plan_delay(window, duration, **settings)  # type: ignore[arg-type]
+PLANNER = Planner(WINDOW, DURATION, {"now": NOW, "provider": "aws", "region": "eu-central-1"})
+plan = PLANNER.plan
 
 
 def delay_logged(
     caplog: pytest.LogCaptureFixture, **options: object
 ) -> tuple[carbonaware_core.Plan, list[logging.LogRecord]]:
-    settings = {"now": NOW, "timeout": 5.0, "provider": "aws", "region": "eu-central-1", **options}
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="carbonaware"):
-        result = carbonaware_core.carbonaware_delay(WINDOW, DURATION, **settings)  # type: ignore[arg-type]
-    assert_no_secrets(*(r.getMessage() for r in caplog.records), result.detail, json.dumps(result.to_dict()))
-    return result, [r for r in library_lines(caplog.records) if r.levelno >= logging.INFO]
+    result, records = PLANNER.delay_logged(caplog, **options)
+    return result, [r for r in records if r.levelno >= logging.INFO]
 
 
 # ---- chains --------------------------------------------------------------------------------------------------

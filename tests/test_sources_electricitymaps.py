@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -13,11 +11,11 @@ from carbonaware_core import CloudZone
 from tests.fake_providers import (
     EM_KEY,
     FakeElectricityMaps,
+    Planner,
     assert_no_secrets,
     fake_clock,
     install,
     iso_z,
-    library_lines,
     oracle,
     path_of,
     query_params,
@@ -46,24 +44,16 @@ def em(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> FakeElectrici
     return fake
 
 
-def plan(**options: object) -> carbonaware_core.Plan:
-    window = options.pop("window", WINDOW)
-    duration = options.pop("duration", DURATION)
-    settings = {"source": "electricitymaps", "now": NOW, "timeout": 5.0, "provider": "aws", "region": "eu-central-1"}
-    settings.update(options)
-    return carbonaware_core.plan_delay(window, duration, **settings)  # type: ignore[arg-type]
+PLANNER = Planner(
+    WINDOW, DURATION, {"source": "electricitymaps", "now": NOW, "provider": "aws", "region": "eu-central-1"}
+)
+plan = PLANNER.plan
 
 
 def delay_logged(caplog: pytest.LogCaptureFixture, **options: object) -> tuple[carbonaware_core.Plan, list[str]]:
     """carbonaware_delay on the fake clock (a run-now plan returns at once); its log lines, all levels."""
-    settings = {"source": "electricitymaps", "now": NOW, "timeout": 5.0, "provider": "aws", "region": "eu-central-1"}
-    settings.update(options)
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="carbonaware"):
-        result = carbonaware_core.carbonaware_delay(WINDOW, DURATION, **settings)  # type: ignore[arg-type]
-    lines = [r.getMessage() for r in caplog.records]
-    assert_no_secrets(*lines, result.detail, repr(result), json.dumps(result.to_dict()))
-    return result, [r.getMessage() for r in library_lines(caplog.records)]
+    result, records = PLANNER.delay_logged(caplog, **options)
+    return result, [r.getMessage() for r in records]
 
 
 # ---- happy path ----------------------------------------------------------------------------------------------

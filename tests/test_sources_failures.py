@@ -6,7 +6,6 @@ Also: each source's plan equals an independent brute-force planner for any forec
 from __future__ import annotations
 
 import email.utils
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,9 +22,9 @@ from tests.fake_providers import (
     NOW,
     Case,
     FakeProvider,
+    Planner,
     assert_no_secrets,
     fake_clock,
-    library_lines,
     oracle,
     series,
     slots,
@@ -54,25 +53,19 @@ def make(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> Callable[[C
     return build
 
 
+def planner(case: Case) -> Planner:
+    return Planner(WINDOW, DURATION, {"source": case.name, "now": NOW, **case.options})
+
+
 def plan(case: Case, **options: object) -> carbonaware_core.Plan:
-    window = options.pop("window", WINDOW)
-    duration = options.pop("duration", DURATION)
-    settings_ = {"source": case.name, "now": NOW, "timeout": 5.0, **case.options, **options}
-    return carbonaware_core.plan_delay(window, duration, **settings_)  # type: ignore[arg-type]
+    return planner(case).plan(**options)
 
 
 def delay_logged(
     case: Case, caplog: pytest.LogCaptureFixture, **options: object
 ) -> tuple[carbonaware_core.Plan, list[logging.LogRecord]]:
     """carbonaware_delay on the fake clock; the library's log records. Asserts no secret anywhere."""
-    settings_ = {"source": case.name, "now": NOW, "timeout": 5.0, **case.options, **options}
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="carbonaware"):
-        result = carbonaware_core.carbonaware_delay(WINDOW, DURATION, **settings_)  # type: ignore[arg-type]
-    assert_no_secrets(
-        *(r.getMessage() for r in caplog.records), result.detail, repr(result), json.dumps(result.to_dict())
-    )
-    return result, library_lines(caplog.records)
+    return planner(case).delay_logged(caplog, **options)
 
 
 def assert_ran_now_saying(result: carbonaware_core.Plan, records: list[logging.LogRecord], *words: str) -> None:

@@ -10,6 +10,7 @@ import pytest
 import carbonaware_core
 from tests.fake_providers import (
     FakeGsf,
+    Planner,
     assert_no_secrets,
     fake_clock,
     install,
@@ -43,12 +44,7 @@ def gsf(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> FakeGsf:
     return fake
 
 
-def plan(**options: object) -> carbonaware_core.Plan:
-    window = options.pop("window", WINDOW)
-    duration = options.pop("duration", DURATION)
-    settings = {"source": "gsf", "now": NOW, "timeout": 5.0, **ZONE}
-    settings.update(options)
-    return carbonaware_core.plan_delay(window, duration, **settings)  # type: ignore[arg-type]
+plan = Planner(WINDOW, DURATION, {"source": "gsf", "now": NOW, **ZONE}).plan
 
 
 @pytest.mark.parametrize("client", ["requests", "urllib"])

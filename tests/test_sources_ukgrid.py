@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 import carbonaware_core
 from tests.fake_providers import (
     FakeNeso,
+    Planner,
     assert_no_secrets,
     fake_clock,
     install,
@@ -47,12 +48,7 @@ def neso(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> FakeNeso:
     return fake
 
 
-def plan(**options: object) -> carbonaware_core.Plan:
-    window = options.pop("window", WINDOW)
-    duration = options.pop("duration", DURATION)
-    settings_ = {"source": "ukgrid", "now": NOW, "timeout": 5.0, **GB_ZONE}
-    settings_.update(options)
-    return carbonaware_core.plan_delay(window, duration, **settings_)  # type: ignore[arg-type]
+plan = Planner(WINDOW, DURATION, {"source": "ukgrid", "now": NOW, **GB_ZONE}).plan
 
 
 def check_plan(result: carbonaware_core.Plan, fake: FakeNeso, now: datetime = NOW) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -15,10 +13,10 @@ from tests.fake_providers import (
     WT_PASSWORD,
     WT_TOKEN_PREFIX,
     FakeWattTime,
+    Planner,
     assert_no_secrets,
     fake_clock,
     install,
-    library_lines,
     oracle,
     path_of,
     query_params,
@@ -53,18 +51,13 @@ def wt(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> FakeWattTime:
 SETTINGS = {"source": "watttime", "now": NOW, "timeout": 5.0, "provider": "aws", "region": "us-west-1"}
 
 
-def plan(**options: object) -> carbonaware_core.Plan:
-    window = options.pop("window", WINDOW)
-    duration = options.pop("duration", DURATION)
-    return carbonaware_core.plan_delay(window, duration, **{**SETTINGS, **options})  # type: ignore[arg-type]
+PLANNER = Planner(WINDOW, DURATION, SETTINGS)
+plan = PLANNER.plan
 
 
 def delay_logged(caplog: pytest.LogCaptureFixture, **options: object) -> tuple[carbonaware_core.Plan, list[str]]:
-    caplog.clear()
-    with caplog.at_level(logging.DEBUG, logger="carbonaware"):
-        result = carbonaware_core.carbonaware_delay(WINDOW, DURATION, **{**SETTINGS, **options})  # type: ignore[arg-type]
-    assert_no_secrets(*(r.getMessage() for r in caplog.records), result.detail, json.dumps(result.to_dict()))
-    return result, [r.getMessage() for r in library_lines(caplog.records)]
+    result, records = PLANNER.delay_logged(caplog, **options)
+    return result, [r.getMessage() for r in records]
 
 
 # ---- happy path ----------------------------------------------------------------------------------------------
