@@ -198,7 +198,8 @@ class Source:
     fetch: Callable[[Query], SourceResult]
     cache_key: Callable[[Query], Hashable] | None = None
     ttl: float = 900.0
-    needs_zone: bool = True
+    needs_zone: bool = True  # useless without a cloud or grid zone
+    uses_zone: bool = True  # False: never looks at one (so no detection runs for it)
 
 
 SOURCES: dict[str, Source] = {}
@@ -487,7 +488,7 @@ class HttpResponse:
 
     def excerpt(self, limit: int = 80) -> str:
         """A short, secret-free quote of the body for log lines."""
-        return _redact(_snippet(self.body, limit), self.secrets)
+        return _quote(self.body.decode("utf-8", "replace"), self.secrets, limit)
 
     def json(self) -> Any:
         import json
@@ -511,9 +512,10 @@ class HttpResponse:
         return None
 
 
-def _snippet(body: bytes, limit: int = 80) -> str:
-    text = body[:limit].decode("utf-8", "replace").replace("\n", " ").strip()
-    return repr(text + ("..." if len(body) > limit else ""))
+def _quote(text: str, secrets: Sequence[str] = (), limit: int = 80) -> str:
+    """A short quote for a log line: redacted first, then cut, so no half of a secret survives the cut."""
+    text = _redact(text, secrets).replace("\n", " ").strip()
+    return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
 def _http_backend() -> str:
@@ -540,30 +542,45 @@ def http_request(
 ) -> HttpResponse:
     """One request with a total time budget and a size cap; any status is returned, redirects are not followed.
 
-    Following redirects would carry API keys to another host, and urllib cannot redo a POST after a 307.
+    Following redirects would carry API keys to another host, and urllib cannot redo a POST after a 307. Socket
+    timeouts bound each receive, not DNS nor a server trickling its headers, so the request runs in a worker
+    thread that is abandoned at the deadline: the budget holds whatever the network does.
     """
     deadline = time.monotonic() + timeout
     chosen = backend or _http_backend()
     secrets = _secrets_in(headers or {})
-    try:
-        if chosen == "requests":
-            response = _requests_call(method, url, headers or {}, body, deadline, max_bytes)
-        else:
-            response = _urllib_call(method, url, headers or {}, body, deadline, max_bytes, proxies=True)
-    except SourceError as error:
-        raise SourceError(_redact(str(error), secrets), error.retry_after) from None
-    except Exception as exc:  # noqa: BLE001 - every transport failure means "no answer"
-        raise SourceError(_redact(_transport_message(exc, timeout), secrets)) from None
-    return replace(response, secrets=secrets)
+    outcome: list[HttpResponse | BaseException] = []
+
+    def call() -> None:
+        try:
+            if chosen == "requests":
+                outcome.append(_requests_call(method, url, headers or {}, body, deadline, max_bytes))
+            else:
+                outcome.append(_urllib_call(method, url, headers or {}, body, deadline, max_bytes, proxies=True))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=call, name="carbonaware-http", daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
+    if not outcome:
+        raise SourceError(f"no answer within {timeout:g}s (timeout)")
+    result = outcome[0]
+    if isinstance(result, SourceError):
+        raise SourceError(_redact(str(result), secrets)[:300], result.retry_after) from None
+    if isinstance(result, BaseException):
+        raise SourceError(_redact(_transport_message(result, timeout), secrets)[:300]) from None
+    return replace(result, secrets=secrets)
 
 
 _SENSITIVE_HEADERS = ("authorization", "auth-token", "x-api-key", "cookie", "proxy-authorization")
 
 
 def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
-    """Credential values and their words ('Bearer T' -> 'T'), longest first, as they may be quoted back."""
+    """Credential values and their long words ('Bearer T' -> 'T', not 'Bearer'), longest first."""
     values = [v for k, v in headers.items() if k.lower() in _SENSITIVE_HEADERS]
-    pieces = {piece for value in values for piece in (value, *value.split()) if len(piece) >= 4}
+    pieces = {value for value in values if len(value) >= 4}
+    pieces |= {word for value in values for word in value.split() if len(word) >= 8}
     return tuple(sorted(pieces, key=len, reverse=True))
 
 
@@ -580,7 +597,7 @@ def _transport_message(exc: BaseException, timeout: float) -> str:
         return f"no answer within {timeout:g}s (timeout)"
     if isinstance(root, ConnectionRefusedError) or "refused" in text:
         return "connection refused"
-    return f"connection failed ({type(root).__name__}: {str(root)[:160]})"
+    return f"connection failed ({type(root).__name__}: {root})"
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -773,9 +790,17 @@ class SingleFlightCache:
         self._entries: dict[Hashable, _Entry] = {}
         self._blocked: dict[str, tuple[float, str]] = {}  # source -> (monotonic time, the answer that said so)
         self._max_entries = max_entries
-        self.fetches = 0  # for tests and benchmarks: how many times a fetch actually ran
 
-    def get(self, key: Hashable, fetch: Callable[[], Any], ttl: float, failure_ttl: float | None = None) -> Any:
+    def get(
+        self,
+        key: Hashable,
+        fetch: Callable[[], Any],
+        ttl: float,
+        *,
+        failure_ttl: float | None = None,
+        wait: float | None = None,
+    ) -> Any:
+        """The cached value, or the one fetch for ``key``; a follower waits for it at most ``wait`` seconds."""
         with self._lock:
             entry = self._entries.get(key)
             leader = entry is None or (entry.done.is_set() and entry.expires <= CLOCK.monotonic())
@@ -783,12 +808,11 @@ class SingleFlightCache:
                 entry = _Entry()
                 self._entries[key] = entry
                 self._evict_if_full()
-                self.fetches += 1
         assert entry is not None
         if leader:
             self._run(entry, fetch, ttl, FAILURE_TTL_SECONDS if failure_ttl is None else failure_ttl)
-        else:
-            entry.done.wait()
+        elif not entry.done.wait(wait):
+            raise SourceError(f"no answer within {wait:g}s (waiting for a request another caller made)")
         if entry.error is not None:  # a fresh exception per caller: a shared one would pile up tracebacks
             raise type(entry.error)(str(entry.error), entry.error.retry_after) from None
         return entry.value
@@ -803,18 +827,21 @@ class SingleFlightCache:
             hold = min(error.retry_after, MAX_RETRY_AFTER_SECONDS) if error.retry_after else failure_ttl
             entry.expires = CLOCK.monotonic() + max(hold, failure_ttl)
         except Exception as exc:  # noqa: BLE001 - a source bug must not escape into user work
-            entry.error = SourceError(f"{type(exc).__name__}: {str(exc)[:160]}")
+            entry.error = SourceError(f"{type(exc).__name__}: {_quote(str(exc), limit=160)}")
             entry.expires = CLOCK.monotonic() + failure_ttl
         finally:
             entry.done.set()
 
     def _evict_if_full(self) -> None:
-        if len(self._entries) > self._max_entries:
-            now = CLOCK.monotonic()
-            for stale in [k for k, e in self._entries.items() if e.done.is_set() and e.expires <= now]:
-                del self._entries[stale]
-            while len(self._entries) > self._max_entries:
-                del self._entries[next(iter(self._entries))]
+        """Expired entries first, then the oldest finished ones; a fetch under way is never dropped."""
+        if len(self._entries) <= self._max_entries:
+            return
+        now = CLOCK.monotonic()
+        finished = [k for k, e in self._entries.items() if e.done.is_set()]
+        for key in sorted(finished, key=lambda k: self._entries[k].expires > now):  # expired ones first
+            del self._entries[key]
+            if len(self._entries) <= self._max_entries:
+                return
 
     def block(self, name: str, error: SourceError) -> None:
         """A provider said Retry-After: no request to it, for any key, until then."""
@@ -836,7 +863,6 @@ class SingleFlightCache:
         with self._lock:
             self._entries.clear()
             self._blocked.clear()
-            self.fetches = 0
 
 
 CACHE = SingleFlightCache()
@@ -990,21 +1016,42 @@ def _probe_metadata(env: Mapping[str, str], timeout: float) -> CloudZone | None:
         try:
             zone = answers.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            return None
+            raise SourceError(f"no metadata service answered within {timeout:g}s") from None
         if zone is not None:
             return zone
-    return None
+    return None  # every probe answered "not here": that holds for the life of the process
+
+
+_DETECTION_SETTINGS = (
+    "CARBONAWARE_METADATA_HOST",
+    "GCE_METADATA_HOST",
+    "AWS_EC2_METADATA_SERVICE_ENDPOINT",
+    "AWS_EC2_METADATA_DISABLED",
+    "ECS_CONTAINER_METADATA_URI_V4",
+)
+DETECT_RETRY_SECONDS = 300.0  # a metadata service too slow at start-up is asked again later, not never
 
 
 def detect_cloud_zone(timeout: float = DETECT_TIMEOUT_SECONDS) -> CloudZone | None:
-    """The zone this process runs in, or None. Environment first; metadata probes are cached for the process."""
+    """The zone this process runs in, or None. Environment first; a metadata answer (or every service saying "not
+    here") is kept for the process, running out of time only for a few minutes."""
     found = _zone_from_environment(os.environ)
     if found is not None:
         logger.debug("carbonaware: zone %s from %s", found[0], found[1])
         return found[0]
     env = dict(os.environ)
-    key = ("detect", env.get("CARBONAWARE_METADATA_HOST"), env.get("GCE_METADATA_HOST"))
-    zone: CloudZone | None = CACHE.get(key, lambda: _probe_metadata(env, timeout), ttl=math.inf)
+    key = ("detect", *(env.get(name) for name in _DETECTION_SETTINGS))
+    try:
+        zone: CloudZone | None = CACHE.get(
+            key,
+            lambda: _probe_metadata(env, timeout),
+            ttl=math.inf,
+            failure_ttl=DETECT_RETRY_SECONDS,
+            wait=timeout + 0.1,
+        )
+    except SourceError as error:
+        logger.debug("carbonaware: %s", error)
+        return None
     return zone
 
 
@@ -1274,9 +1321,7 @@ def _field(document: Any, name: str, kind: type | tuple[type, ...]) -> Any:
     value = document.get(name) if isinstance(document, dict) else None
     if not isinstance(value, kind):
         kind = kind if isinstance(kind, type) else kind[0]
-        raise SourceError(
-            f"unexpected answer: no {name!r} {kind.__name__} in {_snippet(repr(document)[:100].encode())}"
-        )
+        raise SourceError(f"unexpected answer: no {name!r} {kind.__name__} in {_quote(repr(document)[:200])}")
     return value
 
 
@@ -1303,7 +1348,6 @@ register_source(
             q.zone,
             q.duration,
             round(q.window.total_seconds() / 60),
-            q.now if q.fixed_now else None,
         ),
         ttl=300.0,
     )
@@ -1416,9 +1460,10 @@ register_source(
         cache_key=lambda q: q.arg or os.environ.get("CARBONAWARE_FORECAST_FILE"),
         ttl=60.0,
         needs_zone=False,
+        uses_zone=False,
     )
 )
-register_source(Source("url", _fetch_url, cache_key=lambda q: q.arg, ttl=900.0, needs_zone=False))
+register_source(Source("url", _fetch_url, cache_key=lambda q: q.arg, ttl=900.0, needs_zone=False, uses_zone=False))
 
 
 # ---- Electricity Maps v3 -----------------------------------------------------------------------------------------
@@ -1615,13 +1660,16 @@ def _ukgrid_where(query: Query) -> str:
 
 
 def _ukgrid_key(query: Query) -> Hashable:
+    """Checks the zone too: the key is computed before the cache is asked, so a cached British forecast can
+    never be handed to a job elsewhere."""
+    zone = grid_zone_for(query)
+    if zone != "GB" and (zone is not None or query.zone is not None):
+        raise SourceError(f"ukgrid covers Great Britain only, not {zone or query.zone}")
     return base_url("UKGRID_API_URL", UKGRID_BASE_URL), _ukgrid_where(query)
 
 
 def _fetch_ukgrid(query: Query) -> Forecast:
-    zone = grid_zone_for(query)
-    if zone != "GB" and (zone is not None or query.zone is not None):
-        raise SourceError(f"ukgrid covers Great Britain only, not {zone or query.zone}")
+    _ukgrid_key(query)  # the zone check, for callers that skip the cache
     start = query.now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
     where = _ukgrid_where(query)
     path = f"/regional/intensity/{start}/fw48h/{where}" if where else f"/intensity/{start}/fw48h"
@@ -1955,17 +2003,19 @@ def _plan(request: _Request) -> Plan:
 
 
 def _plan_with_sources(request: _Request, now: datetime) -> Plan:
-    zone = request.zone or detect_cloud_zone()
-    grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
     spec = _source_spec(request)
+    zone = request.zone or (detect_cloud_zone() if _uses_zone(spec) else None)
+    grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
     query = Query(
         zone, grid_zone, now, request.window, request.duration, request.timeout, fixed_now=request.now is not None
     )
     failures: list[str] = []
+    zone_missing = False
     for label, attempt in _attempts(spec, query):
         try:
             plan = _plan_from(attempt(), label, query, request.min_savings)
         except _NoZone:
+            zone_missing = True
             continue
         except SourceError as error:
             failures.append(f"{label}: {error}")
@@ -1973,12 +2023,18 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
         if failures:
             plan = replace(plan, detail=f"{plan.detail}; after {'; '.join(failures)}", fallbacks=tuple(failures))
         return plan
-    if zone is None and grid_zone is None:
-        detail = "no cloud zone: give provider and region (or set CARBONAWARE_PROVIDER/CARBONAWARE_REGION)"
-        if failures:
-            detail += f"; {'; '.join(failures)}"
-        return _run_now(request, now, None, "-", "no-zone", detail)
-    return _run_now(request, now, zone, "-", "source-failed", "; ".join(failures) or "no source answered")
+    no_zone = "no cloud zone: give provider and region (or set CARBONAWARE_PROVIDER/CARBONAWARE_REGION)"
+    if zone_missing and not failures:
+        return _run_now(request, now, None, "-", "no-zone", no_zone)
+    detail = "; ".join([*failures, *([no_zone] if zone_missing else [])]) or "no source answered"
+    return _run_now(request, now, zone, "-", "source-failed", detail)
+
+
+def _uses_zone(spec: Any) -> bool:
+    """Whether any source in ``spec`` would use a cloud zone: if none would, nothing probes the network for it."""
+    if isinstance(spec, str):
+        return any(SOURCES[name].uses_zone for name, _arg in _expand_chain(spec))
+    return callable(spec)  # a callable is handed the zone; a plain list of points is not
 
 
 def _attempts(spec: Any, query: Query) -> Iterator[tuple[str, Callable[[], SourceResult]]]:
@@ -2009,15 +2065,19 @@ def _cached_fetch(source: Source, query: Query) -> Callable[[], SourceResult]:
         if source.needs_zone and query.zone is None and query.grid_zone is None:
             raise _NoZone("no cloud zone")
         if source.cache_key is None:
-            return _usable(source.fetch(query), query.now)
-        CACHE.check_not_blocked(source.name)
-        try:
-            key = (source.name, source.cache_key(query))
-            result: SourceResult = CACHE.get(key, lambda: _usable(source.fetch(query), query.now), ttl=source.ttl)
-        except SourceError as error:
-            if error.retry_after:  # a provider that asks for a pause gets it, whatever we would ask next
-                CACHE.block(source.name, error)
-            raise
+            return source.fetch(query)
+        key = (source.name, source.cache_key(query), query.now if query.fixed_now else None)  # replays apart
+
+        def fetch_once() -> SourceResult:
+            CACHE.check_not_blocked(source.name)  # only a caller about to send a request is held back
+            try:
+                return _usable(source.fetch(query), query.now)
+            except SourceError as error:
+                if error.retry_after:  # a provider that asks for a pause gets it, whatever we would ask next
+                    CACHE.block(source.name, error)
+                raise
+
+        result: SourceResult = CACHE.get(key, fetch_once, ttl=source.ttl, wait=query.timeout + 1.0)
         return result
 
     return fetch
@@ -2219,7 +2279,8 @@ class _Waiter:
     def replan(self) -> None:
         now = CLOCK.time()
         self.next_replan = now + self.request.replan_every.total_seconds()
-        reference = self.planned_from + timedelta(seconds=now - self.called_at)
+        replay = self.request.now is not None  # a replay keeps its own clock; live waits ask about the real now
+        reference = self.planned_from + timedelta(seconds=now - self.called_at) if replay else None
         fresh = _plan(replace(self.request, window=timedelta(seconds=self.deadline - now), now=reference))
         if fresh.reason in ("no-zone", "source-failed", "disabled"):
             self.request.log.debug("carbonaware: re-plan gave no answer (%s); keeping the start", fresh.detail)
