@@ -99,10 +99,14 @@ def _settings(
     delay_on_retry = options.get("delay_on_retry", False)
     if not isinstance(delay_on_retry, bool):
         raise TypeError(f"delay_on_retry must be a bool, not {type(delay_on_retry).__name__}")
-    artifact = options.get("artifact", True)
+    artifact = _artifact_option(options.get("artifact", True))
+    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact)
+
+
+def _artifact_option(artifact: Any) -> bool | str:
     if not isinstance(artifact, (bool, str)) or (isinstance(artifact, str) and not _ARTIFACT_KEY.match(artifact)):
         raise ValueError(f"artifact must be True, False or a key of lowercase letters, digits and dashes: {artifact!r}")
-    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact)
+    return artifact
 
 
 def _split_options(kwargs: dict[str, Any], names: frozenset[str] = LIBRARY_OPTIONS) -> dict[str, Any]:
@@ -117,24 +121,30 @@ def _split_options(kwargs: dict[str, Any], names: frozenset[str] = LIBRARY_OPTIO
 
 @dataclass(frozen=True)
 class _Run:
-    """The innermost task or flow run: what decides retries, the timeout cap, logging and artifacts."""
+    """The innermost task or flow run (retries, logging, artifacts) and the nearest timeout around it."""
 
     name: str
     run_count: int
-    timeout: float | None
-    elapsed: float  # seconds of this attempt already spent: the timeout clock started then
+    time_left: float | None  # seconds until the nearest timeout (the task's or its flow's); None: no timeout
 
 
 def _current_run() -> _Run | None:
-    task_ctx = TaskRunContext.get()
+    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    flow_run = flow_ctx.flow_run if flow_ctx is not None else None
+    flow = flow_ctx.flow if flow_ctx is not None else None
+    flow_left = _time_left(flow.timeout_seconds, flow_run.state) if flow and flow_run else None
     if task_ctx is not None:
-        state = task_ctx.task_run.state
-        return _Run(task_ctx.task.name, task_ctx.task_run.run_count, task_ctx.task.timeout_seconds, _elapsed(state))
-    flow_ctx = FlowRunContext.get()
-    if flow_ctx is not None and flow_ctx.flow_run is not None and flow_ctx.flow is not None:
-        run, flow = flow_ctx.flow_run, flow_ctx.flow
-        return _Run(flow.name, run.run_count, flow.timeout_seconds, _elapsed(run.state))
+        task_left = _time_left(task_ctx.task.timeout_seconds, task_ctx.task_run.state)
+        lefts = [left for left in (task_left, flow_left) if left is not None]
+        return _Run(task_ctx.task.name, task_ctx.task_run.run_count, min(lefts) if lefts else None)
+    if flow is not None and flow_run is not None:
+        return _Run(flow.name, flow_run.run_count, flow_left)
     return None
+
+
+def _time_left(timeout: float | None, state: State | None) -> float | None:
+    """Seconds of ``timeout`` left in this attempt: its clock started when the run entered Running."""
+    return None if timeout is None else timeout - _elapsed(state)
 
 
 def _elapsed(state: State | None) -> float:
@@ -156,23 +166,25 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _run_now(settings: _Settings, window: timedelta, detail: str) -> Plan:
-    """A plan that does not wait, for the cases decided here without asking a source (the wait is disabled for
-    this attempt)."""
-    return core.immediate_plan("disabled", detail, window=window, duration=settings.duration)
+def _skip_plan(settings: _Settings, window: timedelta, detail: str, reason: str = "disabled") -> Plan:
+    """A plan that does not wait, decided here without asking a source: the wait is disabled for this attempt
+    (a retry, no room before the timeout), or ``source-failed`` when something broke."""
+    return core.immediate_plan(reason, detail, window=window, duration=settings.duration)
 
 
-def _prepare(settings: _Settings, loop: asyncio.AbstractEventLoop | None) -> Plan | tuple[timedelta, dict[str, Any]]:
+def _plan_for_run(
+    settings: _Settings, loop: asyncio.AbstractEventLoop | None
+) -> Plan | tuple[timedelta, dict[str, Any]]:
     """Either a plan that does not wait (a retry, no room before the timeout), or the core's window and options."""
     run = _current_run()
     logger = settings.options.get("logger") or _run_logger()
     window = settings.window
     if run is not None and run.run_count > 1 and not settings.delay_on_retry:
         return _skip(settings, window, f"attempt {run.run_count} of {run.name}: retries run at once", logger)
-    if run is not None and run.timeout is not None:
-        room = timedelta(seconds=run.timeout - run.elapsed) - settings.duration
+    if run is not None and run.time_left is not None:
+        room = timedelta(seconds=run.time_left) - settings.duration
         if room <= timedelta(0):
-            detail = f"timeout_seconds={run.timeout:g} leaves no room to wait before a {settings.duration} job"
+            detail = f"the timeout ({run.time_left:.0f}s left) leaves no room to wait before a {settings.duration} job"
             return _skip(settings, window, detail, logger)
         window = min(window, room)
     options = {**settings.options, "logger": logger}
@@ -185,7 +197,7 @@ def _prepare(settings: _Settings, loop: asyncio.AbstractEventLoop | None) -> Pla
 def _skip(
     settings: _Settings, window: timedelta, detail: str, logger: logging.Logger | logging.LoggerAdapter[Any]
 ) -> Plan:
-    plan = _run_now(settings, window, detail)
+    plan = _skip_plan(settings, window, detail)
     logger.info(core.describe(plan))
     return plan
 
@@ -193,7 +205,7 @@ def _skip(
 def _delay_sync(settings: _Settings) -> Plan:
     """Wait in this thread (in chunks, so Prefect's timeout lands); never raises an ``Exception``."""
     try:
-        prepared = _prepare(settings, None)
+        prepared = _plan_for_run(settings, None)
         if isinstance(prepared, Plan):
             return prepared
         window, options = prepared
@@ -205,7 +217,7 @@ def _delay_sync(settings: _Settings) -> Plan:
 async def _delay_async(settings: _Settings) -> Plan:
     """Wait without blocking the event loop; never raises an ``Exception``."""
     try:
-        prepared = _prepare(settings, asyncio.get_running_loop())
+        prepared = _plan_for_run(settings, asyncio.get_running_loop())
         if isinstance(prepared, Plan):
             return prepared
         window, options = prepared
@@ -216,7 +228,7 @@ async def _delay_async(settings: _Settings) -> Plan:
 
 def _failed(settings: _Settings, exc: Exception) -> Plan:
     detail = f"internal error: {type(exc).__name__}: {exc}"
-    plan = _run_now(settings, settings.window, detail)
+    plan = _skip_plan(settings, settings.window, detail, reason="source-failed")
     _run_logger().warning(core.describe(plan))
     return plan
 
@@ -426,32 +438,37 @@ def carbonaware_delay_task(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _decide(
+def _plan_deployment(
     window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
 ) -> Plan:
     """``plan_delay`` (which logs the decision and applies CARBONAWARE_DRY_RUN) with the run logger."""
     return plan_delay(window, duration, provider, region, **{"logger": _run_logger(), **options})
 
 
-def _deployment_options(run_kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Take the core options out of ``run_kwargs``; ``timeout`` there would be ambiguous, so it is refused."""
-    for name in ("scheduled_time", "timeout"):
+def _deployment_options(run_kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool | str]:
+    """Take the library's options out of ``run_kwargs`` (which go to ``run_deployment``): the core's, and
+    ``artifact``. The created run is tagged so that it never reschedules itself again."""
+    for name in ("scheduled_time", "timeout", "delay_on_retry"):
         if name in run_kwargs:
             raise TypeError(
-                f"{name!r} is set by carbonaware_run_deployment (the best start, and 0: nothing waits for the run); "
-                "to wait for the run to finish, use prefect.flow_runs.wait_for_flow_run(flow_run.id)"
+                f"{name!r} does not apply here: carbonaware_run_deployment sets the start itself and returns at once "
+                "(nothing waits, so nothing is retried); to wait for the run, use "
+                "prefect.flow_runs.wait_for_flow_run(flow_run.id)"
             )
-    return _split_options(run_kwargs, core.OPTIONS)
+    options = _split_options(run_kwargs, core.OPTIONS)
+    artifact = _artifact_option(run_kwargs.pop("artifact", True))
+    run_kwargs["tags"] = [*run_kwargs.get("tags", ()), RESCHEDULED_TAG]
+    return options, artifact
 
 
-def _announce(plan: Plan, flow_run: FlowRun, name: str | UUID) -> None:
+def _announce(plan: Plan, flow_run: FlowRun, name: str | UUID, artifact: bool | str) -> None:
     """Say which run was created for when (the decision itself was logged by ``plan_delay``); inside a run,
-    publish the decision as an artifact too."""
+    publish the decision as an artifact too, unless switched off."""
     logger = _run_logger()
     when = plan.to_dict()["start"] if plan.waits else "now"
     logger.info("carbonaware: flow run %r of %s scheduled for %s", flow_run.name, name, when)
-    if _current_run() is not None:
-        _publish(plan, "carbonaware-deployment", None, logger)
+    if _current_run() is not None and artifact:
+        _publish(plan, artifact if isinstance(artifact, str) else "carbonaware-deployment", None, logger)
 
 
 def carbonaware_run_deployment(
@@ -469,13 +486,13 @@ def carbonaware_run_deployment(
     ``run_kwargs`` go to ``prefect.deployments.run_deployment`` (tags, flow_run_name, job_variables, as_subflow, ...);
     library options (``source``, ``min_savings``, ...) are recognised by name.
     """
-    options = _deployment_options(run_kwargs)
-    plan = _decide(window, duration, provider, region, options)
+    options, artifact = _deployment_options(run_kwargs)
+    plan = _plan_deployment(window, duration, provider, region, options)
     scheduled = plan.start if plan.waits else None
     # _sync: this function is sync even when called inside an async flow (async callers: the "a" variant).
     schedule = cast(Any, run_deployment)
     flow_run = schedule(name, parameters=parameters, scheduled_time=scheduled, timeout=0, _sync=True, **run_kwargs)
-    _announce(plan, flow_run, name)
+    _announce(plan, flow_run, name, artifact)
     return flow_run, plan
 
 
@@ -489,11 +506,11 @@ async def acarbonaware_run_deployment(
     **run_kwargs: Any,
 ) -> tuple[FlowRun, Plan]:
     """As ``carbonaware_run_deployment``, for async code (planning runs in a worker thread)."""
-    options = _deployment_options(run_kwargs)
-    plan = await asyncio.to_thread(_decide, window, duration, provider, region, options)
+    options, artifact = _deployment_options(run_kwargs)
+    plan = await asyncio.to_thread(_plan_deployment, window, duration, provider, region, options)
     scheduled = plan.start if plan.waits else None
     flow_run = await arun_deployment(name, parameters=parameters, scheduled_time=scheduled, timeout=0, **run_kwargs)
-    await asyncio.to_thread(_announce, plan, flow_run, name)
+    await asyncio.to_thread(_announce, plan, flow_run, name, artifact)
     return flow_run, plan
 
 
@@ -525,7 +542,7 @@ def _handover(
     if RESCHEDULED_TAG in run.tags or run.run_count > 1:
         logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
         return None
-    plan = _decide(window, duration, provider, region, options)  # logs the decision
+    plan = _plan_deployment(window, duration, provider, region, options)  # logs the decision
     if not plan.waits:
         return None
     kwargs = {

@@ -409,6 +409,25 @@ def test_flow_timeout_caps_the_wait_of_a_decorated_flow(scheduler: Scheduler) ->
     assert scheduler.requests == []
 
 
+def test_the_flows_timeout_caps_the_wait_of_a_task_inside_it(scheduler: Scheduler) -> None:
+    @task  # no timeout of its own
+    @cp.carbonaware_delay_decorator(window=timedelta(hours=1), duration=timedelta(seconds=2), **ZONE)
+    def job() -> float:
+        return time.time()
+
+    scheduler.offset = 60.0  # the scheduler wants a minute; the flow's 6 s timeout leaves about 4 s
+
+    @flow(timeout_seconds=6)
+    def pipeline() -> tuple[float, float]:
+        return time.time(), job()
+
+    called, began = pipeline()  # completes: the wait was capped by the flow's timeout, not cut by it
+    assert began - called < 5.0
+    window = scheduler.requests[0].json()["windows"][0]
+    asked = datetime.fromisoformat(window["end"]) - datetime.fromisoformat(window["start"])
+    assert asked <= timedelta(seconds=4.5)
+
+
 def test_decorator_above_task_waits_in_the_flow(scheduler: Scheduler) -> None:
     @cp.carbonaware_delay_decorator(window=WINDOW, duration=DURATION, **ZONE)
     @task
@@ -628,6 +647,7 @@ def test_run_deployment_schedules_the_run_at_the_best_start(scheduler: Scheduler
     assert flow_run.state is not None and flow_run.state.is_scheduled()
     assert flow_run.state.state_details.scheduled_time.timestamp() == pytest.approx(plan.start.timestamp(), abs=0.01)
     assert flow_run.parameters == {"label": "x"} and "t" in flow_run.tags
+    assert cp.RESCHEDULED_TAG in flow_run.tags  # already placed at its best start: it never moves again
 
     def finished() -> FlowRun | None:
         runs = read_runs(served.deployment_ids[0])
@@ -653,6 +673,11 @@ def test_async_run_deployment_only_schedules(scheduler: Scheduler) -> None:
     assert flow_run.state.state_details.scheduled_time.timestamp() == pytest.approx(plan.start.timestamp(), abs=0.01)
     with pytest.raises(TypeError, match="timeout"):
         cp.carbonaware_run_deployment("carbonaware-scheduled/unserved", timeout=60, **ZONE)
+    with pytest.raises(TypeError, match="delay_on_retry"):
+        cp.carbonaware_run_deployment("carbonaware-scheduled/unserved", delay_on_retry=True, **ZONE)
+    with pytest.raises(ValueError, match="artifact"):
+        cp.carbonaware_run_deployment("carbonaware-scheduled/unserved", artifact="Not A Key", **ZONE)
+    assert len(scheduler.requests) == 1  # argument errors raise before anything is planned
 
 
 def test_deployment_runs_hand_themselves_over_to_later_runs(scheduler: Scheduler, serve: Callable[..., Served]) -> None:
