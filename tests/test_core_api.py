@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 import carbonaware_core as core
 from carbonaware_core import CloudZone, ForecastPoint, Plan, carbonaware_delay, carbonaware_delay_async, plan_delay
+from tests.fake_providers import fake_clock
 from tests.loopback import FakeClock, HostedScheduler, Reply, serving
 
 BASE = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -25,9 +26,7 @@ W, D = timedelta(hours=6), timedelta(minutes=30)
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock(BASE)
-    monkeypatch.setattr(core, "CLOCK", fake)
-    return fake
+    return fake_clock(monkeypatch, BASE)
 
 
 @pytest.fixture

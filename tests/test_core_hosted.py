@@ -15,6 +15,7 @@ import pytest
 
 import carbonaware_core as core
 from carbonaware_core import carbonaware_delay, plan_delay
+from tests.fake_providers import fake_clock
 from tests.loopback import FakeClock, HostedScheduler, LoopbackServer, Reply, black_hole, fastapi_422, serving
 
 BASE = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -54,9 +55,7 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock(BASE)
-    monkeypatch.setattr(core, "CLOCK", fake)
-    return fake
+    return fake_clock(monkeypatch, BASE)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 
 import carbonaware_core as core
 from carbonaware_core import ForecastPoint, carbonaware_delay, carbonaware_delay_async
+from tests.fake_providers import fake_clock
 from tests.loopback import FakeClock, HostedScheduler, serving
 
 BASE = datetime(2025, 6, 1, 12, 0, tzinfo=timezone.utc)
@@ -22,9 +23,7 @@ HOUR = timedelta(hours=1)
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
-    fake = FakeClock(BASE)
-    monkeypatch.setattr(core, "CLOCK", fake)
-    return fake
+    return fake_clock(monkeypatch, BASE)
 
 
 @pytest.fixture
