@@ -2249,11 +2249,14 @@ def _prepare(
     return request, plan, called_at
 
 
-def _wake_at(plan: Plan, request: _Request, called_at: float) -> float:
-    """Wall-clock second to start: never past called_at + window, whatever the plan says."""
+def _wake_at(plan: Plan, request: _Request, planned_at: float, deadline: float) -> float:
+    """Wall-clock second to start, never past ``deadline``. A live plan's start is a real moment (its own
+    ``now`` was read a little after ``planned_at``, so adding the delay to ``planned_at`` would start early);
+    a replay's start is in its own time, so its delay counts from ``planned_at``."""
     if not plan.waits:
-        return called_at
-    return called_at + min(plan.delay, request.window).total_seconds()
+        return planned_at
+    start = plan.start.timestamp() if request.now is None else planned_at + plan.delay.total_seconds()
+    return min(start, deadline)
 
 
 class _Waiter:
@@ -2263,7 +2266,7 @@ class _Waiter:
     def __init__(self, request: _Request, plan: Plan, called_at: float) -> None:
         self.request, self.plan, self.called_at = request, plan, called_at
         self.deadline = called_at + request.window.total_seconds()
-        self.wake_at = _wake_at(plan, request, called_at)
+        self.wake_at = _wake_at(plan, request, called_at, self.deadline)
         self.planned_from = plan.start - plan.delay
         enabled = request.replan if request.replan is not None else plan.delay > REPLAN_AFTER
         self.next_replan = called_at + request.replan_every.total_seconds() if enabled and plan.waits else math.inf
@@ -2285,7 +2288,7 @@ class _Waiter:
         if fresh.reason in ("no-zone", "source-failed", "disabled"):
             self.request.log.debug("carbonaware: re-plan gave no answer (%s); keeping the start", fresh.detail)
             return
-        wake_at = min(now + fresh.delay.total_seconds(), self.deadline)
+        wake_at = _wake_at(fresh, self.request, now, self.deadline)
         if abs(wake_at - self.wake_at) >= 60:
             self.request.log.info(
                 "carbonaware: re-planned with a fresher forecast: start moves from %s to %s",

@@ -92,6 +92,32 @@ def test_planning_longer_than_the_window_means_no_wait_at_all(clock: FakeClock) 
     assert clock.sleeps == []
 
 
+class LaggingClock(FakeClock):
+    """Five seconds pass between reading the time and reading the date, as planning work does in real life."""
+
+    def now(self) -> datetime:
+        self.advance(5.0)
+        return super().now()
+
+
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+def test_a_live_wait_never_starts_before_the_planned_moment(
+    monkeypatch: pytest.MonkeyPatch, asynchronous: bool
+) -> None:
+    """The plan's own ``now`` is read after the call began; the start is a real moment, not a delay from the call."""
+    clock = LaggingClock(BASE)
+    monkeypatch.setattr(core, "CLOCK", clock)
+    args = (6 * HOUR, timedelta(minutes=30), "aws", "us-east-1")
+    source = changing(trough_at(5 * HOUR), trough_at(timedelta(minutes=40)))  # the re-plan moves the start too
+    if asynchronous:
+        plan = asyncio.run(carbonaware_delay_async(*args, source=source))
+    else:
+        plan = carbonaware_delay(*args, source=source)
+    assert len(source.calls) >= 2
+    assert plan.start == BASE + timedelta(minutes=40)
+    assert math.isclose(clock.time(), plan.start.timestamp(), abs_tol=1e-3)  # not five seconds early
+
+
 def test_a_clock_jump_ends_the_wait(clock: FakeClock) -> None:
     """Wall clock, not a countdown: after a suspend/resume the wait ends at the planned moment, not later."""
     calls = []
