@@ -64,6 +64,7 @@ RESCHEDULED_TAG = "carbonaware-rescheduled"  # a run carrying it was already mov
 PREFECT_OPTIONS = frozenset({"delay_on_retry", "artifact"})
 LIBRARY_OPTIONS = core.OPTIONS | PREFECT_OPTIONS  # recognised by name among task and run_deployment kwargs
 ARTIFACT_TIMEOUT_SECONDS = 30.0
+TIMEOUT_MARGIN_SECONDS = 2.0  # a delay task returns this long before its own timeout
 _ARTIFACT_KEY = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
 log = core.logger
@@ -88,10 +89,17 @@ class _Settings:
     options: Mapping[str, Any]  # core options, as given
     delay_on_retry: bool = False
     artifact: bool | str = True  # False: none; a string: the artifact key
+    job_inside: bool = True  # the job runs in this run after the wait (decorator), not in a later task (factory)
 
 
 def _settings(
-    window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
+    window: timedelta,
+    duration: timedelta,
+    provider: str | None,
+    region: str | None,
+    options: Mapping[str, Any],
+    *,
+    job_inside: bool = True,
 ) -> _Settings:
     """Split Prefect options from core options and raise every argument error now, not at run time."""
     core_options = {k: v for k, v in options.items() if k not in PREFECT_OPTIONS}
@@ -100,7 +108,7 @@ def _settings(
     if not isinstance(delay_on_retry, bool):
         raise TypeError(f"delay_on_retry must be a bool, not {type(delay_on_retry).__name__}")
     artifact = _artifact_option(options.get("artifact", True))
-    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact)
+    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact, job_inside)
 
 
 def _artifact_option(artifact: Any) -> bool | str:
@@ -121,11 +129,23 @@ def _split_options(kwargs: dict[str, Any], names: frozenset[str] = LIBRARY_OPTIO
 
 @dataclass(frozen=True)
 class _Run:
-    """The innermost task or flow run (retries, logging, artifacts) and the nearest timeout around it."""
+    """The innermost task or flow run (retries, logging, artifacts), its flow's attempt, and the timeouts around
+    it: the run's own and its flow's are kept apart, since a delay task's job runs after the task, not in it."""
 
     name: str
     run_count: int
-    time_left: float | None  # seconds until the nearest timeout (the task's or its flow's); None: no timeout
+    flow_name: str | None = None
+    flow_run_count: int = 1
+    own_left: float | None = None  # seconds until this run's own timeout; None: no timeout
+    flow_left: float | None = None  # seconds until the enclosing flow's timeout (a task inside a flow)
+
+    def retry(self) -> str | None:
+        """Which attempt this is, when it is not the first -- of this run or of the flow around it."""
+        if self.run_count > 1:
+            return f"attempt {self.run_count} of {self.name}"
+        if self.flow_run_count > 1:
+            return f"attempt {self.flow_run_count} of flow {self.flow_name}"
+        return None
 
 
 def _current_run() -> _Run | None:
@@ -134,12 +154,33 @@ def _current_run() -> _Run | None:
     flow = flow_ctx.flow if flow_ctx is not None else None
     flow_left = _time_left(flow.timeout_seconds, flow_run.state) if flow and flow_run else None
     if task_ctx is not None:
-        task_left = _time_left(task_ctx.task.timeout_seconds, task_ctx.task_run.state)
-        lefts = [left for left in (task_left, flow_left) if left is not None]
-        return _Run(task_ctx.task.name, task_ctx.task_run.run_count, min(lefts) if lefts else None)
+        return _Run(
+            task_ctx.task.name,
+            task_ctx.task_run.run_count,
+            flow.name if flow is not None else None,
+            flow_run.run_count if flow_run is not None else 1,
+            _time_left(task_ctx.task.timeout_seconds, task_ctx.task_run.state),
+            flow_left,
+        )
     if flow is not None and flow_run is not None:
-        return _Run(flow.name, flow_run.run_count, flow_left)
+        return _Run(flow.name, flow_run.run_count, own_left=flow_left)
     return None
+
+
+def _room(run: _Run, settings: _Settings) -> float | None:
+    """Seconds the wait may take before a timeout, or None when no timeout applies.
+
+    The job must still fit after the wait inside every run that holds it: with the decorator that is this run and
+    its flow; with the delay task it is only the flow, and the task itself just has to return before its own
+    timeout (``TIMEOUT_MARGIN_SECONDS`` to spare, so the returned plan is not cut off).
+    """
+    job = settings.duration.total_seconds()
+    limits = []
+    if run.own_left is not None:
+        limits.append(run.own_left - job if settings.job_inside else run.own_left - TIMEOUT_MARGIN_SECONDS)
+    if run.flow_left is not None:
+        limits.append(run.flow_left - job)
+    return min(limits) if limits else None
 
 
 def _time_left(timeout: float | None, state: State | None) -> float | None:
@@ -169,7 +210,8 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
 def _skip_plan(settings: _Settings, window: timedelta, detail: str, reason: str = "disabled") -> Plan:
     """A plan that does not wait, decided here without asking a source: the wait is disabled for this attempt
     (a retry, no room before the timeout), or ``source-failed`` when something broke."""
-    return core.immediate_plan(reason, detail, window=window, duration=settings.duration)
+    zone = CloudZone(settings.provider, settings.region) if settings.provider and settings.region else None
+    return core.immediate_plan(reason, detail, window=window, duration=settings.duration, zone=zone)
 
 
 def _plan_for_run(
@@ -178,27 +220,29 @@ def _plan_for_run(
     """Either a plan that does not wait (a retry, no room before the timeout), or the core's window and options."""
     run = _current_run()
     logger = settings.options.get("logger") or _run_logger()
-    window = settings.window
-    if run is not None and run.run_count > 1 and not settings.delay_on_retry:
-        return _skip(settings, window, f"attempt {run.run_count} of {run.name}: retries run at once", logger)
-    if run is not None and run.time_left is not None:
-        room = timedelta(seconds=run.time_left) - settings.duration
-        if room <= timedelta(0):
-            detail = f"the timeout ({run.time_left:.0f}s left) leaves no room to wait before a {settings.duration} job"
-            return _skip(settings, window, detail, logger)
-        window = min(window, room)
     options = {**settings.options, "logger": logger}
     if run is not None and settings.artifact:
         key = settings.artifact if isinstance(settings.artifact, str) else _artifact_key(run.name)
         options["on_plan"] = _artifact_hook(key, loop, logger, settings.options.get("on_plan"))
+    if run is None:
+        return settings.window, options
+    if (attempt := run.retry()) is not None and not settings.delay_on_retry:
+        return _skip(settings, settings.window, f"{attempt}: retries run at once", options)
+    window, room = settings.window, _room(run, settings)
+    if room is not None and room <= 0:
+        job = f" and the {settings.duration.total_seconds():.0f}s job" if settings.job_inside else ""
+        return _skip(settings, window, f"no room before the timeout for a wait{job}", options)
+    if room is not None:
+        window = min(window, timedelta(seconds=room))
     return window, options
 
 
-def _skip(
-    settings: _Settings, window: timedelta, detail: str, logger: logging.Logger | logging.LoggerAdapter[Any]
-) -> Plan:
+def _skip(settings: _Settings, window: timedelta, detail: str, options: Mapping[str, Any]) -> Plan:
+    """Log and report (artifact, ``on_plan``) a decision not to wait, as the core does for its own."""
     plan = _skip_plan(settings, window, detail)
-    logger.info(core.describe(plan))
+    options["logger"].info(core.describe(plan))
+    if (on_plan := options.get("on_plan")) is not None:
+        on_plan(plan)
     return plan
 
 
@@ -217,7 +261,8 @@ def _delay_sync(settings: _Settings) -> Plan:
 async def _delay_async(settings: _Settings) -> Plan:
     """Wait without blocking the event loop; never raises an ``Exception``."""
     try:
-        prepared = _plan_for_run(settings, asyncio.get_running_loop())
+        # In a thread (context variables go along): a skipped wait's artifact must not block the event loop.
+        prepared = await asyncio.to_thread(_plan_for_run, settings, asyncio.get_running_loop())
         if isinstance(prepared, Plan):
             return prepared
         window, options = prepared
@@ -352,6 +397,8 @@ def _wrap(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
         wrapper = _sync_wrapper(fn, settings)
     # A Task or Flow object's attributes must not be copied onto a plain function.
     functools.update_wrapper(wrapper, fn, updated=() if target is not fn else functools.WRAPPER_UPDATES)
+    if not hasattr(fn, "__name__"):  # functools.partial and other callables: name the task after the function
+        wrapper.__name__ = wrapper.__qualname__ = getattr(getattr(fn, "func", None), "__name__", type(fn).__name__)
     wrapper.__prefect_task_source__ = fn  # type: ignore[attr-defined] # Prefect: task key and cache from fn's code
     return wrapper
 
@@ -421,7 +468,7 @@ def carbonaware_delay_task(
     recognised by name: the core's (``source``, ``min_savings``, ...) plus ``delay_on_retry`` and ``artifact``.
     """
     options = _split_options(task_kwargs)
-    settings = _settings(window, duration, provider, region, options)
+    settings = _settings(window, duration, provider, region, options, job_inside=False)
     task_kwargs.setdefault("name", "carbonaware-delay")
     if "cache_policy" not in task_kwargs and "cache_key_fn" not in task_kwargs:
         task_kwargs["cache_policy"] = NO_CACHE  # a wait served from a cache would not wait
@@ -457,7 +504,7 @@ def _deployment_options(run_kwargs: dict[str, Any]) -> tuple[dict[str, Any], boo
             )
     options = _split_options(run_kwargs, core.OPTIONS)
     artifact = _artifact_option(run_kwargs.pop("artifact", True))
-    run_kwargs["tags"] = [*run_kwargs.get("tags", ()), RESCHEDULED_TAG]
+    run_kwargs["tags"] = [*(run_kwargs.get("tags") or ()), RESCHEDULED_TAG]
     return options, artifact
 
 
@@ -558,12 +605,13 @@ def _handover(
     return _Handover(run.deployment_id, kwargs, plan)
 
 
-def _handed_over(handover: _Handover, new_run: FlowRun) -> State[Any]:
+def _handed_over(handover: _Handover, new_run: FlowRun, artifact: bool | str) -> State[Any]:
     start = handover.plan.to_dict()["start"]
     message = f"carbonaware: handed over to flow run {new_run.name!r} scheduled at {start}"
     logger = _run_logger()
     logger.info(message)
-    _publish(handover.plan, "carbonaware-reschedule", None, logger)
+    if artifact:
+        _publish(handover.plan, artifact if isinstance(artifact, str) else "carbonaware-reschedule", None, logger)
     return Completed(name="Rescheduled", message=message)
 
 
@@ -585,7 +633,9 @@ def reschedule_current_flow_run(
 
     The new run has the same parameters, work queue and job variables plus the tag ``carbonaware-rescheduled``,
     which keeps it from rescheduling again. Any failure to create it is logged and the current run goes on.
+    ``artifact`` (default True: key ``carbonaware-reschedule``; False for none, or a key) reports the decision.
     """
+    artifact = _artifact_option(options.pop("artifact", True))
     handover = _handover(window, duration, provider, region, options)
     if handover is None:
         return None
@@ -596,7 +646,7 @@ def reschedule_current_flow_run(
             "carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc
         )
         return None
-    return _handed_over(handover, new_run)
+    return _handed_over(handover, new_run, artifact)
 
 
 async def areschedule_current_flow_run(
@@ -607,6 +657,7 @@ async def areschedule_current_flow_run(
     **options: Any,
 ) -> State[Any] | None:
     """As ``reschedule_current_flow_run``, for async flows."""
+    artifact = _artifact_option(options.pop("artifact", True))
     handover = await asyncio.to_thread(_handover, window, duration, provider, region, options)
     if handover is None:
         return None
@@ -617,4 +668,4 @@ async def areschedule_current_flow_run(
             "carbonaware: could not create the later run (%s: %s); running now", type(exc).__name__, exc
         )
         return None
-    return await asyncio.to_thread(_handed_over, handover, new_run)
+    return await asyncio.to_thread(_handed_over, handover, new_run, artifact)

@@ -44,7 +44,9 @@ def handover_flow(label: str) -> State | str:
 @flow(name="carbonaware-handover-async")
 async def handover_flow_async(label: str) -> State | str:
     """The same for async flows."""
-    handed_over = await areschedule_current_flow_run(window=WINDOW, duration=DURATION, **ZONE)
+    handed_over = await areschedule_current_flow_run(
+        window=WINDOW, duration=DURATION, artifact="handover-async", **ZONE
+    )
     if handed_over is not None:
         return handed_over
     return label

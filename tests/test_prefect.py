@@ -6,6 +6,7 @@ Waits are real (about a second each) where the test is about timing; nothing in 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import os
@@ -163,6 +164,16 @@ def test_argument_errors_raise_when_built(kwargs: dict[str, Any], error: type[Ex
         cp.carbonaware_delay_task(**kwargs)
 
 
+def scale(factor: int, value: int) -> int:
+    return factor * value
+
+
+def test_a_partial_is_named_after_its_function() -> None:
+    delayed = cp.carbonaware_delay_decorator(window=WINDOW, **ZONE)(functools.partial(scale, 2))
+    assert delayed.__name__ == "scale"
+    assert task(delayed).name == "scale"
+
+
 def test_original_positional_order_region_then_provider_still_works() -> None:
     built = cp.carbonaware_delay_task(WINDOW, DURATION, "us-east-1", "aws")  # the original took region first
     assert built.name == "carbonaware-delay"
@@ -269,7 +280,7 @@ def test_artifact_can_be_switched_off_or_renamed(scheduler: Scheduler) -> None:
 def test_retries_run_at_once(scheduler: Scheduler) -> None:
     attempts: list[float] = []
 
-    @task(retries=1)
+    @task(retries=1, name="flaky-once")
     @cp.carbonaware_delay_decorator(window=WINDOW, duration=DURATION, **ZONE)
     def flaky() -> int:
         attempts.append(time.time())
@@ -285,6 +296,28 @@ def test_retries_run_at_once(scheduler: Scheduler) -> None:
     assert pipeline() == 2
     assert len(scheduler.requests) == 1
     assert attempts[1] - attempts[0] < scheduler.offset
+    artifact = Artifact.get("carbonaware-flaky-once")  # the retry's decision is reported like any other
+    assert artifact is not None and artifact.description is not None
+    assert "attempt 2 of flaky-once: retries run at once" in artifact.description
+    assert "aws:us-east-1" in artifact.description  # the zone it was given, not "unknown zone"
+
+
+def test_a_flow_retry_does_not_wait_again(scheduler: Scheduler) -> None:
+    """Prefect gives a retried flow new task runs (run_count 1 again); the flow's attempt counts too."""
+    began: list[float] = []
+
+    @flow(retries=1)
+    def pipeline() -> int:
+        began.append(train(1))
+        if len(began) == 1:
+            carbonaware_core.clear_cache()
+            raise RuntimeError("the rest of the first attempt fails")
+        return len(began)
+
+    assert pipeline() == 2
+    assert len(scheduler.requests) == 1  # the second attempt's task did not plan again
+    assert began[0] >= scheduler.ideal
+    assert began[1] - began[0] < scheduler.offset
 
 
 def test_delay_on_retry_waits_again(scheduler: Scheduler) -> None:
@@ -571,6 +604,35 @@ def test_task_factory_honours_task_kwargs_and_returns_the_plan(scheduler: Schedu
     assert len(scheduler.requests) == 1  # train's own delay reused the cached decision and did not wait again
 
 
+def test_a_delay_tasks_timeout_bounds_its_wait_not_the_job_that_follows(scheduler: Scheduler) -> None:
+    """The job runs in the next task, so a delay task with a 30 s timeout may wait before a 1 min job."""
+    roomy = cp.carbonaware_delay_task(window=WINDOW, duration=DURATION, timeout_seconds=30, **ZONE)
+    tight = cp.carbonaware_delay_task(window=WINDOW, duration=DURATION, timeout_seconds=3, **ZONE)
+
+    @task
+    def job() -> float:
+        return time.time()
+
+    @flow
+    def pipeline(delay: Any) -> tuple[dict[str, Any], float, float]:
+        called = time.time()
+        decision = delay.submit()
+        return decision.result(), called, job.submit(wait_for=[decision]).result()
+
+    plan, called, began = pipeline(roomy)
+    assert plan["reason"] == "optimal" and began >= scheduler.ideal
+
+    carbonaware_core.clear_cache()
+    scheduler.offset = 60.0  # a minute away: the 3 s timeout leaves about 1 s to wait and return in time
+    plan, called, began = pipeline(tight)  # completes: the delay task was not timed out
+    assert plan["reason"] == "optimal"
+    assert len(scheduler.requests) == 2
+    window = scheduler.requests[-1].json()["windows"][0]
+    asked = datetime.fromisoformat(window["end"]) - datetime.fromisoformat(window["start"])
+    assert asked <= timedelta(seconds=3 - cp.TIMEOUT_MARGIN_SECONDS)
+    assert began - called < 3.0 + SLACK
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Process pool
 # --------------------------------------------------------------------------------------------------------------
@@ -671,13 +733,17 @@ def test_async_run_deployment_only_schedules(scheduler: Scheduler) -> None:
     assert plan.reason == "optimal" and plan.delay > timedelta(minutes=59)
     assert flow_run.state is not None and flow_run.state.is_scheduled()
     assert flow_run.state.state_details.scheduled_time.timestamp() == pytest.approx(plan.start.timestamp(), abs=0.01)
+    untagged, _ = cp.carbonaware_run_deployment(
+        "carbonaware-scheduled/unserved", parameters={"label": "w"}, tags=None, **ZONE
+    )
+    assert untagged.tags == [cp.RESCHEDULED_TAG]  # run_deployment's own tags=None is accepted too
     with pytest.raises(TypeError, match="timeout"):
         cp.carbonaware_run_deployment("carbonaware-scheduled/unserved", timeout=60, **ZONE)
     with pytest.raises(TypeError, match="delay_on_retry"):
         cp.carbonaware_run_deployment("carbonaware-scheduled/unserved", delay_on_retry=True, **ZONE)
     with pytest.raises(ValueError, match="artifact"):
         cp.carbonaware_run_deployment("carbonaware-scheduled/unserved", artifact="Not A Key", **ZONE)
-    assert len(scheduler.requests) == 1  # argument errors raise before anything is planned
+    assert len(scheduler.requests) == 2  # argument errors raise before anything is planned
 
 
 def test_deployment_runs_hand_themselves_over_to_later_runs(scheduler: Scheduler, serve: Callable[..., Served]) -> None:
@@ -701,3 +767,5 @@ def test_deployment_runs_hand_themselves_over_to_later_runs(scheduler: Scheduler
         assert second.start_time is not None
         assert second.start_time.timestamp() >= min(ideal.timestamp() for ideal in scheduler.ideals) - 0.6
     assert len(scheduler.requests) == 2  # one per first run; the later runs did not plan again
+    assert Artifact.get("carbonaware-reschedule") is not None  # the default key (sync flow)
+    assert Artifact.get("handover-async") is not None  # the key the async flow chose
