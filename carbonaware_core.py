@@ -63,6 +63,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 FAILURE_TTL_SECONDS = 10.0  # a blip must not disable the library for long
 NEGLIGIBLE_SAVINGS = 0.001  # below any forecast's accuracy: waiting for less is waiting for nothing
 MAX_RETRY_AFTER_SECONDS = 300.0
+MAX_INTENSITY = 1e6  # in any unit we read (g/kWh, lbs/MWh); real grids stay below a few thousand
 LBS_PER_MWH_TO_G_PER_KWH = 0.45359237
 G_PER_KWH = "gCO2eq/kWh"
 
@@ -168,10 +169,19 @@ class Query:
     timeout: float
     arg: str | None = None  # the part after ':' in a source spec, e.g. the path in "file:forecast.json"
     fixed_now: bool = False  # the caller chose ``now`` (a replay): answers for another moment do not fit
+    deadline: float = math.inf  # CLOCK.monotonic() by which planning must be over: the window's end
 
     @property
     def horizon_end(self) -> datetime:
         return self.now + self.window + self.duration
+
+    def budget(self) -> float:
+        """Seconds the next request may take: ``timeout``, or less when the window ends sooner -- planning never
+        outlasts the window, however many requests a source makes or sources a chain tries."""
+        left = self.deadline - CLOCK.monotonic()
+        if left <= 0:
+            raise SourceError("no time left in the window")
+        return min(self.timeout, left)
 
 
 class SourceError(Exception):
@@ -245,8 +255,11 @@ def parse_datetime(text: str) -> datetime:
         sign = -1 if offset[0] == "-" else 1
         digits = offset[1:].replace(":", "")
         tz = timezone(sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:])))
-    parsed = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), micro, tzinfo=tz)
-    return parsed.astimezone(timezone.utc)
+    try:
+        parsed = datetime(int(year), int(month), int(day), int(hour), int(minute), int(second or 0), micro, tzinfo=tz)
+        return parsed.astimezone(timezone.utc)
+    except OverflowError:
+        raise ValueError(f"date-time out of range: {text[:40]!r}") from None
 
 
 def _iso(moment: datetime) -> str:
@@ -262,7 +275,10 @@ def parse_duration(text: str) -> timedelta:
     if not cleaned or parts is None or not any(parts):
         raise ValueError(f"not a duration: {text!r} (use 30m, 6h, 1h30m or ISO-8601 such as PT30M)")
     weeks, days, hours, minutes, seconds = (float(p) if p else 0.0 for p in parts)
-    return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+    try:
+        return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
+    except OverflowError:
+        raise ValueError(f"duration out of range: {text[:40]!r}") from None
 
 
 def format_iso_duration(duration: timedelta) -> str:
@@ -443,7 +459,8 @@ def _epoch(moment: datetime) -> float:
 
 
 def _valid_intensity(value: object) -> TypeGuard[float]:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    """A number a grid can have: no NaN, no negatives, and nothing near float overflow (sums must stay finite)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_INTENSITY
 
 
 def choose_start(points: Iterable[ForecastPoint], now: datetime, window: timedelta, duration: timedelta) -> Choice:
@@ -539,16 +556,19 @@ def http_request(
     timeout: float = HTTP_TIMEOUT_SECONDS,
     max_bytes: int = MAX_BODY_BYTES,
     backend: str | None = None,
+    secrets: Sequence[str] = (),
 ) -> HttpResponse:
     """One request with a total time budget and a size cap; any status is returned, redirects are not followed.
 
     Following redirects would carry API keys to another host, and urllib cannot redo a POST after a 307. Socket
     timeouts bound each receive, not DNS nor a server trickling its headers, so the request runs in a worker
-    thread that is abandoned at the deadline: the budget holds whatever the network does.
+    thread that is abandoned at the deadline: the budget holds whatever the network does. ``secrets`` are more
+    strings to keep out of errors, besides credential headers and URL credentials (a password a server echoes).
     """
     deadline = time.monotonic() + timeout
     chosen = backend or _http_backend()
-    secrets = _secrets_in(headers or {})
+    found = (*_secrets_in(headers or {}), *_url_secrets(url), *(secret for secret in secrets if secret))
+    secrets = tuple(sorted(set(found), key=len, reverse=True))
     outcome: list[HttpResponse | BaseException] = []
 
     def call() -> None:
@@ -574,6 +594,26 @@ def http_request(
 
 
 _SENSITIVE_HEADERS = ("authorization", "auth-token", "x-api-key", "cookie", "proxy-authorization")
+
+
+_SENSITIVE_PARAMS = ("key", "token", "secret", "pass", "auth", "sig", "credential")
+
+
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """Credentials a URL may carry: a userinfo password, values of query parameters named like keys or tokens
+    (as written and decoded)."""
+    from urllib.parse import unquote_plus, urlsplit
+
+    try:
+        parts = urlsplit(url)
+        found = [parts.password or ""]
+    except ValueError:
+        return ()
+    for pair in parts.query.split("&"):
+        name, _, value = pair.partition("=")
+        if any(word in name.lower() for word in _SENSITIVE_PARAMS):
+            found += [value, unquote_plus(value)]
+    return tuple(value for value in found if len(value) >= 4)
 
 
 def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
@@ -757,7 +797,7 @@ def _is_loopback(url: str) -> bool:
 def _require_safe_url(url: str, *, carries_secret: bool) -> None:
     """Secrets travel only over HTTPS, or plain HTTP to loopback (tests, local proxies)."""
     if not url.lower().startswith(("https://", "http://")):
-        raise SourceError(f"unsupported URL scheme in {url[:60]!r}")
+        raise SourceError(f"unsupported URL scheme in {_quote(url, _url_secrets(url), limit=60)}")
     if carries_secret and url.lower().startswith("http://") and not _is_loopback(url):
         raise SourceError("refusing to send credentials over plain HTTP to a non-loopback host; use https://")
 
@@ -898,6 +938,9 @@ def _zone_from_environment(env: Mapping[str, str]) -> tuple[CloudZone, str] | No
         logger.warning(
             "carbonaware: ignoring CARBONAWARE_PROVIDER=%r: not one of %s", provider[:20], ", ".join(PROVIDERS)
         )
+    elif provider or region.strip():
+        missing = "CARBONAWARE_REGION" if provider else "CARBONAWARE_PROVIDER"
+        logger.warning("carbonaware: ignoring CARBONAWARE_PROVIDER/REGION: %s is not set (they go together)", missing)
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         value = env.get(name, "").strip().lower()
         if re.match(_AWS_REGION, value):
@@ -1293,7 +1336,7 @@ def _fetch_carbonaware(query: Query) -> Decision:
     }
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     body = _json_bytes(payload)
-    response = http_request("POST", url, headers=headers, body=body, timeout=query.timeout)
+    response = http_request("POST", url, headers=headers, body=body, timeout=query.budget())
     return _carbonaware_decision(expect_json(response, "scheduler"), query)
 
 
@@ -1365,15 +1408,16 @@ def series_from_starts(
     rows: Iterable[tuple[datetime, float, timedelta | None]], default_period: timedelta | None = None
 ) -> tuple[ForecastPoint, ...]:
     """Points given by their start (and maybe their length). Without a length, a point lasts ``default_period`` or,
-    if none is known, until the next start -- at most the most common spacing, so a missing item stays a gap."""
+    if none is known, until the next start -- unless that is over 1.5 typical spacings away (the median gap, which
+    timestamps jittered by a few milliseconds do not disturb), so a missing item stays a gap."""
     ordered = sorted(rows, key=lambda row: row[0])
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(ordered) if b[0] > a[0]]
-    spacing = default_period or (max(set(gaps), key=gaps.count) if gaps else timedelta(hours=1))
+    gaps = sorted(b[0] - a[0] for a, b in itertools.pairwise(ordered) if b[0] > a[0])
+    spacing = default_period or (gaps[len(gaps) // 2] if gaps else timedelta(hours=1))
     points = []
     for i, (start, value, length) in enumerate(ordered):
         if length is not None or default_period is not None:
             end = start + (length or spacing)
-        elif i + 1 < len(ordered) and ordered[i + 1][0] - start <= spacing:
+        elif i + 1 < len(ordered) and ordered[i + 1][0] - start <= spacing * 1.5:
             end = ordered[i + 1][0]
         else:
             end = start + spacing
@@ -1447,7 +1491,7 @@ def _fetch_file(query: Query) -> Forecast:
 def _fetch_url(query: Query) -> Forecast:
     url = query.arg or ""
     _require_safe_url(url, carries_secret=False)
-    response = http_request("GET", url, headers={"Accept": "application/json, text/csv"}, timeout=query.timeout)
+    response = http_request("GET", url, headers={"Accept": "application/json, text/csv"}, timeout=query.budget())
     if response.status != 200:
         expect_json(response, "url source")
     return Forecast(_parse_series_bytes(response.body, url.split("?")[0]))
@@ -1501,7 +1545,7 @@ def _fetch_electricitymaps(query: Query) -> Forecast:
     url = _electricitymaps_url(query)
     _require_safe_url(url, carries_secret=True)
     response = http_request(
-        "GET", url, headers={"auth-token": key, "Accept": "application/json"}, timeout=query.timeout
+        "GET", url, headers={"auth-token": key, "Accept": "application/json"}, timeout=query.budget()
     )
     if response.status in (401, 403):
         raise SourceError(
@@ -1568,7 +1612,9 @@ def _watttime_login(base: str, user: str, password: str, timeout: float) -> str:
     import base64
 
     basic = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    response = http_request("GET", f"{base}/login", headers={"Authorization": f"Basic {basic}"}, timeout=timeout)
+    response = http_request(
+        "GET", f"{base}/login", headers={"Authorization": f"Basic {basic}"}, timeout=timeout, secrets=(password,)
+    )
     if response.status in (401, 403):
         raise SourceError(f"watttime login refused (HTTP {response.status}); check WATTTIME_USERNAME/PASSWORD")
     token = expect_json(response, "watttime login")
@@ -1607,10 +1653,10 @@ def _fetch_watttime(query: Query) -> Forecast:
     token_key = ("watttime-token", base, user)
     for attempt in range(2):
         token = CACHE.get(
-            token_key, lambda: _watttime_login(base, user, password, query.timeout), ttl=WATTTIME_TOKEN_TTL_SECONDS
+            token_key, lambda: _watttime_login(base, user, password, query.budget()), ttl=WATTTIME_TOKEN_TTL_SECONDS
         )
         bearer = _header_value("the WattTime token", f"Bearer {token}")
-        response = http_request("GET", url, headers={"Authorization": bearer}, timeout=query.timeout)
+        response = http_request("GET", url, headers={"Authorization": bearer}, timeout=query.budget())
         out_of_scope = response.status == 403 and b"scope" in response.body.lower()
         if response.status not in (401, 403) or out_of_scope or attempt == 1:
             break
@@ -1674,7 +1720,7 @@ def _fetch_ukgrid(query: Query) -> Forecast:
     where = _ukgrid_where(query)
     path = f"/regional/intensity/{start}/fw48h/{where}" if where else f"/intensity/{start}/fw48h"
     url = base_url("UKGRID_API_URL", UKGRID_BASE_URL) + path
-    response = http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.timeout)
+    response = http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.budget())
     data = _ukgrid_items(expect_json(response, "ukgrid"))
     rows = []
     for item in data:
@@ -1733,7 +1779,7 @@ def _fetch_gsf(query: Query) -> Forecast:
     _require_safe_url(base, carries_secret=False)
     url = f"{base}/emissions/forecasts/current?{_query_string(params)}"
     document = expect_json(
-        http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.timeout), "gsf"
+        http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.budget()), "gsf"
     )
     forecast = document[0] if isinstance(document, list) and document else document
     items = _field(forecast, "forecastData", list)
@@ -1872,8 +1918,11 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
     if now is not None and (not isinstance(now, datetime) or now.tzinfo is None):
         raise ValueError("now must be a timezone-aware datetime")
     timeout = options.get("timeout", HTTP_TIMEOUT_SECONDS)
-    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 300:
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 300:
         raise ValueError(f"timeout must be seconds in (0, 300], got {timeout!r}")
+    grid_zone = options.get("grid_zone")
+    if grid_zone is not None and (not isinstance(grid_zone, str) or not grid_zone.strip()):
+        raise TypeError(f"grid_zone must be a non-empty string such as 'DE', not {grid_zone!r}")
     source = options.get("source")
     if source is not None:
         check_source_spec(source)
@@ -1896,7 +1945,7 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         now=now,
         timeout=float(timeout),
         log=log or logger,
-        grid_zone=options.get("grid_zone"),
+        grid_zone=grid_zone.strip() if grid_zone else None,
         on_plan=on_plan,
         replan=replan,
         replan_every=replan_every,
@@ -1926,6 +1975,8 @@ def check_source_spec(spec: Any) -> None:
         return
     if not isinstance(spec, str):
         raise TypeError(f"source must be a name, a callable or an iterable of ForecastPoint, not {type(spec).__name__}")
+    if not _split_spec(spec):
+        raise ValueError(f"source names no source: {spec!r}; use e.g. 'auto' or 'electricitymaps,offline'")
     for name, _arg in _split_spec(spec):
         if name not in SOURCES and name not in SOURCE_CHAINS:
             known = ", ".join(sorted([*SOURCES, *SOURCE_CHAINS]))
@@ -2006,19 +2057,24 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
     spec = _source_spec(request)
     zone = request.zone or (detect_cloud_zone() if _uses_zone(spec) else None)
     grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
+    deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
     query = Query(
-        zone, grid_zone, now, request.window, request.duration, request.timeout, fixed_now=request.now is not None
+        zone, grid_zone, now, request.window, request.duration, request.timeout, None, request.now is not None, deadline
     )
     failures: list[str] = []
     zone_missing = False
     for label, attempt in _attempts(spec, query):
         try:
+            query.budget()  # raises once the window's time is spent: the rest of the chain is not tried
             plan = _plan_from(attempt(), label, query, request.min_savings)
         except _NoZone:
             zone_missing = True
             continue
         except SourceError as error:
             failures.append(f"{label}: {error}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a broken source (a bad offline model, say) must not end the chain
+            failures.append(f"{label}: internal error: {type(exc).__name__}: {_quote(str(exc), limit=160)}")
             continue
         if failures:
             plan = replace(plan, detail=f"{plan.detail}; after {'; '.join(failures)}", fallbacks=tuple(failures))
@@ -2077,7 +2133,8 @@ def _cached_fetch(source: Source, query: Query) -> Callable[[], SourceResult]:
                     CACHE.block(source.name, error)
                 raise
 
-        result: SourceResult = CACHE.get(key, fetch_once, ttl=source.ttl, wait=query.timeout + 1.0)
+        wait = min(query.timeout + 1.0, max(0.0, query.deadline - CLOCK.monotonic()))
+        result: SourceResult = CACHE.get(key, fetch_once, ttl=source.ttl, wait=wait)
         return result
 
     return fetch
@@ -2419,7 +2476,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = None if zone is None else {"provider": zone.provider, "region": zone.region}
         print(json.dumps(found) if args.json else (str(zone) if zone else "no cloud zone detected"))
         return 0 if zone else 1
-    if not args.quiet and args.command != "plan":  # plan prints its decision on stdout instead
+    if args.quiet or args.command == "plan":  # plan prints its decision on stdout instead
+        logger.addHandler(logging.NullHandler())  # not Python's last-resort handler either
+    else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(handler)

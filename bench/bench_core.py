@@ -290,6 +290,28 @@ def measure_planner(runs: int) -> PlannerResult:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Reading a large series: start-only points with jittered timestamps (what a url: or file: source may serve)
+# ----------------------------------------------------------------------------------------------------------------
+
+LARGE_POINTS = 65_000  # about 3.4 MB of JSON, just under the 4 MB body cap
+
+
+def jittered_document(seed: int = 11) -> list[dict[str, object]]:
+    """Five-minute points, each timestamp off by up to half a second: every gap between them is different."""
+    rng = random.Random(seed)
+    moments = (SERIES_START + i * STEP + timedelta(seconds=rng.uniform(0, 0.5)) for i in range(LARGE_POINTS))
+    return [{"start": moment.isoformat(), "value": 300.0} for moment in moments]
+
+
+def measure_large_series(runs: int) -> tuple[float, float]:
+    """(parse_series_document, the date parsing alone that any reader must do): medians."""
+    document = jittered_document()
+    ours = _median_time(lambda: core.parse_series_document(document), runs)
+    floor = _median_time(lambda: [core.parse_datetime(str(row["start"])) for row in document], runs)
+    return ours, floor
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -301,6 +323,7 @@ def collect(quick: bool) -> tuple[list[Row], list[str]]:
     refused = measure_detection("refused", runs_ours=11 // scale, runs_original=7 // scale)
     holed = measure_detection("black-hole", runs_ours=9 // scale, runs_original=5 // scale)
     planner = measure_planner(runs=60 // scale)
+    large, large_floor = measure_large_series(runs=5 if not quick else 3)
     net = {name: seconds - imports["pass"] for name, seconds in imports.items()}
     floor = net["floor"]
     replica = "0.1.3 replica"
@@ -316,6 +339,7 @@ def collect(quick: bool) -> tuple[list[Row], list[str]]:
         Row("↳ same, urllib.request already imported", holed[1], holed[2], DETECT_TARGET, replica, False),
         Row("choose_start, 2016 ForecastPoints", planner.choose, planner.brute_points, PLANNER_TARGET, "brute force"),
         Row("lowest_mean_start, 2016 floats", planner.lowest, planner.brute_floats, PLANNER_TARGET, "brute force"),
+        Row(f"read a {LARGE_POINTS:,}-point jittered series", large, large_floor, None, "parsing its dates"),
     ]
     notes = [
         f"planner: exact optimum equals the 5-minute brute-force optimum: {'yes' if planner.same_answer else 'NO'}",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import math
@@ -73,6 +74,12 @@ BAD_CALLS: list[tuple[str, tuple, dict, type[Exception], str]] = [
     ("now as text", (W, D), {"now": "2025-06-01T12:00Z"}, ValueError, "timezone-aware"),
     ("zero timeout", (W, D), {"timeout": 0}, ValueError, "timeout"),
     ("huge timeout", (W, D), {"timeout": 3600}, ValueError, "timeout"),
+    ("timeout as bool", (W, D), {"timeout": True}, ValueError, "timeout"),
+    ("grid_zone not a string", (W, D), {"grid_zone": ["DE"]}, TypeError, "grid_zone"),
+    ("grid_zone empty", (W, D), {"grid_zone": " "}, TypeError, "grid_zone"),
+    ("empty source", (W, D), {"source": ""}, ValueError, "names no source"),
+    ("source of commas", (W, D), {"source": ",,"}, ValueError, "names no source"),
+    ("source of a colon", (W, D), {"source": ":"}, ValueError, "names no source"),
     ("logger not a logger", (W, D), {"logger": "my.flow"}, TypeError, "logger"),
     ("on_plan not callable", (W, D), {"on_plan": "print"}, TypeError, "on_plan"),
 ]
@@ -400,6 +407,86 @@ def test_bad_files_fail_open(tmp_path, content: str | None, detail: str) -> None
     assert detail in plan.detail
 
 
+@pytest.mark.parametrize("value", [",,", " , ", ":"])
+def test_an_empty_source_in_the_environment_is_ignored_with_a_warning(
+    value: str, scheduler: HostedScheduler, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    monkeypatch.setenv("CARBONAWARE_SOURCE", value)
+    plan = plan_delay(W, D, "aws", "us-east-1")
+    assert plan.source == "carbonaware"  # auto, not "no source answered"
+    assert any("CARBONAWARE_SOURCE" in r.getMessage() and "names no source" in r.getMessage() for r in caplog.records)
+
+
+def jittered_rows(count: int, jitter: float, missing: frozenset[int] = frozenset()) -> str:
+    """Five-minute points whose timestamps are off by up to ``jitter`` seconds, as data loggers write them."""
+    import random
+
+    rng = random.Random(count)
+    rows = []
+    for i in range(count):
+        if i not in missing:
+            moment = BASE + timedelta(minutes=5 * i, seconds=rng.uniform(-jitter, jitter))
+            rows.append({"start": moment.isoformat(), "value": 100.0 if 40 <= i < 46 else 300.0 + i % 7})
+    return json.dumps(rows)
+
+
+def test_jittered_timestamps_still_make_one_series(tmp_path) -> None:
+    path = tmp_path / "jittered.json"
+    path.write_text(jittered_rows(96, jitter=0.003))
+    plan = plan_delay(W, D, "aws", "us-east-1", source=f"file:{path}", now=BASE)
+    assert plan.reason == "optimal" and "covered part" not in plan.detail
+    assert abs(plan.start - (BASE + timedelta(minutes=200))) < timedelta(seconds=1)  # the trough, 40 points in
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    count=st.integers(20, 200),
+    jitter=st.floats(0.0, 20.0),
+    missing=st.frozensets(st.integers(1, 198), max_size=5),
+)
+def test_points_reach_the_next_start_unless_an_item_is_missing(count: int, jitter: float, missing: frozenset) -> None:
+    document = json.loads(jittered_rows(count, jitter, frozenset(i for i in missing if i < count - 1)))
+    points = core.parse_series_document(document)
+    for point, following in itertools.pairwise(points):
+        gap = following.start - point.start
+        if gap < timedelta(minutes=7):  # the next item is there: no hole between them
+            assert point.end == following.start
+        else:  # an item is missing: it stays a gap, the point keeps about one spacing
+            assert point.end < following.start
+            assert abs(point.end - point.start - timedelta(minutes=5)) < timedelta(seconds=41)
+
+
+def test_a_source_that_breaks_does_not_end_the_chain(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(query: core.Query) -> core.Forecast:
+        return [1, 2][5]  # an IndexError, as a corrupt model file would cause
+
+    monkeypatch.setitem(core.SOURCES, "broken", core.Source("broken", broken, cache_key=None))
+    path = tmp_path / "f.csv"
+    path.write_text("start,value\n" + "".join(f"{t},{v}\n" for t, v in ROWS))
+    plan = plan_delay(W, D, "aws", "us-east-1", source=f"broken,file:{path}", now=BASE)
+    assert (plan.source, plan.start) == ("file", BASE + 2 * HOUR)
+    assert plan.fallbacks == ("broken: internal error: IndexError: 'list index out of range'",)
+
+
+def test_intensities_near_float_overflow_are_gaps_not_nan() -> None:
+    points = [
+        ForecastPoint(BASE + i * HOUR, BASE + (i + 1) * HOUR, value) for i, value in enumerate([1e307, 1e306, 1e307])
+    ]
+    plan = plan_delay(W, D, "aws", "us-east-1", source=points, now=BASE)
+    assert plan.reason == "source-failed" and plan.delay == timedelta(0)
+    json.dumps(plan.to_dict(), allow_nan=False)  # still valid JSON
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.invalid/f.json?token=SECRET-TOKEN-1", "http://127.0.0.1:99999/f.json?api_key=SECRET-TOKEN-1"]
+)
+def test_a_token_in_a_url_source_never_reaches_the_plan(url: str) -> None:
+    plan = plan_delay(W, D, "aws", "us-east-1", source=f"url:{url}", now=BASE)
+    assert plan.reason == "source-failed"
+    assert "SECRET-TOKEN-1" not in plan.detail and "***" in plan.detail
+
+
 def test_file_larger_than_the_cap_fails_open(tmp_path) -> None:
     path = tmp_path / "huge.json"
     with path.open("wb") as handle:
@@ -456,6 +543,17 @@ def test_parse_duration(text: str, expected: timedelta) -> None:
 def test_parse_duration_refuses_garbage(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
         core.parse_duration(text)
+
+
+@pytest.mark.parametrize("text", ["99999999999d", "1" * 400 + "s", "P99999999999W"])
+def test_parse_duration_refuses_what_timedelta_cannot_hold(text: str) -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        core.parse_duration(text)
+
+
+def test_parse_datetime_refuses_what_datetime_cannot_hold() -> None:
+    with pytest.raises(ValueError, match="out of range"):
+        core.parse_datetime("0001-01-01T00:00+01:00")
 
 
 @settings(max_examples=300, deadline=None)

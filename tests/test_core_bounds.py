@@ -231,3 +231,55 @@ def test_eviction_never_drops_a_fetch_under_way() -> None:
     release.set()
     leader.join(5)
     assert cache.get("busy", slow, ttl=60) == "slow answer" and calls == ["slow"]
+
+
+# ---- planning, too, ends with the window ------------------------------------------------------------------------
+
+
+def test_a_chain_of_slow_sources_stops_when_the_window_is_spent(clock: FakeClock, monkeypatch) -> None:
+    """Each source gets what is left of the window as its budget; once it is spent, the rest are not asked."""
+    budgets: dict[str, float] = {}
+
+    def slow(name: str, minutes: float):
+        def fetch(query: core.Query) -> core.Forecast:
+            budgets[name] = query.budget()
+            clock.advance(minutes * 60)  # a request that took this long, then failed
+            raise core.SourceError("no answer (timeout)")
+
+        return fetch
+
+    for name, minutes in (("first", 50), ("second", 20), ("third", 1)):
+        monkeypatch.setitem(core.SOURCES, name, core.Source(name, slow(name, minutes), cache_key=None))
+    plan = core.carbonaware_delay(
+        timedelta(hours=1), DURATION, "aws", "us-east-1", source="first,second,third", timeout=300
+    )
+    assert budgets == {"first": 300.0, "second": 300.0}  # 10 minutes were left for the second: its timeout fits
+    assert plan.reason == "source-failed" and clock.sleeps == []
+    assert plan.detail.endswith("second: no answer (timeout); third: no time left in the window")
+
+
+def test_a_source_is_never_given_more_than_the_window_left(clock: FakeClock, monkeypatch) -> None:
+    seen: list[float] = []
+
+    def fetch(query: core.Query) -> core.Forecast:
+        seen.append(query.budget())
+        raise core.SourceError("down")
+
+    monkeypatch.setitem(core.SOURCES, "probe", core.Source("probe", fetch, cache_key=None))
+    core.plan_delay(timedelta(seconds=3), DURATION, "aws", "us-east-1", source="probe", timeout=10)
+    assert seen == [3.0]
+
+
+def test_a_live_chain_of_black_holes_returns_within_the_window(monkeypatch) -> None:
+    """Real sockets and the real clock: two sources that never answer cost the window, not two timeouts."""
+    with socket.create_server(("127.0.0.1", 0), backlog=16) as hole:  # accepts, never answers
+        url = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", url)
+        monkeypatch.setenv("UKGRID_API_URL", url)
+        began = time.monotonic()
+        plan = core.carbonaware_delay(
+            timedelta(seconds=1), DURATION, "aws", "eu-west-2", source="carbonaware,ukgrid", timeout=30
+        )
+        elapsed = time.monotonic() - began
+    assert plan.reason == "source-failed" and plan.delay == timedelta(0)
+    assert elapsed < 10  # one window (1 s) and thread hand-offs; before the fix, two 30 s timeouts

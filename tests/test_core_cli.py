@@ -119,6 +119,8 @@ def test_durations(forecast_file: Path, window: str, duration: str, window_secon
         (["--min-savings", "2"], "min_savings"),
         (["--now", "yesterday"], "--now"),
         (["--source", "wattime"], "unknown source 'wattime'"),
+        (["--window", "99999999999d"], "out of range"),
+        (["--now", "0001-01-01T00:00+01:00"], "--now"),
     ],
 )
 def test_bad_arguments_exit_2_with_a_clear_message(args: list[str], message: str, scheduler: HostedScheduler) -> None:
@@ -295,3 +297,21 @@ def test_chart_marks_the_start_exactly_once(points: list[core.ForecastPoint], st
 def test_chart_without_a_series() -> None:
     plan = core.plan_delay(timedelta(hours=6), timedelta(minutes=30), "aws", "us-east-1", source=[], now=NOW)
     assert "<- start" not in core.render_chart(plan)
+
+
+@pytest.mark.parametrize("command", ["plan", "wait"])
+def test_quiet_means_nothing_on_stderr(command: str) -> None:
+    done = cli(
+        command,
+        "--quiet",
+        "--json",
+        "--source",
+        "file:/nonexistent/forecast.csv",
+        "--provider",
+        "aws",
+        "--region",
+        "us-east-1",
+    )
+    assert done.returncode == 0
+    assert done.stderr == ""
+    assert json.loads(done.stdout)["reason"] == "source-failed"

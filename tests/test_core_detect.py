@@ -137,10 +137,16 @@ def test_a_malformed_aws_region_variable_is_not_trusted(metadata: LoopbackServer
     assert detect_cloud_zone() == CloudZone("aws", "us-east-2")
 
 
-def test_provider_without_region_in_the_environment_is_not_a_zone(metadata: LoopbackServer, monkeypatch) -> None:
-    monkeypatch.setenv("CARBONAWARE_PROVIDER", "aws")
+@pytest.mark.parametrize("variable", ["CARBONAWARE_PROVIDER", "CARBONAWARE_REGION"])
+def test_half_of_the_zone_in_the_environment_is_not_a_zone_and_says_so(
+    variable: str, metadata: LoopbackServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv(variable, "aws" if variable == "CARBONAWARE_PROVIDER" else "eu-central-1")
     aws_imds(metadata, region="ca-central-1")
-    assert detect_cloud_zone() == CloudZone("aws", "ca-central-1")
+    with caplog.at_level("WARNING", logger="carbonaware"):
+        assert detect_cloud_zone() == CloudZone("aws", "ca-central-1")
+    missing = "CARBONAWARE_REGION" if variable == "CARBONAWARE_PROVIDER" else "CARBONAWARE_PROVIDER"
+    assert any(f"{missing} is not set" in r.getMessage() for r in caplog.records)
 
 
 def test_an_unknown_provider_in_the_environment_is_ignored_with_a_warning(

@@ -281,3 +281,14 @@ def test_a_token_no_header_can_carry_never_reaches_the_log(
     result, lines = delay_logged(caplog)  # asserts that no secret appears in any log line or the plan
     assert result.reason == "source-failed" and result.start == NOW
     assert len(lines) == 1
+
+
+@pytest.mark.parametrize("client", ["requests", "urllib"])
+def test_a_password_the_login_echoes_never_reaches_the_log(
+    wt: FakeWattTime, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, client: str
+) -> None:
+    monkeypatch.setenv("CARBONAWARE_HTTP_CLIENT", client)
+    wt.login_fault = Reply(500, {"error": f"bad credentials: password {WT_PASSWORD} rejected"})
+    result, _lines = delay_logged(caplog)  # asserts that no secret appears in any log line or the plan
+    assert result.reason == "source-failed" and "HTTP 500" in result.detail
+    assert "password *** rejected" in result.detail
