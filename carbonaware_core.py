@@ -176,12 +176,31 @@ class Query:
         return self.now + self.window + self.duration
 
     def budget(self) -> float:
-        """Seconds the next request may take: ``timeout``, or less when the window ends sooner -- planning never
-        outlasts the window, however many requests a source makes or sources a chain tries."""
+        """Seconds the next request may take: ``timeout``, or less when the window ends sooner -- requests never
+        run past the window, however many a source makes or sources a chain tries."""
         left = self.deadline - CLOCK.monotonic()
         if left <= 0:
             raise SourceError("no time left in the window")
         return min(self.timeout, left)
+
+    def out_of_time(self) -> bool:
+        """Whether this caller's window, rather than the timeout, is what ran out."""
+        return self.deadline - CLOCK.monotonic() < 0.1 and self.deadline < math.inf
+
+
+def _shared_fetch(query: Query, fetch: Callable[[], Any]) -> Callable[[], Any]:
+    """``fetch`` for the shared cache: a failure because this caller's window ran out is not the source's fault,
+    so it is marked not to be remembered for others."""
+
+    def bounded() -> Any:
+        try:
+            return fetch()
+        except SourceError as error:
+            if query.out_of_time() and not error.retry_after and not isinstance(error, _CallerOutOfTime):
+                raise _CallerOutOfTime(str(error)) from None
+            raise
+
+    return bounded
 
 
 class SourceError(Exception):
@@ -194,6 +213,11 @@ class SourceError(Exception):
 
 class _NoZone(SourceError):
     """The source needs a zone and none is known: reported once as reason "no-zone", not per source."""
+
+
+class _CallerOutOfTime(SourceError):
+    """The fetch failed because the caller's window ran out, not because of the source: never remembered, so a
+    caller with seconds to spare cannot make everyone else run at once for the next ``FAILURE_TTL_SECONDS``."""
 
 
 SourceResult = Forecast | Decision
@@ -316,7 +340,8 @@ class Clock:
         return time.time()
 
     def monotonic(self) -> float:
-        """For cache lifetimes (never network timeouts, which stay on the real clock)."""
+        """For cache lifetimes and the window's deadline on planning (a request's own timeout is on the real
+        clock)."""
         return time.monotonic()
 
     def sleep(self, seconds: float) -> None:
@@ -596,7 +621,9 @@ def http_request(
 _SENSITIVE_HEADERS = ("authorization", "auth-token", "x-api-key", "cookie", "proxy-authorization")
 
 
-_SENSITIVE_PARAMS = ("key", "token", "secret", "pass", "auth", "sig", "credential")
+_SENSITIVE_PARAM_WORDS = frozenset(
+    {"key", "apikey", "token", "secret", "password", "passwd", "pass", "auth", "sig", "signature", "credential"}
+)
 
 
 def _url_secrets(url: str) -> tuple[str, ...]:
@@ -611,7 +638,7 @@ def _url_secrets(url: str) -> tuple[str, ...]:
         return ()
     for pair in parts.query.split("&"):
         name, _, value = pair.partition("=")
-        if any(word in name.lower() for word in _SENSITIVE_PARAMS):
+        if _SENSITIVE_PARAM_WORDS.intersection(re.split(r"[^a-z0-9]+", name.lower())):
             found += [value, unquote_plus(value)]
     return tuple(value for value in found if len(value) >= 4)
 
@@ -862,6 +889,9 @@ class SingleFlightCache:
             entry.value = fetch()
             entry.error = None
             entry.expires = CLOCK.monotonic() + ttl
+        except _CallerOutOfTime as error:
+            entry.error = error
+            entry.expires = CLOCK.monotonic()  # shared with callers waiting now, then fetched afresh
         except SourceError as error:
             entry.error = error
             hold = min(error.retry_after, MAX_RETRY_AFTER_SECONDS) if error.retry_after else failure_ttl
@@ -911,6 +941,17 @@ CACHE = SingleFlightCache()
 def clear_cache() -> None:
     """Forget detected zones, forecasts and remembered failures (tests; long-lived processes that moved)."""
     CACHE.clear()
+    _WARNED.clear()
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """A warning about the set-up (not about one decision): once per process, not on every plan."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning(message)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -935,12 +976,10 @@ def _zone_from_environment(env: Mapping[str, str]) -> tuple[CloudZone, str] | No
     if provider and region.strip():
         if provider in PROVIDERS:
             return CloudZone(provider, _normalise_region(provider, region)), "CARBONAWARE_PROVIDER/REGION"
-        logger.warning(
-            "carbonaware: ignoring CARBONAWARE_PROVIDER=%r: not one of %s", provider[:20], ", ".join(PROVIDERS)
-        )
+        _warn_once(f"carbonaware: ignoring CARBONAWARE_PROVIDER={provider[:20]!r}: not one of {', '.join(PROVIDERS)}")
     elif provider or region.strip():
         missing = "CARBONAWARE_REGION" if provider else "CARBONAWARE_PROVIDER"
-        logger.warning("carbonaware: ignoring CARBONAWARE_PROVIDER/REGION: %s is not set (they go together)", missing)
+        _warn_once(f"carbonaware: ignoring CARBONAWARE_PROVIDER/REGION: {missing} is not set (they go together)")
     for name in ("AWS_REGION", "AWS_DEFAULT_REGION"):
         value = env.get(name, "").strip().lower()
         if re.match(_AWS_REGION, value):
@@ -1652,9 +1691,8 @@ def _fetch_watttime(query: Query) -> Forecast:
     _require_safe_url(url, carries_secret=True)
     token_key = ("watttime-token", base, user)
     for attempt in range(2):
-        token = CACHE.get(
-            token_key, lambda: _watttime_login(base, user, password, query.budget()), ttl=WATTTIME_TOKEN_TTL_SECONDS
-        )
+        login = _shared_fetch(query, lambda: _watttime_login(base, user, password, query.budget()))
+        token = CACHE.get(token_key, login, ttl=WATTTIME_TOKEN_TTL_SECONDS, wait=query.budget())
         bearer = _header_value("the WattTime token", f"Bearer {token}")
         response = http_request("GET", url, headers={"Authorization": bearer}, timeout=query.budget())
         out_of_scope = response.status == 403 and b"scope" in response.body.lower()
@@ -1921,8 +1959,8 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 300:
         raise ValueError(f"timeout must be seconds in (0, 300], got {timeout!r}")
     grid_zone = options.get("grid_zone")
-    if grid_zone is not None and (not isinstance(grid_zone, str) or not grid_zone.strip()):
-        raise TypeError(f"grid_zone must be a non-empty string such as 'DE', not {grid_zone!r}")
+    if grid_zone is not None and not isinstance(grid_zone, str):
+        raise TypeError(f"grid_zone must be a string such as 'DE', not {grid_zone!r}")
     source = options.get("source")
     if source is not None:
         check_source_spec(source)
@@ -1945,7 +1983,7 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         now=now,
         timeout=float(timeout),
         log=log or logger,
-        grid_zone=grid_zone.strip() if grid_zone else None,
+        grid_zone=grid_zone.strip() or None if grid_zone else None,
         on_plan=on_plan,
         replan=replan,
         replan_every=replan_every,
@@ -2064,8 +2102,7 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
     failures: list[str] = []
     zone_missing = False
     for label, attempt in _attempts(spec, query):
-        try:
-            query.budget()  # raises once the window's time is spent: the rest of the chain is not tried
+        try:  # a network source that finds the window spent says so without asking; local ones still answer
             plan = _plan_from(attempt(), label, query, request.min_savings)
         except _NoZone:
             zone_missing = True
@@ -2134,7 +2171,7 @@ def _cached_fetch(source: Source, query: Query) -> Callable[[], SourceResult]:
                 raise
 
         wait = min(query.timeout + 1.0, max(0.0, query.deadline - CLOCK.monotonic()))
-        result: SourceResult = CACHE.get(key, fetch_once, ttl=source.ttl, wait=wait)
+        result: SourceResult = CACHE.get(key, _shared_fetch(query, fetch_once), ttl=source.ttl, wait=wait)
         return result
 
     return fetch
@@ -2283,7 +2320,7 @@ def describe(plan: Plan, *, waiting: bool = True) -> str:
 
 def _log_plan(plan: Plan, log: logging.Logger | logging.LoggerAdapter[Any], *, waiting: bool = True) -> None:
     level = logging.WARNING if plan.reason in ("no-zone", "source-failed") else logging.INFO
-    log.log(level, describe(plan, waiting=waiting))
+    log.log(level, describe(plan, waiting=waiting), extra={"carbonaware_decision": True})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2476,11 +2513,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         found = None if zone is None else {"provider": zone.provider, "region": zone.region}
         print(json.dumps(found) if args.json else (str(zone) if zone else "no cloud zone detected"))
         return 0 if zone else 1
-    if args.quiet or args.command == "plan":  # plan prints its decision on stdout instead
+    if args.quiet:
         logger.addHandler(logging.NullHandler())  # not Python's last-resort handler either
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(message)s"))
+        if args.command == "plan":  # it prints its decision on stdout; other warnings still go to stderr
+            handler.setLevel(logging.WARNING)
+            handler.addFilter(lambda record: not getattr(record, "carbonaware_decision", False))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
     try:

@@ -65,6 +65,7 @@ PREFECT_OPTIONS = frozenset({"delay_on_retry", "artifact"})
 LIBRARY_OPTIONS = core.OPTIONS | PREFECT_OPTIONS  # recognised by name among task and run_deployment kwargs
 ARTIFACT_TIMEOUT_SECONDS = 30.0
 TIMEOUT_MARGIN_SECONDS = 2.0  # a delay task returns this long before its own timeout
+MIN_ROOM_SECONDS = 0.001  # less room than this before a timeout is no room to wait at all
 _ARTIFACT_KEY = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
 log = core.logger
@@ -90,6 +91,7 @@ class _Settings:
     delay_on_retry: bool = False
     artifact: bool | str = True  # False: none; a string: the artifact key
     job_inside: bool = True  # the job runs in this run after the wait (decorator), not in a later task (factory)
+    zone: CloudZone | None = None  # provider and region as the core reads them (case, legacy order, Azure names)
 
 
 def _settings(
@@ -103,12 +105,12 @@ def _settings(
 ) -> _Settings:
     """Split Prefect options from core options and raise every argument error now, not at run time."""
     core_options = {k: v for k, v in options.items() if k not in PREFECT_OPTIONS}
-    core.validate_arguments(window, duration, provider, region, core_options)
+    zone = core.validate_arguments(window, duration, provider, region, core_options).zone
     delay_on_retry = options.get("delay_on_retry", False)
     if not isinstance(delay_on_retry, bool):
         raise TypeError(f"delay_on_retry must be a bool, not {type(delay_on_retry).__name__}")
     artifact = _artifact_option(options.get("artifact", True))
-    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact, job_inside)
+    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact, job_inside, zone)
 
 
 def _artifact_option(artifact: Any) -> bool | str:
@@ -210,8 +212,7 @@ def _run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
 def _skip_plan(settings: _Settings, window: timedelta, detail: str, reason: str = "disabled") -> Plan:
     """A plan that does not wait, decided here without asking a source: the wait is disabled for this attempt
     (a retry, no room before the timeout), or ``source-failed`` when something broke."""
-    zone = CloudZone(settings.provider, settings.region) if settings.provider and settings.region else None
-    return core.immediate_plan(reason, detail, window=window, duration=settings.duration, zone=zone)
+    return core.immediate_plan(reason, detail, window=window, duration=settings.duration, zone=settings.zone)
 
 
 def _plan_for_run(
@@ -229,7 +230,7 @@ def _plan_for_run(
     if (attempt := run.retry()) is not None and not settings.delay_on_retry:
         return _skip(settings, settings.window, f"{attempt}: retries run at once", options)
     window, room = settings.window, _room(run, settings)
-    if room is not None and room <= 0:
+    if room is not None and room < MIN_ROOM_SECONDS:
         job = f" and the {settings.duration.total_seconds():.0f}s job" if settings.job_inside else ""
         return _skip(settings, window, f"no room before the timeout for a wait{job}", options)
     if room is not None:
@@ -240,9 +241,13 @@ def _plan_for_run(
 def _skip(settings: _Settings, window: timedelta, detail: str, options: Mapping[str, Any]) -> Plan:
     """Log and report (artifact, ``on_plan``) a decision not to wait, as the core does for its own."""
     plan = _skip_plan(settings, window, detail)
-    options["logger"].info(core.describe(plan))
+    logger = options["logger"]
+    logger.info(core.describe(plan))
     if (on_plan := options.get("on_plan")) is not None:
-        on_plan(plan)
+        try:
+            on_plan(plan)
+        except Exception as exc:  # noqa: BLE001 - a reporting hook must not break the work (as in the core)
+            logger.warning("carbonaware: on_plan hook failed: %s: %s", type(exc).__name__, exc)
     return plan
 
 

@@ -76,7 +76,6 @@ BAD_CALLS: list[tuple[str, tuple, dict, type[Exception], str]] = [
     ("huge timeout", (W, D), {"timeout": 3600}, ValueError, "timeout"),
     ("timeout as bool", (W, D), {"timeout": True}, ValueError, "timeout"),
     ("grid_zone not a string", (W, D), {"grid_zone": ["DE"]}, TypeError, "grid_zone"),
-    ("grid_zone empty", (W, D), {"grid_zone": " "}, TypeError, "grid_zone"),
     ("empty source", (W, D), {"source": ""}, ValueError, "names no source"),
     ("source of commas", (W, D), {"source": ",,"}, ValueError, "names no source"),
     ("source of a colon", (W, D), {"source": ":"}, ValueError, "names no source"),
@@ -479,12 +478,32 @@ def test_intensities_near_float_overflow_are_gaps_not_nan() -> None:
 
 
 @pytest.mark.parametrize(
-    "url", ["ftp://example.invalid/f.json?token=SECRET-TOKEN-1", "http://127.0.0.1:99999/f.json?api_key=SECRET-TOKEN-1"]
+    "url",
+    [
+        "ftp://example.invalid/f.json?signal_type=co2_moer&token=SECRET-TOKEN-1",
+        "http://127.0.0.1:99999/f.json?signal_type=co2_moer&api_key=SECRET-TOKEN-1",
+    ],
 )
 def test_a_token_in_a_url_source_never_reaches_the_plan(url: str) -> None:
     plan = plan_delay(W, D, "aws", "us-east-1", source=f"url:{url}", now=BASE)
     assert plan.reason == "source-failed"
     assert "SECRET-TOKEN-1" not in plan.detail and "***" in plan.detail
+    assert "signal_type=co2_moer" in plan.detail  # only parameters named like credentials are hidden
+
+
+def rows_as_points() -> list[ForecastPoint]:
+    return [ForecastPoint(core.parse_datetime(t), core.parse_datetime(t) + HOUR, v) for t, v in ROWS]
+
+
+def test_an_empty_grid_zone_is_no_grid_zone() -> None:
+    """``grid_zone=os.environ.get("GRID_ZONE", "")`` must not break a flow: blank means not given."""
+    plan = plan_delay(W, D, "aws", "us-east-1", grid_zone=" ", source=rows_as_points(), now=BASE)
+    assert plan.reason == "optimal" and plan.start == BASE + 2 * HOUR
+
+
+def test_a_tiny_window_still_plans_with_a_local_source() -> None:
+    plan = plan_delay(timedelta(microseconds=1), D, "aws", "us-east-1", source=rows_as_points(), now=BASE)
+    assert plan.reason == "already-best" and plan.delay == timedelta(0)
 
 
 def test_file_larger_than_the_cap_fails_open(tmp_path) -> None:

@@ -283,3 +283,42 @@ def test_a_live_chain_of_black_holes_returns_within_the_window(monkeypatch) -> N
         elapsed = time.monotonic() - began
     assert plan.reason == "source-failed" and plan.delay == timedelta(0)
     assert elapsed < 10  # one window (1 s) and thread hand-offs; before the fix, two 30 s timeouts
+
+
+def test_a_failure_only_a_short_window_caused_is_not_served_to_others(clock: FakeClock, monkeypatch) -> None:
+    """A caller with a minute to spare times out; the next caller, with hours, asks again and gets its answer."""
+    calls: list[float] = []
+
+    def fetch(query: core.Query) -> core.Forecast:
+        calls.append(query.budget())
+        if len(calls) == 1:
+            clock.advance(query.budget())  # the request used all the time this caller had
+            raise core.SourceError("no answer (timeout)")
+        return core.Forecast(
+            tuple(
+                core.ForecastPoint(
+                    NOW + i * timedelta(hours=1), NOW + (i + 1) * timedelta(hours=1), 100.0 if i == 3 else 300.0
+                )
+                for i in range(8)
+            )
+        )
+
+    shared = core.Source("shared", fetch, cache_key=lambda query: "one key for every window")
+    monkeypatch.setitem(core.SOURCES, "shared", shared)
+    hurried = core.plan_delay(timedelta(minutes=1), DURATION, "aws", "us-east-1", source="shared", timeout=300)
+    assert hurried.reason == "source-failed" and calls == [60.0]
+    patient = core.plan_delay(WINDOW, DURATION, "aws", "us-east-1", source="shared", timeout=300)
+    assert patient.reason == "optimal" and len(calls) == 2
+
+
+def test_a_failure_of_the_source_itself_is_remembered(clock: FakeClock, monkeypatch) -> None:
+    calls: list[float] = []
+
+    def fetch(query: core.Query) -> core.Forecast:
+        calls.append(query.budget())
+        raise core.SourceError("HTTP 500")
+
+    monkeypatch.setitem(core.SOURCES, "flaky", core.Source("flaky", fetch, cache_key=lambda query: "k"))
+    for window in (timedelta(minutes=1), WINDOW):
+        assert core.plan_delay(window, DURATION, "aws", "us-east-1", source="flaky").reason == "source-failed"
+    assert len(calls) == 1  # remembered for FAILURE_TTL_SECONDS, whoever asked first

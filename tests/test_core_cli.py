@@ -315,3 +315,14 @@ def test_quiet_means_nothing_on_stderr(command: str) -> None:
     assert done.returncode == 0
     assert done.stderr == ""
     assert json.loads(done.stdout)["reason"] == "source-failed"
+
+
+def test_plan_leaves_its_decision_to_stdout_and_other_warnings_to_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARBONAWARE_SOURCE", "nosuch")  # a set-up warning: stderr
+    args = ["--source", "file:/nonexistent/forecast.csv", "--provider", "aws", "--region", "us-east-1"]
+    done = cli("plan", *args)
+    assert done.returncode == 0
+    assert "source-failed" in done.stdout
+    assert "source-failed" not in done.stderr  # the decision is printed once, not again as a warning
+    done = cli("plan", "--provider", "aws", "--region", "us-east-1", "--window", "1h")
+    assert "ignoring CARBONAWARE_SOURCE" in done.stderr
