@@ -2,8 +2,10 @@
 region the offline model covers (London).
 
 Run it with ``python examples/decorator_flow.py``: no network is needed (the typical-day profile, or, if that data
-file is not installed, a logged fail-open that runs the task at once). In production drop ``source`` to use the
-hosted forecast and give the window in hours.
+file is not installed, a logged fail-open that runs the task at once). A 10-second window rarely beats starting
+now on hourly data, so expect "already-best"; to see a real decision without waiting for it, run with
+``CARBONAWARE_DRY_RUN=1`` and a window of hours. In production drop ``source`` to use the hosted forecast and give
+the window in hours.
 """
 
 import time
