@@ -505,7 +505,7 @@ def _deployment_options(run_kwargs: dict[str, Any]) -> tuple[dict[str, Any], boo
             raise TypeError(
                 f"{name!r} does not apply here: carbonaware_run_deployment sets the start itself and returns at once "
                 "(nothing waits, so nothing is retried); to wait for the run, use "
-                "prefect.flow_runs.wait_for_flow_run(flow_run.id)"
+                "await prefect.flow_runs.wait_for_flow_run(flow_run.id, timeout=None)"
             )
     options = _split_options(run_kwargs, core.OPTIONS)
     artifact = _artifact_option(run_kwargs.pop("artifact", True))
