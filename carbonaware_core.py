@@ -2144,9 +2144,21 @@ def _attempts(spec: Any, query: Query) -> Iterator[tuple[str, Callable[[], Sourc
 def _user_series(produce: Callable[[], Iterable[ForecastPoint]]) -> Forecast:
     """A series from the user's callable or iterable; whatever it raises is a source failure, not a crash."""
     try:
-        return Forecast(tuple(produce()))
+        return Forecast(tuple(_float_valued(point) for point in produce()))
     except Exception as exc:  # noqa: BLE001 - user code: fail open
         raise SourceError(f"raised {type(exc).__name__}: {str(exc)[:160]}") from None
+
+
+def _float_valued(point: ForecastPoint) -> ForecastPoint:
+    """Values as plain floats: a series from pandas or numpy (``float32``, ``int64``) or in ``Decimal`` would
+    otherwise read as gaps."""
+    value: object = getattr(point, "value", None)
+    if type(value) in (float, int) or isinstance(value, (bool, str, bytes)) or not hasattr(value, "__float__"):
+        return point
+    try:
+        return replace(point, value=float(value))
+    except (TypeError, ValueError, OverflowError):
+        return point
 
 
 def _callable_name(fn: Any) -> str:

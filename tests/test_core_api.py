@@ -10,6 +10,7 @@ import math
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from decimal import Decimal
 
 import pytest
 from hypothesis import given, settings
@@ -466,6 +467,24 @@ def test_a_source_that_breaks_does_not_end_the_chain(tmp_path, monkeypatch: pyte
     plan = plan_delay(W, D, "aws", "us-east-1", source=f"broken,file:{path}", now=BASE)
     assert (plan.source, plan.start) == ("file", BASE + 2 * HOUR)
     assert plan.fallbacks == ("broken: internal error: IndexError: 'list index out of range'",)
+
+
+class Float32:
+    """A numpy-like scalar: not a ``float`` subclass, but convertible with ``float()``."""
+
+    def __init__(self, value: float) -> None:
+        self.value = float(value)
+
+    def __float__(self) -> float:
+        return self.value
+
+
+@pytest.mark.parametrize("kind", [Decimal, Float32], ids=["Decimal", "numpy-like"])
+def test_values_from_decimal_or_numpy_scalars_are_read(kind: type) -> None:
+    points = [ForecastPoint(p.start, p.end, kind(p.value)) for p in rows_as_points()]
+    plan = plan_delay(W, D, "aws", "us-east-1", source=points, now=BASE)
+    assert (plan.reason, plan.start) == ("optimal", BASE + 2 * HOUR)
+    json.dumps(plan.to_dict(), allow_nan=False)  # plain floats all the way to the JSON
 
 
 def test_intensities_near_float_overflow_are_gaps_not_nan() -> None:
