@@ -48,6 +48,7 @@ __all__ = [
     "parse_duration",
     "plan_delay",
     "register_source",
+    "report_plan",
 ]
 
 logger = logging.getLogger("carbonaware")
@@ -185,7 +186,7 @@ class Query:
 
     def out_of_time(self) -> bool:
         """Whether this caller's window, rather than the timeout, is what ran out."""
-        return self.deadline - CLOCK.monotonic() < 0.1 and self.deadline < math.inf
+        return self.deadline - CLOCK.monotonic() < 0.1
 
 
 def _shared_fetch(query: Query, fetch: Callable[[], Any]) -> Callable[[], Any]:
@@ -2072,7 +2073,7 @@ def plan_delay(
     """Decide when to start, never sleeping. Argument errors raise; every other failure gives a run-now plan."""
     request = validate_arguments(window, duration, provider, region, options)
     plan = _plan(request)
-    _log_plan(plan, request.log, waiting=False)
+    report_plan(plan, request.log, waiting=False)
     return plan
 
 
@@ -2330,9 +2331,22 @@ def describe(plan: Plan, *, waiting: bool = True) -> str:
     return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail})"
 
 
-def _log_plan(plan: Plan, log: logging.Logger | logging.LoggerAdapter[Any], *, waiting: bool = True) -> None:
+def report_plan(
+    plan: Plan,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+    on_plan: Callable[[Plan], None] | None = None,
+    *,
+    waiting: bool = True,
+) -> None:
+    """The one decision line (WARNING for failures, INFO otherwise), then ``on_plan``; a failing hook costs one
+    warning, never the work. For callers that decide without the core too (a retry that does not wait)."""
     level = logging.WARNING if plan.reason in ("no-zone", "source-failed") else logging.INFO
     log.log(level, describe(plan, waiting=waiting), extra={"carbonaware_decision": True})
+    if on_plan is not None:
+        try:
+            on_plan(plan)
+        except Exception as exc:  # noqa: BLE001 - a reporting hook must not break the work
+            log.warning("carbonaware: on_plan hook failed: %s: %s", type(exc).__name__, exc)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2346,12 +2360,7 @@ def _prepare(
     request = validate_arguments(window, duration, provider, region, options)
     called_at = CLOCK.time()
     plan = _plan(request)
-    _log_plan(plan, request.log)
-    if request.on_plan is not None:
-        try:
-            request.on_plan(plan)
-        except Exception as exc:  # noqa: BLE001 - a reporting hook must not break the work
-            request.log.warning("carbonaware: on_plan hook failed: %s: %s", type(exc).__name__, exc)
+    report_plan(plan, request.log, request.on_plan)
     return request, plan, called_at
 
 

@@ -110,7 +110,9 @@ def _settings(
     if not isinstance(delay_on_retry, bool):
         raise TypeError(f"delay_on_retry must be a bool, not {type(delay_on_retry).__name__}")
     artifact = _artifact_option(options.get("artifact", True))
-    return _Settings(window, duration, provider, region, core_options, delay_on_retry, artifact, job_inside, zone)
+    return _Settings(
+        window, duration, provider, region, core_options, delay_on_retry, artifact, job_inside=job_inside, zone=zone
+    )
 
 
 def _artifact_option(artifact: Any) -> bool | str:
@@ -241,13 +243,7 @@ def _plan_for_run(
 def _skip(settings: _Settings, window: timedelta, detail: str, options: Mapping[str, Any]) -> Plan:
     """Log and report (artifact, ``on_plan``) a decision not to wait, as the core does for its own."""
     plan = _skip_plan(settings, window, detail)
-    logger = options["logger"]
-    logger.info(core.describe(plan))
-    if (on_plan := options.get("on_plan")) is not None:
-        try:
-            on_plan(plan)
-        except Exception as exc:  # noqa: BLE001 - a reporting hook must not break the work (as in the core)
-            logger.warning("carbonaware: on_plan hook failed: %s: %s", type(exc).__name__, exc)
+    core.report_plan(plan, options["logger"], options.get("on_plan"))
     return plan
 
 
@@ -279,7 +275,7 @@ async def _delay_async(settings: _Settings) -> Plan:
 def _failed(settings: _Settings, exc: Exception) -> Plan:
     detail = f"internal error: {type(exc).__name__}: {exc}"
     plan = _skip_plan(settings, settings.window, detail, reason="source-failed")
-    _run_logger().warning(core.describe(plan))
+    core.report_plan(plan, _run_logger())  # WARNING, as for any failure
     return plan
 
 
