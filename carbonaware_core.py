@@ -208,7 +208,7 @@ class SourceError(Exception):
     """A source could not give a usable answer. The message is logged; it must never contain a secret."""
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
-        super().__init__(message)
+        super().__init__(_redact(message, ()))  # whatever the message quotes, no secret in use survives
         self.retry_after = retry_after
 
 
@@ -543,7 +543,7 @@ class HttpResponse:
 
     def retry_after(self) -> float | None:
         value = self.headers.get("retry-after", "").strip()
-        if value.isdigit():
+        if _ascii_digits(value):
             return float(value)
         if value:
             try:
@@ -555,9 +555,14 @@ class HttpResponse:
         return None
 
 
+def _ascii_digits(text: str) -> bool:
+    """'42', not '²' or '٤٢': str.isdigit() accepts both, and float()/int() then fail on the first."""
+    return text.isascii() and text.isdigit()
+
+
 def _quote(text: str, secrets: Sequence[str] = (), limit: int = 80) -> str:
     """A short quote for a log line: redacted first, then cut, so no half of a secret survives the cut."""
-    text = _redact(text, secrets).replace("\n", " ").strip()
+    text = _redact(text[: limit + 4096], secrets).replace("\n", " ").strip()  # 4096: room for any secret's forms
     return repr(text[:limit] + ("..." if len(text) > limit else ""))
 
 
@@ -595,28 +600,107 @@ def http_request(
     chosen = backend or _http_backend()
     found = (*_secrets_in(headers or {}), *_url_secrets(url), *(secret for secret in secrets if secret))
     secrets = tuple(sorted(set(found), key=len, reverse=True))
-    outcome: list[HttpResponse | BaseException] = []
+    remember_secrets(secrets)
+    direct = _is_loopback(url)  # loopback goes straight there: an HTTP_PROXY must not see a local service's traffic
 
-    def call() -> None:
-        try:
-            if chosen == "requests":
-                outcome.append(_requests_call(method, url, headers or {}, body, deadline, max_bytes))
-            else:
-                outcome.append(_urllib_call(method, url, headers or {}, body, deadline, max_bytes, proxies=True))
-        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
-            outcome.append(exc)
+    def call() -> HttpResponse:
+        if chosen == "requests":
+            return _requests_call(method, url, headers or {}, body, deadline, max_bytes, direct=direct)
+        return _urllib_call(method, url, headers or {}, body, deadline, max_bytes, proxies=not direct)
 
-    worker = threading.Thread(target=call, name="carbonaware-http", daemon=True)
-    worker.start()
-    worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
-    if not outcome:
+    result = _bounded_call(call, deadline, "carbonaware-http")
+    if result is None:
         raise SourceError(f"no answer within {timeout:g}s (timeout)")
-    result = outcome[0]
     if isinstance(result, SourceError):
         raise SourceError(_redact(str(result), secrets)[:300], result.retry_after) from None
     if isinstance(result, BaseException):
         raise SourceError(_redact(_transport_message(result, timeout), secrets)[:300]) from None
     return replace(result, secrets=secrets)
+
+
+class _RequestSockets:
+    """The sockets one request's worker opened or reuses. At the deadline the caller shuts them down, so a
+    receive blocked on a server that trickles its status line or headers (or sends ``100 Continue`` for ever)
+    returns at once and the worker ends. Only shut down, never closed from here: the worker closes its own
+    socket, so a descriptor number can never be reused by another ``open()`` while the worker still holds it."""
+
+    __slots__ = ("_lock", "_sockets", "_state")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: list[Any] = []
+        self._state = "running"  # then "finished" (the answer is in) or "expired" (the deadline passed first)
+
+    def add(self, sock: Any) -> None:
+        with self._lock:
+            if self._state == "running":
+                self._sockets.append(sock)
+                return
+            expired = self._state == "expired"
+        if expired:
+            _shutdown_socket(sock)
+
+    def finish(self) -> None:
+        """The answer is read: from now on the socket may go back to a pool, so the deadline must not touch it."""
+        with self._lock:
+            if self._state == "expired":
+                raise TimeoutError("timed out")
+            self._state, self._sockets = "finished", []
+
+    def expire(self) -> None:
+        with self._lock:
+            if self._state != "running":
+                return
+            self._state, sockets, self._sockets = "expired", self._sockets, []
+        for sock in sockets:
+            _shutdown_socket(sock)
+
+
+def _shutdown_socket(sock: Any) -> None:
+    import socket
+
+    try:  # the plain socket's shutdown, also for an SSLSocket (whose own would drop its TLS state mid-read)
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except (OSError, TypeError, ValueError):  # already closed, or not a socket at all
+        pass
+
+
+_CURRENT = threading.local()  # .sockets: the _RequestSockets of the request this worker thread runs
+
+
+def _track_socket(sock: Any) -> None:
+    """Called by our connection classes wherever a socket is opened or reused for a request."""
+    sockets: _RequestSockets | None = getattr(_CURRENT, "sockets", None)
+    if sockets is not None and sock is not None:
+        sockets.add(sock)
+
+
+def _request_finished() -> None:
+    sockets: _RequestSockets | None = getattr(_CURRENT, "sockets", None)
+    if sockets is not None:
+        sockets.finish()
+
+
+def _bounded_call(call: Callable[[], HttpResponse], deadline: float, name: str) -> HttpResponse | BaseException | None:
+    """``call()`` in a worker thread; its answer or exception, or None once ``deadline`` passed -- and then its
+    sockets are shut down, so the worker does not outlive the deadline by more than a moment either."""
+    sockets = _RequestSockets()
+    outcome: list[HttpResponse | BaseException] = []
+
+    def work() -> None:
+        _CURRENT.sockets = sockets
+        try:
+            outcome.append(call())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
+    if outcome:
+        return outcome[0]
+    sockets.expire()
+    return outcome[0] if outcome else None
 
 
 _SENSITIVE_HEADERS = ("authorization", "auth-token", "x-api-key", "cookie", "proxy-authorization")
@@ -652,10 +736,82 @@ def _secrets_in(headers: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(sorted(pieces, key=len, reverse=True))
 
 
+MAX_REMEMBERED_SECRETS = 64
+_SECRETS: dict[str, tuple[str, ...]] = {}  # secret -> the forms it may take in text; oldest first
+_SECRET_FORMS: tuple[str, ...] = ()  # every form of every remembered secret, longest first
+_SECRETS_LOCK = threading.Lock()
+
+
+def remember_secrets(secrets: Iterable[str]) -> None:
+    """Keys, passwords and tokens in use in this process: no SourceError message and no record logged through
+    the ``carbonaware`` or ``urllib3`` loggers will hold one. Bounded: the oldest are forgotten first."""
+    global _SECRET_FORMS
+    fresh = [secret for secret in secrets if len(secret) >= 4 and secret not in _SECRETS]
+    if not fresh:
+        return
+    with _SECRETS_LOCK:
+        for secret in fresh:
+            _SECRETS[secret] = _secret_forms(secret)
+        while len(_SECRETS) > MAX_REMEMBERED_SECRETS:
+            del _SECRETS[next(iter(_SECRETS))]
+        _SECRET_FORMS = tuple(sorted({f for forms in _SECRETS.values() for f in forms}, key=len, reverse=True))
+
+
+def _secret_forms(secret: str) -> tuple[str, ...]:
+    """The secret as written, repr- and JSON-escaped, and percent-encoded (quote, quote_plus, either hex case)."""
+    import json
+    from urllib.parse import quote, quote_plus
+
+    forms = {secret, repr(secret)[1:-1], json.dumps(secret)[1:-1], json.dumps(secret)[1:-1].replace("/", "\\/")}
+    forms |= {quote(secret), quote(secret, safe=""), quote_plus(secret), quote_plus(secret, safe="")}
+    forms |= {re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), form) for form in forms}
+    return tuple(form for form in forms if len(form) >= 4)
+
+
 def _redact(text: str, secrets: Sequence[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***").replace(repr(secret)[1:-1], "***")
+    """``text`` without any form of ``secrets`` or of the remembered ones."""
+    forms: Iterable[str] = _SECRET_FORMS
+    if secrets:
+        extra = {form for secret in secrets if len(secret) >= 4 for form in _secret_forms(secret)}
+        forms = sorted(extra.union(_SECRET_FORMS), key=len, reverse=True)
+    for form in forms:
+        if form in text:
+            text = text.replace(form, "***")
     return text
+
+
+class _RedactingFilter(logging.Filter):
+    """Takes remembered secrets out of log records (urllib3 logs request lines with their query at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not _SECRET_FORMS:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # noqa: BLE001 - a broken record is logging's business, not ours
+            return True
+        cleaned = _redact(message, ())
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = _redact(logging.Formatter().formatException(record.exc_info), ())
+        elif record.exc_text:
+            record.exc_text = _redact(record.exc_text, ())
+        return True
+
+
+_REDACTING_FILTER = _RedactingFilter()
+logger.addFilter(_REDACTING_FILTER)
+
+
+def _filter_loggers(prefixes: Sequence[str]) -> None:
+    """Put the redacting filter on these loggers and their existing children (a filter on a parent does not see
+    records its children log)."""
+    names = {name for name in logging.root.manager.loggerDict if name.startswith(tuple(f"{p}." for p in prefixes))}
+    for name in {*prefixes, *names}:
+        target = logging.getLogger(name)
+        if _REDACTING_FILTER not in target.filters:
+            target.addFilter(_REDACTING_FILTER)
 
 
 def _transport_message(exc: BaseException, timeout: float) -> str:
@@ -707,7 +863,7 @@ def _read_bounded(
 
 def _check_declared_size(headers: Mapping[str, str], max_bytes: int) -> None:
     declared = headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
+    if _ascii_digits(declared) and int(declared) > max_bytes:
         raise SourceError(f"response larger than {max_bytes // (1024 * 1024)} MB ({declared} bytes), refused")
 
 
@@ -728,13 +884,41 @@ _URLLIB_OPENERS: dict[bool, Any] = {}
 
 def _urllib_opener(proxies: bool) -> Any:
     if proxies not in _URLLIB_OPENERS:
+        import http.client
         import urllib.request
 
         class NoRedirect(urllib.request.HTTPRedirectHandler):
             def redirect_request(self, *args: Any, **kwargs: Any) -> None:
                 return None
 
-        handlers: list[Any] = [NoRedirect()]
+        class TrackedHTTPConnection(http.client.HTTPConnection):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                create = self._create_connection  # type: ignore[has-type]
+
+                def create_tracked(*a: Any, **k: Any) -> Any:
+                    sock = create(*a, **k)
+                    _track_socket(sock)  # before a proxy tunnel or TLS handshake reads anything
+                    return sock
+
+                self._create_connection = create_tracked
+
+            def connect(self) -> None:
+                super().connect()
+                _track_socket(self.sock)  # the TLS socket that replaced the plain one
+
+        class TrackedHTTPSConnection(TrackedHTTPConnection, http.client.HTTPSConnection):
+            pass
+
+        class TrackedHTTPHandler(urllib.request.HTTPHandler):
+            def http_open(self, req: Any) -> Any:
+                return self.do_open(TrackedHTTPConnection, req)
+
+        class TrackedHTTPSHandler(urllib.request.HTTPSHandler):
+            def https_open(self, req: Any) -> Any:
+                return self.do_open(TrackedHTTPSConnection, req, context=getattr(self, "_context", None))
+
+        handlers: list[Any] = [NoRedirect(), TrackedHTTPHandler(), TrackedHTTPSHandler()]
         if not proxies:
             handlers.append(urllib.request.ProxyHandler({}))
         _URLLIB_OPENERS[proxies] = urllib.request.build_opener(*handlers)
@@ -764,30 +948,74 @@ def _urllib_call(
         inner: Any = response.fp if isinstance(response, urllib.error.HTTPError) else response  # http.client's
         payload = _read_bounded(inner.read1, deadline, max_bytes, _socket_settimeout(inner))
         declared = response_headers.get("content-length", "")
-        if declared.isdigit() and len(payload) < int(declared):  # read1 ends quietly where read() would raise
+        if _ascii_digits(declared) and len(payload) < int(declared):  # read1 ends quietly where read() would raise
             raise SourceError(f"connection closed early: response cut short ({len(payload)} of {declared} bytes)")
+        _request_finished()
         return HttpResponse(int(response.status), response_headers, payload)
 
 
-_SESSION: Any = None
+_SESSIONS: dict[bool, Any] = {}  # direct (loopback, no proxies from the environment) -> requests.Session
 _SESSION_LOCK = threading.Lock()
 
 
-def _requests_session() -> Any:
-    global _SESSION
+def _requests_session(direct: bool = False) -> Any:
     with _SESSION_LOCK:
-        if _SESSION is None:
-            import requests
+        if direct not in _SESSIONS:
+            _SESSIONS[direct] = _new_requests_session(direct)
+        return _SESSIONS[direct]
 
-            _SESSION = requests.Session()
-        return _SESSION
+
+def _new_requests_session(direct: bool) -> Any:
+    """A Session whose connections report their sockets to the request they serve, so the deadline can end a
+    worker blocked in the status line or headers. ``direct``: environment proxies (and .netrc) are ignored."""
+    import requests
+    import urllib3
+    from requests.adapters import HTTPAdapter
+
+    class TrackedHTTPConnection(urllib3.connection.HTTPConnection):
+        def _new_conn(self) -> Any:
+            sock = super()._new_conn()
+            _track_socket(sock)
+            return sock
+
+        def getresponse(self, *args: Any, **kwargs: Any) -> Any:
+            _track_socket(self.sock)  # a kept-alive socket from the pool, or the TLS one from connect()
+            return super().getresponse(*args, **kwargs)
+
+    class TrackedHTTPSConnection(urllib3.connection.HTTPSConnection):
+        _new_conn = TrackedHTTPConnection._new_conn
+        getresponse = TrackedHTTPConnection.getresponse
+
+    class TrackedHTTPPool(urllib3.HTTPConnectionPool):
+        ConnectionCls = TrackedHTTPConnection
+
+    class TrackedHTTPSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = TrackedHTTPSConnection
+
+    class TrackedAdapter(HTTPAdapter):
+        def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+            super().init_poolmanager(*args, **kwargs)
+            self.poolmanager.pool_classes_by_scheme = {"http": TrackedHTTPPool, "https": TrackedHTTPSPool}
+
+    _filter_loggers(("urllib3", "requests", "carbonaware"))
+    session = requests.Session()
+    session.trust_env = not direct
+    session.mount("http://", TrackedAdapter())
+    session.mount("https://", TrackedAdapter())
+    return session
 
 
 def _requests_call(
-    method: str, url: str, headers: Mapping[str, str], body: bytes | None, deadline: float, max_bytes: int
+    method: str,
+    url: str,
+    headers: Mapping[str, str],
+    body: bytes | None,
+    deadline: float,
+    max_bytes: int,
+    direct: bool = False,
 ) -> HttpResponse:
     budget = _remaining(deadline)
-    response = _requests_session().request(
+    response = _requests_session(direct).request(
         method, url, headers=dict(headers), data=body, timeout=(budget, budget), allow_redirects=False, stream=True
     )
     with response:
@@ -796,6 +1024,7 @@ def _requests_call(
         settimeout = _socket_settimeout(getattr(response.raw, "_fp", None))
         read = getattr(response.raw, "read1", response.raw.read)  # read1: one recv, so the deadline holds
         payload = _read_bounded(lambda n: read(n, decode_content=True), deadline, max_bytes, settimeout)
+        _request_finished()  # before the connection goes back to the pool
         return HttpResponse(response.status_code, response_headers, payload)
 
 
@@ -806,8 +1035,8 @@ def expect_json(response: HttpResponse, what: str) -> Any:
         hint = f", retry after {after:g}s" if after is not None else ""
         raise SourceError(f"{what} rate-limited (HTTP 429{hint})", retry_after=after)
     if 300 <= response.status < 400:
-        where = response.headers.get("location", "?")
-        raise SourceError(f"{what} answered a redirect (HTTP {response.status} to {where[:80]}); check the URL")
+        where = _redact(response.headers.get("location", "?"), response.secrets)[:80]  # redacted, then cut
+        raise SourceError(f"{what} answered a redirect (HTTP {response.status} to {where}); check the URL")
     if response.status >= 400 or response.status < 200:
         after = response.retry_after()
         hint = f", retry after {after:g}s" if after is not None else ""
@@ -816,10 +1045,23 @@ def expect_json(response: HttpResponse, what: str) -> Any:
 
 
 def _is_loopback(url: str) -> bool:
+    """Whether the URL's host is a loopback address (127.0.0.0/8, ::1, also IPv4-mapped) or exactly
+    'localhost' -- decided from the parsed host, never by a name's prefix, and before any DNS lookup."""
+    import ipaddress
     from urllib.parse import urlsplit
 
-    host = (urlsplit(url).hostname or "").lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
+    try:
+        host = urlsplit(url).hostname or ""
+    except ValueError:
+        return False
+    if host.lower() == "localhost":
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return bool((mapped or address).is_loopback)
 
 
 def _require_safe_url(url: str, *, carries_secret: bool) -> None:
@@ -935,6 +1177,19 @@ class SingleFlightCache:
             self._entries.clear()
             self._blocked.clear()
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: no thread is left to finish a fetch that was in flight, so it is dropped (the
+        child asks afresh instead of waiting for it and failing open for ever); the lock and the finished
+        entries' events are new, as a parent thread may have held one at the fork."""
+        self._lock = threading.Lock()
+        kept: dict[Hashable, _Entry] = {}
+        for key, entry in list(self._entries.items()):
+            if entry.done.is_set():
+                entry.done = threading.Event()
+                entry.done.set()
+                kept[key] = entry
+        self._entries = kept
+
 
 CACHE = SingleFlightCache()
 
@@ -946,6 +1201,23 @@ def clear_cache() -> None:
 
 
 _WARNED: set[str] = set()
+
+
+def _after_fork_in_child() -> None:
+    """A forked child (gunicorn, celery prefork, multiprocessing) starts with one thread: locks a parent thread
+    held stay held and fetches in flight never finish, so both are reset. The requests sessions are dropped, not
+    closed -- their pooled keep-alive sockets are the parent's too, and a child reading from them would get the
+    parent's answers (closing or shutting them down here would cut the parent's). urllib keeps no sockets."""
+    global _SESSION_LOCK, _SECRETS_LOCK, _OFFLINE_LOCK
+    CACHE.reset_after_fork()
+    _SESSION_LOCK = threading.Lock()
+    _SESSIONS.clear()
+    _SECRETS_LOCK = threading.Lock()
+    _OFFLINE_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _warn_once(message: str) -> None:
@@ -998,10 +1270,13 @@ def _metadata_base(env: Mapping[str, str], specific: str | None = None) -> str:
 
 
 def _probe_get(url: str, headers: Mapping[str, str], deadline: float, method: str = "GET") -> HttpResponse | None:
-    try:
-        return _urllib_call(method, url, headers, b"" if method == "PUT" else None, deadline, 64 * 1024, proxies=False)
-    except Exception:  # noqa: BLE001 - a probe that fails simply has no answer
-        return None
+    body = b"" if method == "PUT" else None
+    answer = _bounded_call(  # a probe, too, ends at its deadline however the server trickles
+        lambda: _urllib_call(method, url, headers, body, deadline, 64 * 1024, proxies=False),
+        deadline,
+        "carbonaware-probe",
+    )
+    return answer if isinstance(answer, HttpResponse) else None  # a probe that fails simply has no answer
 
 
 def _probe_aws(env: Mapping[str, str], deadline: float) -> CloudZone | None:
@@ -1404,7 +1679,7 @@ def _field(document: Any, name: str, kind: type | tuple[type, ...]) -> Any:
     value = document.get(name) if isinstance(document, dict) else None
     if not isinstance(value, kind):
         kind = kind if isinstance(kind, type) else kind[0]
-        raise SourceError(f"unexpected answer: no {name!r} {kind.__name__} in {_quote(repr(document)[:200])}")
+        raise SourceError(f"unexpected answer: no {name!r} {kind.__name__} in {_quote(repr(document), limit=200)}")
     return value
 
 
@@ -1412,7 +1687,9 @@ def _moer_g_per_kwh(value: Any, where: str) -> float | None:
     if value is None:
         return None
     if not _valid_intensity(value):
-        raise SourceError(f"scheduler: {where}.co2_intensity is not a valid intensity ({value!r})")
+        raise SourceError(
+            f"scheduler: {where}.co2_intensity is not a valid intensity ({_quote(repr(value), limit=40)})"
+        )
     return float(value) * LBS_PER_MWH_TO_G_PER_KWH
 
 
@@ -1474,9 +1751,9 @@ def parse_series_document(document: Any) -> tuple[ForecastPoint, ...]:
     if not isinstance(items, list) or not items:
         raise SourceError("series: expected a non-empty list of points")
     rows = []
-    for item in items:
+    for index, item in enumerate(items, 1):  # messages describe the shape, never quote the content (a local file)
         if not isinstance(item, dict):
-            raise SourceError("series: every point must be an object")
+            raise SourceError(f"series: every point must be an object (point {index} is not)")
         start_text = next((item[k] for k in _START_KEYS if k in item), None)
         value = next((item[k] for k in _VALUE_KEYS if k in item), None)
         if isinstance(value, dict):  # NESO-style {"intensity": {"forecast": 120}}
@@ -1484,14 +1761,23 @@ def parse_series_document(document: Any) -> tuple[ForecastPoint, ...]:
         if isinstance(value, str) and not value.strip():  # an empty CSV cell is a gap, as JSON null is
             value = None
         end_text = next((item[k] for k in _END_KEYS if k in item), None)
+        if start_text is None:
+            raise SourceError(f"series: bad point {index}: no start time (expected one of {', '.join(_START_KEYS)})")
+        start = _series_time(start_text, index, "start")
+        end = _series_time(end_text, index, "end") if end_text is not None else None
         try:
-            start = parse_datetime(str(start_text))
-            end = parse_datetime(str(end_text)) if end_text is not None else None
             number = float(value) if value is not None else math.nan
-        except (TypeError, ValueError) as exc:
-            raise SourceError(f"series: bad point {str(item)[:80]} ({exc})") from None
+        except (TypeError, ValueError, OverflowError):
+            raise SourceError(f"series: bad point {index}: value is not a number") from None
         rows.append((start, number, None if end is None else end - start))
     return series_from_starts(rows)
+
+
+def _series_time(text: Any, index: int, what: str) -> datetime:
+    try:
+        return parse_datetime(str(text))
+    except ValueError:
+        raise SourceError(f"series: bad point {index}: {what} is not an ISO-8601 date-time") from None
 
 
 def parse_series_csv(text: str) -> tuple[ForecastPoint, ...]:
@@ -1499,6 +1785,10 @@ def parse_series_csv(text: str) -> tuple[ForecastPoint, ...]:
     import io
 
     reader = csv.DictReader(io.StringIO(text))
+    columns = reader.fieldnames or []
+    if columns and not any(name in columns for name in _START_KEYS):
+        count = f"{len(columns)} column{'s' if len(columns) != 1 else ''}"
+        raise SourceError(f"series: a CSV with {count} and no start column (expected one of {', '.join(_START_KEYS)})")
     return parse_series_document([dict(row) for row in reader])
 
 
@@ -1616,10 +1906,13 @@ def _query_string(params: Mapping[str, str | int]) -> str:
 
 
 def _point_time(item: Any, name: str) -> datetime:
+    """A provider's point time; the error quotes the point briefly, redacted before it is cut."""
     try:
         return parse_datetime(str(item[name]))
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SourceError(f"unexpected point {str(item)[:80]}: bad {name!r} ({exc})") from None
+    except (KeyError, TypeError):
+        raise SourceError(f"unexpected point {_quote(str(item))}: no {name!r}") from None
+    except ValueError:
+        raise SourceError(f"unexpected point {_quote(str(item))}: bad {name!r} (not an ISO-8601 date-time)") from None
 
 
 def _point_value(item: Any, name: str) -> float:
@@ -1627,7 +1920,7 @@ def _point_value(item: Any, name: str) -> float:
     if value is None:
         return math.nan  # a missing value is a gap, not an error
     if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise SourceError(f"unexpected point {str(item)[:80]}: {name!r} is not a number")
+        raise SourceError(f"unexpected point {_quote(str(item))}: {name!r} is not a number")
     return float(value)
 
 
@@ -1660,6 +1953,7 @@ def _watttime_login(base: str, user: str, password: str, timeout: float) -> str:
     token = expect_json(response, "watttime login")
     if not isinstance(token, dict) or not isinstance(token.get("token"), str) or not token["token"]:
         raise SourceError("watttime login answered no token")
+    remember_secrets([str(token["token"])])  # before anything could quote it back
     return str(token["token"])
 
 
@@ -1701,9 +1995,9 @@ def _fetch_watttime(query: Query) -> Forecast:
             break
         CACHE.forget(token_key)
     if response.status in (401, 403):
+        scope = "; free accounts may only read CAISO_NORTH" if region.upper() != "CAISO_NORTH" else ""
         raise SourceError(
-            f"watttime refused the forecast for {region} (HTTP {response.status}: {response.excerpt()}); "
-            "free accounts may only read CAISO_NORTH"
+            f"watttime refused the forecast for {region} (HTTP {response.status}: {response.excerpt()}){scope}"
         )
     return _watttime_forecast(expect_json(response, "watttime"), region)
 
@@ -1713,11 +2007,11 @@ def _watttime_forecast(document: Any, region: str) -> Forecast:
     meta = document.get("meta") if isinstance(document.get("meta"), dict) else {}
     units = str(meta.get("units", "lbs_co2_per_mwh"))
     if units not in _WATTTIME_UNITS:
-        raise SourceError(f"watttime answered units {units!r}, expected lbs_co2_per_mwh")
+        raise SourceError(f"watttime answered units {_quote(units, limit=40)}, expected lbs_co2_per_mwh")
     factor = _WATTTIME_UNITS[units]
     period = meta.get("data_point_period_seconds", 300)
     if not isinstance(period, (int, float)) or not 0 < period <= 86400:
-        raise SourceError(f"watttime answered a bad data_point_period_seconds {period!r}")
+        raise SourceError(f"watttime answered a bad data_point_period_seconds {_quote(repr(period), limit=40)}")
     length = timedelta(seconds=period)
     rows = [(_point_time(item, "point_time"), _point_value(item, "value") * factor, length) for item in data]
     return Forecast(series_from_starts(rows), unit="gCO2/kWh (marginal)", grid_zone=region)
@@ -2147,7 +2441,7 @@ def _user_series(produce: Callable[[], Iterable[ForecastPoint]]) -> Forecast:
     try:
         return Forecast(tuple(_float_valued(point) for point in produce()))
     except Exception as exc:  # noqa: BLE001 - user code: fail open
-        raise SourceError(f"raised {type(exc).__name__}: {str(exc)[:160]}") from None
+        raise SourceError(f"raised {type(exc).__name__}: {_redact(str(exc)[:4096], ())[:160]}") from None
 
 
 def _float_valued(point: ForecastPoint) -> ForecastPoint:
