@@ -699,8 +699,8 @@ def _bounded_call(call: Callable[[], HttpResponse], deadline: float, name: str) 
     worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
     if outcome:
         return outcome[0]
-    sockets.expire()
-    return outcome[0] if outcome else None
+    sockets.expire()  # what the worker reports after this (a reset connection) came too late to count
+    return None
 
 
 _SENSITIVE_HEADERS = ("authorization", "auth-token", "x-api-key", "cookie", "proxy-authorization")
