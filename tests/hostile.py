@@ -34,8 +34,7 @@ def series_body() -> bytes:
     """48 hourly points from the hour before now, lowest four hours ahead: a forecast the planner accepts."""
     start = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0) - timedelta(hours=1)
     points = [
-        {"start": (start + timedelta(hours=i)).isoformat(), "value": 100.0 if i == 5 else 300.0 + i}
-        for i in range(48)
+        {"start": (start + timedelta(hours=i)).isoformat(), "value": 100.0 if i == 5 else 300.0 + i} for i in range(48)
     ]
     return json.dumps(points).encode()
 

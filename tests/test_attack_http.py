@@ -173,7 +173,9 @@ def assert_nowhere(secrets: list[str], plan: core.Plan, caplog: pytest.LogCaptur
 def echoes(key: str) -> dict[str, Reply]:
     enc = quote(key, safe="")
     return {
-        "redirect": Reply(302, "", {"Location": f"https://elsewhere.example/login?k={enc}&k2={lower_hex(enc)}&raw={key}"}),
+        "redirect": Reply(
+            302, "", {"Location": f"https://elsewhere.example/login?k={enc}&k2={lower_hex(enc)}&raw={key}"}
+        ),
         "json-value": Reply(200, {"forecast": [{"datetime": key, "carbonIntensity": 1}]}),
         "json-number": Reply(200, {"forecast": [{"datetime": "2025-06-01T12:00:00Z", "carbonIntensity": key}]}),
         "no-field": Reply(200, {"error": key, "encoded": enc, "plus": quote_plus(key)}),
@@ -276,7 +278,7 @@ def in_child(check: Any) -> int:
         status = 1
         try:
             status = 0 if check() else 3
-        except BaseException:  # noqa: BLE001
+        except BaseException:
             status = 2
         finally:
             os._exit(status)
@@ -335,7 +337,7 @@ class ZoneServer(ThreadingHTTPServer):
             def log_message(self, *args: Any) -> None:
                 return
 
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+            def do_GET(self) -> None:
                 zone = self.path.partition("zone=")[2]
                 server.seen.append((zone, self.client_address[1]))
                 body = json.dumps(series_reply(float(zone)).body).encode()
