@@ -2114,9 +2114,10 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
 
 
 def _check_reachable(now: datetime, window: timedelta, duration: timedelta) -> None:
-    """The window and the job must end before the year 9999 (datetime's end), or planning would overflow."""
+    """The window and the job must end a day before datetime's end (the year 9999), or planning would overflow:
+    an argument error now, not an exception hours later."""
     try:
-        now + window + duration
+        now + window + duration + timedelta(days=1)
     except OverflowError:
         raise ValueError(
             f"window ({window}) and duration ({duration}) reach past the year 9999 from {_iso(now)}"
