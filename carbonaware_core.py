@@ -156,6 +156,7 @@ class Decision:
     now: float | None
     savings: float | None
     unit: str = G_PER_KWH
+    asked_for: datetime | None = None  # the ``now`` the source decided for: a later caller may need another answer
 
 
 @dataclass(frozen=True)
@@ -235,6 +236,19 @@ class Source:
     ttl: float = 900.0
     needs_zone: bool = True  # useless without a cloud or grid zone
     uses_zone: bool = True  # False: never looks at one (so no detection runs for it)
+    horizon: timedelta | None = None  # the longest window it can answer; None: HORIZON_CAP
+
+
+HORIZON_CAP = timedelta(days=366)  # no source is asked about more than a year of starts, or a job over a year long
+
+
+def _within_horizon(source: Source | None, query: Query) -> Query:
+    """The question a source can answer: a window no longer than it sees ahead and a job no longer than a year.
+    Planning time and memory then stay bounded however long the caller's window; the plan keeps the real one."""
+    horizon = min(source.horizon or HORIZON_CAP, HORIZON_CAP) if source is not None else HORIZON_CAP
+    if query.window <= horizon and query.duration <= HORIZON_CAP:
+        return query
+    return replace(query, window=min(query.window, horizon), duration=min(query.duration, HORIZON_CAP))
 
 
 SOURCES: dict[str, Source] = {}
@@ -1109,11 +1123,14 @@ class SingleFlightCache:
         *,
         failure_ttl: float | None = None,
         wait: float | None = None,
+        reusable: Callable[[Any], bool] | None = None,
     ) -> Any:
-        """The cached value, or the one fetch for ``key``; a follower waits for it at most ``wait`` seconds."""
+        """The cached value, or the one fetch for ``key``; a follower waits for it at most ``wait`` seconds.
+        ``reusable(value)``: whether a finished value still answers this caller; if not, the caller fetches afresh
+        (and those who come while it does wait for that fetch)."""
         with self._lock:
             entry = self._entries.get(key)
-            leader = entry is None or (entry.done.is_set() and entry.expires <= CLOCK.monotonic())
+            leader = entry is None or (entry.done.is_set() and not self._answers(entry, reusable))
             if leader:
                 entry = _Entry()
                 self._entries[key] = entry
@@ -1126,6 +1143,13 @@ class SingleFlightCache:
         if entry.error is not None:  # a fresh exception per caller: a shared one would pile up tracebacks
             raise type(entry.error)(str(entry.error), entry.error.retry_after) from None
         return entry.value
+
+    @staticmethod
+    def _answers(entry: _Entry, reusable: Callable[[Any], bool] | None) -> bool:
+        """A finished entry serves a caller while unexpired -- a value only if it still fits the caller's question."""
+        if entry.expires <= CLOCK.monotonic():
+            return False
+        return entry.error is not None or reusable is None or bool(reusable(entry.value))
 
     def _run(self, entry: _Entry, fetch: Callable[[], Any], ttl: float, failure_ttl: float) -> None:
         try:
@@ -1269,28 +1293,47 @@ def _metadata_base(env: Mapping[str, str], specific: str | None = None) -> str:
     return host if host.startswith(("http://", "https://")) else f"http://{host}"
 
 
-def _probe_get(url: str, headers: Mapping[str, str], deadline: float, method: str = "GET") -> HttpResponse | None:
+class _ProbeUnsure(Exception):
+    """A probe that could not tell whether the service is there (5xx, 429, refused, unreachable, timed out): the
+    network may still be coming up, so this is asked again later, unlike a definite "not here"."""
+
+
+def _probe_get(url: str, headers: Mapping[str, str], deadline: float, method: str = "GET") -> HttpResponse:
+    """The answer of a service that answered (any status below 500 but 429); _ProbeUnsure otherwise. A probe,
+    too, ends at its deadline however the server trickles."""
     body = b"" if method == "PUT" else None
-    answer = _bounded_call(  # a probe, too, ends at its deadline however the server trickles
+    answer = _bounded_call(
         lambda: _urllib_call(method, url, headers, body, deadline, 64 * 1024, proxies=False),
         deadline,
         "carbonaware-probe",
     )
-    return answer if isinstance(answer, HttpResponse) else None  # a probe that fails simply has no answer
+    if answer is None:
+        raise _ProbeUnsure("timed out")
+    if isinstance(answer, BaseException):  # refused, unreachable, timed out, reset: no answer yet
+        raise _ProbeUnsure(type(_root_cause(answer)).__name__)
+    if answer.status >= 500 or answer.status == 429:
+        raise _ProbeUnsure(f"HTTP {answer.status}")
+    return answer
 
 
 def _probe_aws(env: Mapping[str, str], deadline: float) -> CloudZone | None:
     if env.get("AWS_EC2_METADATA_DISABLED", "").strip().lower() == "true":
         return None
     base = env.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "").rstrip("/") or _metadata_base(env)
-    token = _probe_get(
-        f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, deadline, method="PUT"
-    )
     headers = {}
-    if token is not None and token.status == 200 and 0 < len(token.body) < 512:
-        headers["X-aws-ec2-metadata-token"] = token.body.decode("ascii", "replace").strip()
+    unsure: _ProbeUnsure | None = None
+    try:
+        token = _probe_get(
+            f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "21600"}, deadline, method="PUT"
+        )
+        if token.status == 200 and 0 < len(token.body) < 512:
+            headers["X-aws-ec2-metadata-token"] = token.body.decode("ascii", "replace").strip()
+    except _ProbeUnsure as why:  # IMDSv1 may still answer without a token
+        unsure = why
     answer = _probe_get(f"{base}/latest/meta-data/placement/region", headers, deadline)
-    if answer is None or answer.status != 200:
+    if answer.status != 200:
+        if unsure is not None and answer.status == 401:  # needs the token the service could not give yet
+            raise unsure
         return None
     region = answer.body.decode("ascii", "replace").strip()
     return CloudZone("aws", region) if re.match(_AWS_REGION, region) else None
@@ -1300,7 +1343,7 @@ def _probe_gcp(env: Mapping[str, str], deadline: float) -> CloudZone | None:
     base = _metadata_base(env, "GCE_METADATA_HOST")
     for path in ("instance/zone", "instance/region"):  # VMs answer the zone; Cloud Run and Functions the region
         answer = _probe_get(f"{base}/computeMetadata/v1/{path}", {"Metadata-Flavor": "Google"}, deadline)
-        if answer is None or answer.headers.get("metadata-flavor") != "Google":
+        if answer.headers.get("metadata-flavor") != "Google":
             return None
         if answer.status == 200:
             region = _gcp_region(answer.body.decode("ascii", "replace").strip())
@@ -1324,7 +1367,7 @@ def _probe_azure(env: Mapping[str, str], deadline: float) -> CloudZone | None:
     base = _metadata_base(env)
     url = f"{base}/metadata/instance/compute/location?api-version=2021-02-01&format=text"
     answer = _probe_get(url, {"Metadata": "true"}, deadline)
-    if answer is None or answer.status != 200:
+    if answer.status != 200:
         return None
     region = _normalise_region("azure", answer.body.decode("ascii", "replace"))
     return CloudZone("azure", region) if re.match(r"^[a-z][a-z0-9]{2,40}$", region) else None
@@ -1335,7 +1378,7 @@ def _probe_ecs(env: Mapping[str, str], deadline: float) -> CloudZone | None:
     if not uri:
         return None
     answer = _probe_get(f"{uri}/task", {}, deadline)
-    if answer is None or answer.status != 200:
+    if answer.status != 200:
         return None
     import json
 
@@ -1356,27 +1399,38 @@ _PROBES: tuple[Callable[[Mapping[str, str], float], CloudZone | None], ...] = (
 
 
 def _probe_metadata(env: Mapping[str, str], timeout: float) -> CloudZone | None:
-    """All probes at once; the first valid answer wins and nothing waits past ``timeout``."""
+    """All probes at once; the first valid answer wins and nothing waits past ``timeout``. None only when every
+    probe said "not here" for certain; a SourceError (remembered briefly) when any could not tell."""
     import queue
 
     deadline = time.monotonic() + timeout
-    answers: queue.SimpleQueue[CloudZone | None] = queue.SimpleQueue()
+    answers: queue.SimpleQueue[tuple[str, CloudZone | _ProbeUnsure | None]] = queue.SimpleQueue()
 
     def run(probe: Callable[[Mapping[str, str], float], CloudZone | None]) -> None:
+        name = probe.__name__.removeprefix("_probe_")
         try:
-            answers.put(probe(env, deadline))
+            answers.put((name, probe(env, deadline)))
+        except _ProbeUnsure as why:
+            answers.put((name, why))
         except Exception:  # noqa: BLE001
-            answers.put(None)
+            answers.put((name, None))
 
     for probe in _PROBES:
         threading.Thread(target=run, args=(probe,), name=f"carbonaware-{probe.__name__}", daemon=True).start()
+    unsure: list[str] = []
     for _ in _PROBES:
         try:
-            zone = answers.get(timeout=max(0.0, deadline - time.monotonic()))
+            name, answer = answers.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
-            raise SourceError(f"no metadata service answered within {timeout:g}s") from None
-        if zone is not None:
-            return zone
+            raise SourceError(
+                f"no metadata service answered within {timeout:g}s; asking again in {DETECT_RETRY_SECONDS:g}s"
+            ) from None
+        if isinstance(answer, CloudZone):
+            return answer
+        if isinstance(answer, _ProbeUnsure):
+            unsure.append(f"{name}: {answer}")
+    if unsure:  # the network may still be coming up: not "not here" for the life of the process
+        raise SourceError(f"metadata unsure ({', '.join(unsure)}); asking again in {DETECT_RETRY_SECONDS:g}s")
     return None  # every probe answered "not here": that holds for the life of the process
 
 
@@ -1387,12 +1441,12 @@ _DETECTION_SETTINGS = (
     "AWS_EC2_METADATA_DISABLED",
     "ECS_CONTAINER_METADATA_URI_V4",
 )
-DETECT_RETRY_SECONDS = 300.0  # a metadata service too slow at start-up is asked again later, not never
+DETECT_RETRY_SECONDS = 60.0  # a metadata service too slow, failing or unreachable at start-up is asked again soon
 
 
 def detect_cloud_zone(timeout: float = DETECT_TIMEOUT_SECONDS) -> CloudZone | None:
     """The zone this process runs in, or None. Environment first; a metadata answer (or every service saying "not
-    here") is kept for the process, running out of time only for a few minutes."""
+    here") is kept for the process; no answer yet (timeout, refused, 5xx) only for DETECT_RETRY_SECONDS."""
     found = _zone_from_environment(os.environ)
     if found is not None:
         logger.debug("carbonaware: zone %s from %s", found[0], found[1])
@@ -1710,6 +1764,7 @@ register_source(
             round(q.window.total_seconds() / 60),
         ),
         ttl=300.0,
+        horizon=timedelta(hours=24),  # it asks WattTime for ~24 h, whatever the window (protocols.md §7)
     )
 )
 
@@ -1808,14 +1863,69 @@ def _fetch_file(query: Query) -> Forecast:
     path = query.arg or os.environ.get("CARBONAWARE_FORECAST_FILE", "")
     if not path:
         raise SourceError("file source needs a path: source='file:forecast.json'")
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read(MAX_BODY_BYTES + 1)
-    except OSError as exc:
-        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+    data = _read_within(path, query.budget())
     if len(data) > MAX_BODY_BYTES:
         raise SourceError(f"{path} is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB")
     return Forecast(_parse_series_bytes(data, path))
+
+
+_READING: set[str] = set()  # paths whose read has not come back (a hung network mount): not tried again meanwhile
+_READING_LOCK = threading.Lock()
+
+
+def _read_within(path: str, budget: float) -> bytes:
+    """The file's first bytes, or a SourceError within ``budget`` seconds: even open() and stat() can hang on a
+    dead network mount, so they run in a worker that is abandoned at the budget (one per path at a time)."""
+    import queue
+
+    with _READING_LOCK:
+        if path in _READING:
+            raise SourceError(f"cannot read {path}: an earlier read of it has not returned")
+        _READING.add(path)
+    outcome: queue.SimpleQueue[bytes | SourceError] = queue.SimpleQueue()
+
+    def read() -> None:
+        try:
+            outcome.put(_read_regular_file(path))
+        except SourceError as error:
+            outcome.put(error)
+        except Exception as exc:  # noqa: BLE001 - whatever the file system raises is a source failure
+            outcome.put(SourceError(f"cannot read {path}: {type(exc).__name__}"))
+        finally:
+            with _READING_LOCK:
+                _READING.discard(path)
+
+    threading.Thread(target=read, name="carbonaware-file", daemon=True).start()
+    try:
+        result = outcome.get(timeout=budget)
+    except queue.Empty:
+        raise SourceError(f"cannot read {path}: no answer within {budget:g}s") from None
+    if isinstance(result, SourceError):
+        raise result
+    return result
+
+
+def _read_regular_file(path: str) -> bytes:
+    """At most MAX_BODY_BYTES + 1 bytes of a regular file. Opened without blocking and checked before reading: a
+    FIFO with no writer, a terminal, /dev/stdin or a device would block or never end."""
+    import stat
+
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(descriptor)
+            kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a pipe"), (stat.S_ISSOCK, "a socket"))
+            kind = next((name for test, name in kinds if test(mode)), "a device")
+            raise SourceError(f"cannot read {path}: not a regular file ({kind})")
+        with os.fdopen(descriptor, "rb") as handle:
+            return handle.read(MAX_BODY_BYTES + 1)
+    except OSError as exc:
+        raise SourceError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def _fetch_url(query: Query) -> Forecast:
@@ -1924,7 +2034,15 @@ def _point_value(item: Any, name: str) -> float:
     return float(value)
 
 
-register_source(Source("electricitymaps", _fetch_electricitymaps, cache_key=_electricitymaps_url, ttl=900.0))
+register_source(
+    Source(
+        "electricitymaps",
+        _fetch_electricitymaps,
+        cache_key=_electricitymaps_url,
+        ttl=900.0,
+        horizon=timedelta(hours=72),
+    )
+)
 
 
 # ---- WattTime v3 ---------------------------------------------------------------------------------------------------
@@ -2017,7 +2135,7 @@ def _watttime_forecast(document: Any, region: str) -> Forecast:
     return Forecast(series_from_starts(rows), unit="gCO2/kWh (marginal)", grid_zone=region)
 
 
-register_source(Source("watttime", _fetch_watttime, cache_key=_watttime_url, ttl=300.0))
+register_source(Source("watttime", _fetch_watttime, cache_key=_watttime_url, ttl=300.0, horizon=timedelta(hours=72)))
 
 
 # ---- NESO Carbon Intensity API (Great Britain) ----------------------------------------------------------------------
@@ -2076,7 +2194,9 @@ def _ukgrid_items(document: Any) -> list[Any]:
     return data
 
 
-register_source(Source("ukgrid", _fetch_ukgrid, cache_key=_ukgrid_key, ttl=900.0, needs_zone=False))
+register_source(
+    Source("ukgrid", _fetch_ukgrid, cache_key=_ukgrid_key, ttl=900.0, needs_zone=False, horizon=timedelta(hours=48))
+)
 
 
 # ---- Green Software Foundation Carbon Aware SDK WebAPI (self-hosted) -------------------------------------------------
@@ -2203,7 +2323,8 @@ def _fetch_offline(query: Query) -> Forecast:
     return Forecast(series, unit=G_PER_KWH, grid_zone=zone, attribution=OFFLINE_ATTRIBUTION)
 
 
-register_source(Source("offline", _fetch_offline, cache_key=None))
+# a typical year repeats: a year of starts holds every value it has (a longer window only repeats them)
+register_source(Source("offline", _fetch_offline, cache_key=None, horizon=timedelta(days=366)))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2248,8 +2369,11 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
     if not isinstance(min_savings, (int, float)) or isinstance(min_savings, bool) or not 0 <= min_savings < 1:
         raise ValueError(f"min_savings must be a fraction in [0, 1), got {min_savings!r}")
     now = options.get("now")
-    if now is not None and (not isinstance(now, datetime) or now.tzinfo is None):
+    if now is not None and (not isinstance(now, datetime) or now.tzinfo is None or now.utcoffset() is None):
         raise ValueError("now must be a timezone-aware datetime")
+    if now is not None:  # in UTC before any arithmetic: "+ 6 h" in a daylight-saving zone is 5 or 7 real hours
+        now = now.astimezone(timezone.utc)
+    _check_reachable(now or CLOCK.now(), window, duration)
     timeout = options.get("timeout", HTTP_TIMEOUT_SECONDS)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 300:
         raise ValueError(f"timeout must be seconds in (0, 300], got {timeout!r}")
@@ -2283,6 +2407,17 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         replan=replan,
         replan_every=replan_every,
     )
+
+
+def _check_reachable(now: datetime, window: timedelta, duration: timedelta) -> None:
+    """The window and the job must end a day before datetime's end (the year 9999), or planning would overflow:
+    an argument error now, not an exception hours later."""
+    try:
+        now + window + duration + timedelta(days=1)
+    except OverflowError:
+        raise ValueError(
+            f"window ({window}) and duration ({duration}) reach past the year 9999 from {_iso(now)}"
+        ) from None
 
 
 def _explicit_zone(provider: Any, region: Any) -> CloudZone | None:
@@ -2429,9 +2564,10 @@ def _attempts(spec: Any, query: Query) -> Iterator[tuple[str, Callable[[], Sourc
     """(label, fetch) for each source to try in order; named sources go through the shared cache."""
     if isinstance(spec, str):
         for name, arg in _expand_chain(spec):
-            yield name, _cached_fetch(SOURCES[name], replace(query, arg=arg))
+            yield name, _cached_fetch(SOURCES[name], _within_horizon(SOURCES[name], replace(query, arg=arg)))
     elif callable(spec):
-        yield _callable_name(spec), lambda: _user_series(lambda: spec(query.zone, query.now, query.horizon_end))
+        asked = _within_horizon(None, query)
+        yield _callable_name(spec), lambda: _user_series(lambda: spec(asked.zone, asked.now, asked.horizon_end))
     else:
         yield "series", lambda: _user_series(lambda: spec)
 
@@ -2471,17 +2607,43 @@ def _cached_fetch(source: Source, query: Query) -> Callable[[], SourceResult]:
         def fetch_once() -> SourceResult:
             CACHE.check_not_blocked(source.name)  # only a caller about to send a request is held back
             try:
-                return _usable(source.fetch(query), query.now)
+                return _usable(_stamped(source.fetch(query), query.now), query.now)
             except SourceError as error:
                 if error.retry_after:  # a provider that asks for a pause gets it, whatever we would ask next
                     CACHE.block(source.name, error)
                 raise
 
         wait = min(query.timeout + 1.0, max(0.0, query.deadline - CLOCK.monotonic()))
-        result: SourceResult = CACHE.get(key, _shared_fetch(query, fetch_once), ttl=source.ttl, wait=wait)
+        result: SourceResult = CACHE.get(
+            key,
+            _shared_fetch(query, fetch_once),
+            ttl=source.ttl,
+            wait=wait,
+            reusable=lambda cached: _still_answers(cached, query),
+        )
         return result
 
     return fetch
+
+
+def _stamped(result: SourceResult, now: datetime) -> SourceResult:
+    """A decision remembers the moment it was made for, so a later caller can tell whether it still applies."""
+    if isinstance(result, Decision) and result.asked_for is None:
+        return replace(result, asked_for=now)
+    return result
+
+
+def _still_answers(result: Any, query: Query) -> bool:
+    """A cached decision answers a later caller only while its start is still ahead of the caller's now and inside
+    the caller's window (and it was made no later than that now); otherwise that caller asks again. A series is
+    planned against each caller's own now, so it always serves."""
+    if not isinstance(result, Decision):
+        return True
+    asked_for = result.asked_for or query.now
+    return asked_for <= query.now < result.start <= query.now + query.window + _DECISION_STEP
+
+
+_DECISION_STEP = timedelta(minutes=5)  # a decided start may lie one 5-minute step past the window's end (§7)
 
 
 def _usable(result: SourceResult, now: datetime) -> SourceResult:
@@ -2650,12 +2812,12 @@ def report_plan(
 
 def _prepare(
     window: timedelta, duration: timedelta, provider: Any, region: Any, options: Mapping[str, Any]
-) -> tuple[_Request, Plan, float]:
+) -> tuple[_Request, Plan, float, float]:
     request = validate_arguments(window, duration, provider, region, options)
-    called_at = CLOCK.time()
+    called_at, called_mono = CLOCK.time(), CLOCK.monotonic()
     plan = _plan(request)
     report_plan(plan, request.log, request.on_plan)
-    return request, plan, called_at
+    return request, plan, called_at, called_mono
 
 
 def _wake_at(plan: Plan, request: _Request, planned_at: float, deadline: float) -> float:
@@ -2670,30 +2832,37 @@ def _wake_at(plan: Plan, request: _Request, planned_at: float, deadline: float) 
 
 class _Waiter:
     """The wait between planning and starting: a wall-clock target, a hard deadline, and -- for long waits --
-    re-planning at intervals, since a forecast made hours ago is worse than a fresh one."""
+    re-planning at intervals, since a forecast made hours ago is worse than a fresh one. Elapsed (monotonic) time
+    bounds it too: a wall clock stepped back never stretches the wait past the planned delay or the window."""
 
-    def __init__(self, request: _Request, plan: Plan, called_at: float) -> None:
+    def __init__(self, request: _Request, plan: Plan, called_at: float, called_mono: float | None = None) -> None:
         self.request, self.plan, self.called_at = request, plan, called_at
         self.deadline = called_at + request.window.total_seconds()
         self.wake_at = _wake_at(plan, request, called_at, self.deadline)
+        mono = CLOCK.monotonic() if called_mono is None else called_mono
+        self.mono_deadline = mono + request.window.total_seconds()
+        self.wake_mono = mono + (self.wake_at - called_at)  # the same target in elapsed time, within the window
         self.planned_from = plan.start - plan.delay
         enabled = request.replan if request.replan is not None else plan.delay > REPLAN_AFTER
         self.next_replan = called_at + request.replan_every.total_seconds() if enabled and plan.waits else math.inf
 
     def pause(self) -> float:
-        """Seconds to sleep next; 0 when it is time to start."""
-        return max(0.0, min(self.wake_at - CLOCK.time(), WAIT_CHUNK_SECONDS))
+        """Seconds to sleep next; 0 when it is time to start -- by the wall clock or by elapsed time, whichever
+        comes first."""
+        left = min(self.wake_at - CLOCK.time(), self.wake_mono - CLOCK.monotonic())
+        return max(0.0, min(left, WAIT_CHUNK_SECONDS))
 
     def replan_due(self) -> bool:
         now = CLOCK.time()
-        return now >= self.next_replan and self.wake_at - now > 60
+        return now >= self.next_replan and self.wake_at - now > 60 and self.wake_mono - CLOCK.monotonic() > 60
 
     def replan(self) -> None:
-        now = CLOCK.time()
+        now, mono = CLOCK.time(), CLOCK.monotonic()
         self.next_replan = now + self.request.replan_every.total_seconds()
         replay = self.request.now is not None  # a replay keeps its own clock; live waits ask about the real now
         reference = self.planned_from + timedelta(seconds=now - self.called_at) if replay else None
-        fresh = _plan(replace(self.request, window=timedelta(seconds=self.deadline - now), now=reference))
+        left = min(self.deadline - now, self.mono_deadline - mono)  # what is left of the window by either clock
+        fresh = _plan(replace(self.request, window=timedelta(seconds=left), now=reference))
         if fresh.reason in ("no-zone", "source-failed", "disabled"):
             self.request.log.debug("carbonaware: re-plan gave no answer (%s); keeping the start", fresh.detail)
             return
@@ -2704,7 +2873,8 @@ class _Waiter:
                 _iso(_utc(self.wake_at)),
                 _iso(_utc(wake_at)),
             )
-            self.wake_at, self.plan = wake_at, fresh
+            wake_mono = min(mono + (wake_at - now), self.mono_deadline)  # elapsed time still ends it in the window
+            self.wake_at, self.wake_mono, self.plan = wake_at, wake_mono, fresh
 
 
 def carbonaware_delay(
@@ -2733,7 +2903,11 @@ async def carbonaware_delay_async(
     """As carbonaware_delay, but planning runs in a worker thread and the wait is ``asyncio.sleep``."""
     import asyncio
 
-    waiter = _Waiter(*await asyncio.to_thread(_prepare, window, duration, provider, region, options))
+    request = validate_arguments(window, duration, provider, region, options)
+    called_at, called_mono = CLOCK.time(), CLOCK.monotonic()
+    plan = await asyncio.to_thread(_plan, request)  # a caller cancelled meanwhile ends here: no report, no on_plan
+    await asyncio.to_thread(report_plan, plan, request.log, request.on_plan)  # on_plan may block (an artifact)
+    waiter = _Waiter(request, plan, called_at, called_mono)
     while (pause := waiter.pause()) > 0:
         await CLOCK.asleep(pause)
         if waiter.replan_due():
