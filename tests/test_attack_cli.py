@@ -244,7 +244,9 @@ def test_a_missing_command_gives_127(at_once: None) -> None:
 def trough_in_an_hour(tmp_path: Path) -> Path:
     """A forecast for the real now whose trough starts in about an hour: the wrapper waits."""
     first = datetime.now(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    rows = [f"{(first + timedelta(hours=i)).strftime('%Y-%m-%dT%H:%M:%SZ')},{50 if i == 2 else 300}\n" for i in range(6)]
+    rows = [
+        f"{(first + timedelta(hours=i)).strftime('%Y-%m-%dT%H:%M:%SZ')},{50 if i == 2 else 300}\n" for i in range(6)
+    ]
     path = tmp_path / "forecast.csv"
     path.write_text("start,value\n" + "".join(rows))
     return path
