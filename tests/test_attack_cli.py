@@ -52,16 +52,16 @@ sys.exit(int(sys.stdin.readline() or 0))
 class Wrapper:
     """A running ``carbonaware_core run``: its lines on stdout and stderr arrive in queues as they are written."""
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *args: str, cli: tuple[str, ...] = tuple(CLI), own_session: bool = True) -> None:
         self.process = subprocess.Popen(
-            [*CLI, *args],
+            [*cli, *args],
             cwd=ROOT,
-            env=env or dict(os.environ),
-            stdin=subprocess.PIPE,
+            env=dict(os.environ),
+            stdin=subprocess.PIPE if own_session else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-            start_new_session=True,  # no terminal: our os.kill is the only sender
+            start_new_session=own_session,  # no terminal: our os.kill is the only sender
         )
         self.out: queue.Queue[str] = queue.Queue()
         self.err: queue.Queue[str] = queue.Queue()
@@ -298,3 +298,47 @@ def _no_stray_handlers() -> Iterator[None]:
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     yield
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# Ctrl-C typed at a terminal reaches the whole foreground process group: the command has it already, and the
+# wrapper must not send it a second one. The wrapper is made a session leader with a pseudo-terminal as its
+# controlling terminal (and stdin); the command counts the SIGINTs it gets.
+ON_A_TERMINAL = (
+    "import os, runpy, signal, sys; os.setsid(); fd = os.open(sys.argv.pop(1), os.O_RDWR); os.dup2(fd, 0); "
+    "signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('carbonaware_core', run_name='__main__', alter_sys=True)"
+)
+COUNTING_CHILD = r"""
+import os, signal, sys
+got = []
+signal.signal(signal.SIGINT, lambda signum, frame: got.append(signum))
+print("ready", os.getpid(), flush=True)
+line = sys.stdin.readline()
+print("sigints", len(got), flush=True)
+sys.exit(int(line))
+"""
+
+
+def test_ctrl_c_at_a_terminal_reaches_the_command_once(at_once: None, tmp_path: Path) -> None:
+    import pty
+
+    child_script = tmp_path / "counting.py"
+    child_script.write_text(COUNTING_CHILD)
+    master, slave = pty.openpty()
+    terminal = os.ttyname(slave)
+    os.close(slave)
+    cli = (sys.executable, "-c", ON_A_TERMINAL, terminal)  # it sets up its own session with the terminal
+    wrapper = Wrapper("run", "--", sys.executable, str(child_script), cli=cli, own_session=False)
+    child = None
+    try:
+        child = wrapper.child_ready()
+        os.write(master, b"\x03")  # Ctrl-C: the terminal signals the foreground group, wrapper and command
+        wrapper.line_from(wrapper.err, "the command got SIGINT from the terminal")
+        os.write(master, b"5\n")
+        assert wrapper.line_from(wrapper.out, "sigints").split() == ["sigints", "1"]
+        code, stderr = wrapper.finish()
+        assert code == 5
+        assert "passed SIGINT on" not in stderr and "Traceback" not in stderr
+    finally:
+        wrapper.close(child)
+        os.close(master)
