@@ -2635,7 +2635,7 @@ def _terminal_sent(signum: int) -> bool:
 
     if signum != signal.SIGINT:
         return False
-    if os.name == "nt":
+    if sys.platform == "win32":
         return True
     for fd in (0, 1, 2):
         try:
