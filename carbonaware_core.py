@@ -2499,10 +2499,11 @@ def plan_delay(
     region: str | None = None,
     **options: Any,
 ) -> Plan:
-    """Decide when to start, never sleeping. Argument errors raise; every other failure gives a run-now plan."""
+    """Decide when to start, never sleeping. Argument errors raise; every other failure gives a run-now plan.
+    The decision is reported like every other entry point's: the log line, then ``on_plan``."""
     request = validate_arguments(window, duration, provider, region, options)
     plan = _plan(request)
-    report_plan(plan, request.log, waiting=False)
+    report_plan(plan, request.log, request.on_plan, waiting=False)
     return plan
 
 
@@ -3012,6 +3013,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler.addFilter(lambda record: not getattr(record, "carbonaware_decision", False))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    previous = _set_handlers(_signals("SIGTERM", "SIGHUP"), _raise_stop)  # SIGINT: KeyboardInterrupt already
     try:
         options = _cli_options(args)
         if args.command == "plan":
@@ -3023,6 +3025,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("carbonaware: interrupted", file=sys.stderr)
         return 130
+    except _Stopped as stop:
+        print(f"carbonaware: interrupted by {_signal_name(stop.signum)}", file=sys.stderr)
+        return 128 + stop.signum
+    finally:
+        _restore_handlers(previous)
     if args.json:
         print(json.dumps(plan.to_dict(), indent=2))
     elif args.command == "plan":
@@ -3030,14 +3037,128 @@ def main(argv: Sequence[str] | None = None) -> int:
         if plan.forecast:
             print(render_chart(plan))
     if args.command == "run":
-        import subprocess
-
-        try:
-            return subprocess.call(args.cmd)
-        except OSError as exc:
-            print(f"carbonaware: cannot run {args.cmd[0]}: {exc.strerror}", file=sys.stderr)
-            return 127
+        sys.stdout.flush()  # the plan before the command's own output
+        return _cli_run(args.cmd)
     return 0
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP while the CLI plans or waits: it ends the CLI as Ctrl-C does (a BaseException, so that
+    no fail-open ``except Exception`` swallows it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, _frame: Any) -> None:
+    raise _Stopped(signum)
+
+
+def _signals(*names: str) -> list[int]:
+    """The named signals this platform has (Windows has no SIGHUP)."""
+    import signal
+
+    return [int(getattr(signal, name)) for name in names if hasattr(signal, name)]
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+def _set_handlers(signums: Sequence[int], handler: Callable[[int, Any], None]) -> dict[int, Any]:
+    """Install ``handler`` for each signal that whoever started us did not ignore (``nohup``, a background job:
+    ignored stays ignored); return the previous handlers. Only the main thread may set handlers."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    previous: dict[int, Any] = {}
+    for signum in signums:
+        current = signal.getsignal(signum)
+        if current == signal.SIG_IGN:
+            continue
+        previous[signum] = current
+        signal.signal(signum, handler)
+    return previous
+
+
+def _restore_handlers(previous: Mapping[int, Any]) -> None:
+    import signal
+
+    for signum, handler in previous.items():
+        signal.signal(signum, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+
+
+def _terminal_sent(signum: int) -> bool:
+    """Whether ``signum`` is Ctrl-C from our terminal, which the kernel sends to the whole foreground process
+    group -- the command, in our group, has it already, and passing it on would deliver it twice. Windows
+    consoles, too, send Ctrl-C to every process attached."""
+    import signal
+
+    if signum != signal.SIGINT:
+        return False
+    if sys.platform == "win32":
+        return True
+    for fd in (0, 1, 2):
+        try:
+            if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def _exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it: ``128 + N`` for one killed by signal N (Popen says ``-N``)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def _cli_run(cmd: Sequence[str]) -> int:
+    """Run ``cmd`` and wait for it as a well-behaved wrapper does: SIGTERM, SIGHUP and SIGINT sent to us are
+    passed on to the command and we keep waiting, so it is never orphaned and never outlived; the exit status
+    is the command's (``128 + N`` if signal N killed it, 126 if it cannot be executed, 127 if not found)."""
+    import subprocess
+
+    child: subprocess.Popen[bytes] | None = None
+    early: list[int] = []  # signals that arrived before the command started
+
+    def pass_on(signum: int, _frame: Any) -> None:
+        if child is None:
+            early.append(signum)
+        elif _terminal_sent(signum):
+            logger.info("carbonaware: the command got %s from the terminal; waiting for it", _signal_name(signum))
+        else:
+            _send(child, signum)
+
+    previous = _set_handlers(_signals("SIGTERM", "SIGHUP", "SIGINT"), pass_on)
+    try:
+        if early:  # stopped between the wait and the start: the command never runs
+            print(f"carbonaware: interrupted by {_signal_name(early[0])}", file=sys.stderr)
+            return 128 + early[0]
+        try:
+            child = subprocess.Popen(list(cmd))
+        except OSError as exc:
+            print(f"carbonaware: cannot run {cmd[0]}: {exc.strerror or exc}", file=sys.stderr)
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        for signum in early:  # arrived while the command was being started
+            _send(child, signum)
+        return _exit_status(child.wait())
+    finally:
+        _restore_handlers(previous)
+
+
+def _send(child: Any, signum: int) -> None:
+    try:
+        child.send_signal(signum)
+    except (OSError, ValueError):  # gone already, or a signal this platform cannot send
+        return
+    logger.info("carbonaware: passed %s on to the command (pid %d); waiting for it", _signal_name(signum), child.pid)
 
 
 if __name__ == "__main__":

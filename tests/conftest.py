@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -34,23 +35,64 @@ ISOLATED_NAMES = (
 )
 
 
+# Every attempt to reach beyond this machine, as "event host", in the order made (any thread). The attempt is
+# refused before a packet leaves, and the test during which it was made fails (the library under test fails
+# open, so refusing alone would let the test pass).
+REACHED_BEYOND_LOOPBACK: list[str] = []
+_NAME_EVENTS = ("socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr")
+_ADDRESS_EVENTS = ("socket.connect", "socket.sendto", "socket.sendmsg")
+
+
+def _is_loopback_host(host: object) -> bool:
+    """Loopback literals (127.0.0.0/8, ::1) and the name localhost; ``None`` or ``""`` (a local wildcard)."""
+    if host is None or host in ("", b""):
+        return True
+    text = host.decode("ascii", "replace") if isinstance(host, bytes) else str(host)
+    if text.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(text.strip("[]").split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def _loopback_only(event: str, args: tuple[object, ...]) -> None:
-    """Fail any test that would open a connection beyond this machine."""
-    if event != "socket.connect":
+    """Refuse, and record for the fixture below, any connection, datagram or name lookup beyond loopback."""
+    if event in _ADDRESS_EVENTS:
+        address = args[1]
+        if not isinstance(address, tuple) or not address:
+            return  # a Unix socket path, or sendmsg on a connected socket (its connect was checked)
+        host = address[0]
+    elif event in _NAME_EVENTS:
+        host = args[0]
+    else:
         return
-    address = args[1]
-    if isinstance(address, tuple) and address:
-        host = str(address[0])
-        try:
-            if ipaddress.ip_address(host).is_loopback:
-                return
-        except ValueError:
-            if host == "localhost":
-                return
-        raise ConnectionRefusedError(f"test tried to reach {host}: only loopback is allowed")
+    if _is_loopback_host(host):
+        return
+    REACHED_BEYOND_LOOPBACK.append(f"{event} {host}")
+    if event in _NAME_EVENTS:
+        raise socket.gaierror(socket.EAI_NONAME, f"test tried to resolve {host}: only loopback is allowed")
+    raise ConnectionRefusedError(f"test tried to reach {host}: only loopback is allowed")
 
 
 sys.addaudithook(_loopback_only)
+
+
+@pytest.fixture(autouse=True)
+def loopback_only() -> Iterator[None]:
+    """Fail the test (at its teardown, so threads it started count too) if anything tried to leave loopback."""
+    before = len(REACHED_BEYOND_LOOPBACK)
+    yield
+    reached = REACHED_BEYOND_LOOPBACK[before:]
+    if reached:
+        pytest.fail(f"test reached beyond loopback: {'; '.join(sorted(set(reached)))}", pytrace=False)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Attempts outside any test (a session fixture starting a server, say) fail the run too."""
+    if REACHED_BEYOND_LOOPBACK and exitstatus == 0:
+        print(f"\nreached beyond loopback: {'; '.join(sorted(set(REACHED_BEYOND_LOOPBACK)))}", file=sys.stderr)
+        session.exitstatus = 1
 
 
 @pytest.fixture(autouse=True)

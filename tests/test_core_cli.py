@@ -201,9 +201,19 @@ def test_run_when_every_source_fails_still_runs_the_command() -> None:
     assert "source-failed" in done.stderr and "connection refused" in done.stderr
 
 
+# ``python -m carbonaware_core`` with SIGINT handled as Python does by default: a child inherits an ignored SIGINT
+# (pytest started by nohup, as a background job, by some CI runners), and Python then installs no handler for it.
+CLI_WITH_CTRL_C = [
+    sys.executable,
+    "-c",
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('carbonaware_core', run_name='__main__', alter_sys=True)",
+]
+
+
 def test_wait_is_interrupted_by_ctrl_c(scheduler: HostedScheduler) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "carbonaware_core", "wait", "--provider", "aws", "--region", "us-east-1"],
+        [*CLI_WITH_CTRL_C, "wait", "--provider", "aws", "--region", "us-east-1"],
         cwd=ROOT,
         env=dict(os.environ),
         stdout=subprocess.PIPE,
