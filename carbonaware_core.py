@@ -2373,7 +2373,7 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         raise ValueError("now must be a timezone-aware datetime")
     if now is not None:  # in UTC before any arithmetic: "+ 6 h" in a daylight-saving zone is 5 or 7 real hours
         now = now.astimezone(timezone.utc)
-    _check_reachable(now or CLOCK.now(), window, duration)
+    _check_reachable(now or _utc(CLOCK.time()), window, duration)  # an overflow check: any reading of the clock
     timeout = options.get("timeout", HTTP_TIMEOUT_SECONDS)
     if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 300:
         raise ValueError(f"timeout must be seconds in (0, 300], got {timeout!r}")
