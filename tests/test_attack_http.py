@@ -100,6 +100,8 @@ def test_detection_probes_end_at_their_deadline() -> None:
         ("http://127.evil.example/", False),
         ("http://127.0.0.1.evil.example/", False),
         ("http://localhost.evil.example/", False),
+        ("http://localhost./", False),
+        ("http://127.1/", False),
         ("http://evil.example/?h=127.0.0.1", False),
         ("http://127.0.0.1@evil.example/", False),
         ("http://10.0.0.1/", False),
