@@ -986,19 +986,23 @@ def _new_requests_session(direct: bool) -> Any:
     import urllib3
     from requests.adapters import HTTPAdapter
 
-    class TrackedHTTPConnection(urllib3.connection.HTTPConnection):
+    class Tracking:  # before urllib3's connection classes in the MRO, for plain and TLS connections alike
+        sock: Any
+
         def _new_conn(self) -> Any:
-            sock = super()._new_conn()
+            sock = super()._new_conn()  # type: ignore[misc]
             _track_socket(sock)
             return sock
 
         def getresponse(self, *args: Any, **kwargs: Any) -> Any:
             _track_socket(self.sock)  # a kept-alive socket from the pool, or the TLS one from connect()
-            return super().getresponse(*args, **kwargs)
+            return super().getresponse(*args, **kwargs)  # type: ignore[misc]
 
-    class TrackedHTTPSConnection(urllib3.connection.HTTPSConnection):
-        _new_conn = TrackedHTTPConnection._new_conn
-        getresponse = TrackedHTTPConnection.getresponse
+    class TrackedHTTPConnection(Tracking, urllib3.connection.HTTPConnection):
+        pass
+
+    class TrackedHTTPSConnection(Tracking, urllib3.connection.HTTPSConnection):
+        pass
 
     class TrackedHTTPPool(urllib3.HTTPConnectionPool):
         ConnectionCls = TrackedHTTPConnection
@@ -1029,8 +1033,17 @@ def _requests_call(
     direct: bool = False,
 ) -> HttpResponse:
     budget = _remaining(deadline)
+    # a direct session does not read the environment: the CA bundle it names still applies (a local TLS service)
+    verify = (os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True) if direct else None
     response = _requests_session(direct).request(
-        method, url, headers=dict(headers), data=body, timeout=(budget, budget), allow_redirects=False, stream=True
+        method,
+        url,
+        headers=dict(headers),
+        data=body,
+        timeout=(budget, budget),
+        allow_redirects=False,
+        stream=True,
+        verify=verify,
     )
     with response:
         response_headers = {k.lower(): v for k, v in response.headers.items()}

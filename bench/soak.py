@@ -40,7 +40,7 @@ HOSTILE_MODES = ("black-hole", "header-drip", "body-drip", "continue-flood", "re
 DRIP_INTERVAL = 0.02
 POOL_BOUND = 10  # requests keeps up to 10 idle kept-alive connections per host: bounded, not a leak
 SETTLE_SECONDS = 2.0
-WARM_UP = 350  # decisions before each backend's measured runs: what the first ones import and pool is not growth
+WARM_UP = 2_000  # decisions before each backend's measured runs: what the first ones import and pool is not growth
 
 
 @dataclass(frozen=True)

@@ -168,10 +168,12 @@ def hostile(mode: str, interval: float = 0.2) -> Iterator[HostileServer]:
 
 
 @contextmanager
-def hostile_process(mode: str, interval: float = 0.2) -> Iterator[str]:
-    """A hostile server in its own process; yields its URL. It ends when we close its stdin."""
+def hostile_process(mode: str, interval: float = 0.2, tls: tuple[str, str] | None = None) -> Iterator[str]:
+    """A hostile server in its own process; yields its URL. It ends when we close its stdin. ``tls``: (certificate,
+    key) files: a TLS server that completes the handshake and then trickles (``https://`` URL)."""
+    command = ["serve", mode, str(interval)] if tls is None else ["serve-tls", mode, *tls, str(interval)]
     child = subprocess.Popen(
-        [sys.executable, os.path.abspath(__file__), "serve", mode, str(interval)],
+        [sys.executable, os.path.abspath(__file__), *command],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -179,7 +181,7 @@ def hostile_process(mode: str, interval: float = 0.2) -> Iterator[str]:
     try:
         assert child.stdout is not None
         port = int(child.stdout.readline())
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'http' if tls is None else 'https'}://127.0.0.1:{port}"
     finally:
         assert child.stdin is not None
         child.stdin.close()
@@ -188,6 +190,49 @@ def hostile_process(mode: str, interval: float = 0.2) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             child.kill()
             child.wait()
+
+
+def serve_tls(mode: str, cert: str, key: str, interval: float) -> None:
+    """A TLS server (a thread per connection; it runs in its own process) that completes the handshake, then
+    trickles like ``mode`` ("header-drip" or "continue-flood"). Prints its port; ends when stdin closes."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0), backlog=1024)
+
+    def handle(conn: socket.socket) -> None:
+        try:
+            with context.wrap_socket(conn, server_side=True) as tls:
+                tls.settimeout(30)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = tls.recv(4096)
+                    if not chunk:
+                        return
+                    data += chunk
+                first = True
+                while True:
+                    if mode == "header-drip":
+                        tls.sendall(b"HTTP/1.1 200 OK\r\nX-Drip: " if first else b"x")
+                    else:
+                        tls.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    first = False
+                    time.sleep(interval)
+        except (OSError, ValueError):
+            return
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    print(listener.getsockname()[1], flush=True)
+    sys.stdin.read()
 
 
 def open_descriptors() -> int:
@@ -259,6 +304,9 @@ def main(argv: list[str]) -> int:
         with hostile(argv[1], float(argv[2]) if len(argv) > 2 else 0.2) as server:
             print(server.port, flush=True)
             sys.stdin.read()  # until the parent closes our stdin
+        return 0
+    if argv[0] == "serve-tls":
+        serve_tls(argv[1], argv[2], argv[3], float(argv[4]))
         return 0
     if argv[0] == "calls":
         url, backend, count, timeout = argv[1], argv[2], int(argv[3]), float(argv[4])

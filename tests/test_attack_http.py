@@ -62,6 +62,35 @@ def test_workers_and_sockets_end_at_the_deadline(backend: str, mode: str) -> Non
     assert result["max_overrun"] < 1.0, result
 
 
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1, made with the openssl command."""
+    folder = tmp_path_factory.mktemp("tls")
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    command = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert]
+    command += ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=60)
+    except (OSError, subprocess.CalledProcessError) as error:
+        pytest.skip(f"no openssl to make a certificate: {error}")
+    return cert, key
+
+
+@pytest.mark.parametrize("mode", ["header-drip", "continue-flood"])
+def test_workers_end_at_the_deadline_over_tls(
+    backend: str, mode: str, certificate: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same after a completed TLS handshake (the socket the deadline shuts down is then an SSLSocket)."""
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])  # urllib's default context
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", certificate[0])
+    with hostile_process(mode, interval=0.05, tls=certificate) as url:
+        result = run_calls(url, backend, 60, 0.5)
+    assert set(result["errors"]) == {"no answer within 0.5s (timeout)"}, result["errors"]
+    assert result["after_threads"] <= result["threads"], result
+    assert result["after_fds"] <= result["fds"], result
+    assert result["max_overrun"] < 1.0, result
+
+
 def test_a_low_descriptor_limit_survives_a_header_drip(backend: str) -> None:
     """With 64 descriptors, leaked sockets made the user's own open() fail with EMFILE."""
     with hostile_process("header-drip", interval=0.05) as url:
@@ -100,6 +129,8 @@ def test_detection_probes_end_at_their_deadline() -> None:
         ("http://127.evil.example/", False),
         ("http://127.0.0.1.evil.example/", False),
         ("http://localhost.evil.example/", False),
+        ("http://localhost./", False),
+        ("http://127.1/", False),
         ("http://evil.example/?h=127.0.0.1", False),
         ("http://127.0.0.1@evil.example/", False),
         ("http://10.0.0.1/", False),
