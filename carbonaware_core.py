@@ -1245,7 +1245,7 @@ def _after_fork_in_child() -> None:
     held stay held and fetches in flight never finish, so both are reset. The requests sessions are dropped, not
     closed -- their pooled keep-alive sockets are the parent's too, and a child reading from them would get the
     parent's answers (closing or shutting them down here would cut the parent's). urllib keeps no sockets."""
-    global _SESSION_LOCK, _SECRETS_LOCK, _OFFLINE_LOCK
+    global _SESSION_LOCK, _SECRETS_LOCK, _OFFLINE_LOCK, _READING_LOCK
     CACHE.reset_after_fork()
     _SESSION_LOCK = threading.Lock()
     _SESSIONS.clear()

@@ -302,8 +302,9 @@ def test_a_file_source_describes_the_shape_never_the_content(
 # --------------------------------------------------------------------------------------------------------------
 
 
-def in_child(check: Any) -> int:
-    """Runs ``check()`` in a forked child; its exit status (0: passed)."""
+def in_child(check: Any, limit: float = 60.0) -> int:
+    """Runs ``check()`` in a forked child; its exit status (0: passed). A child still running after ``limit``
+    seconds (deadlocked on a lock inherited from the parent, say) is killed: -9."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         status = 1
@@ -313,8 +314,15 @@ def in_child(check: Any) -> int:
             status = 2
         finally:
             os._exit(status)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    give_up = time.monotonic() + limit
+    while time.monotonic() < give_up:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)  # polling a child's exit: nothing to wait on but its pid
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return -9
 
 
 def series_reply(value_at_best: float) -> Reply:
@@ -449,3 +457,28 @@ def test_watttime_scope_hint_only_for_other_regions(
     plan = plan_delay(W, D, "aws", "us-east-1", source="watttime")
     assert "HTTP 403" in plan.detail, plan.detail
     assert ("free accounts may only read CAISO_NORTH" in plan.detail) is hint
+
+
+def test_a_child_forked_while_a_file_read_hangs_reads_the_file_itself(tmp_path: Any) -> None:
+    """A parent thread stuck reading a path (a hung mount) holds that path's slot; the child has no such thread."""
+    forecast = tmp_path / "forecast.json"
+    forecast.write_text(json.dumps(series_reply(99.0).body))
+    held = threading.Event()
+    release = threading.Event()
+
+    def stuck_reader() -> None:
+        with core._READING_LOCK:  # as a parent thread inside _read_within would be, at the moment of the fork
+            core._READING.add(str(forecast))
+            held.set()
+            release.wait(20)
+        core._READING.discard(str(forecast))
+
+    thread = threading.Thread(target=stuck_reader, daemon=True)
+    thread.start()
+    assert held.wait(10)
+    try:
+        status = in_child(lambda: plan_delay(W, D, source=f"file:{forecast}", timeout=3.0).expected == 99.0, limit=20.0)
+    finally:
+        release.set()
+        thread.join(10)
+    assert status == 0
