@@ -1251,6 +1251,8 @@ def _after_fork_in_child() -> None:
     _SESSIONS.clear()
     _SECRETS_LOCK = threading.Lock()
     _OFFLINE_LOCK = threading.Lock()
+    _READING_LOCK = threading.Lock()
+    _READING.clear()  # no reading thread came along: a file the parent was stuck on may be tried again
 
 
 if hasattr(os, "register_at_fork"):  # not on Windows
