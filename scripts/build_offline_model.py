@@ -3,12 +3,18 @@
 Run from the repository root (stdlib only):
 
     python scripts/build_offline_model.py [--data ../shared/data] [--years 2021 2022 2023]
-        [--kind month-hour-utc|month-weekpart-hour-utc] [--digits 1] [--smoothing 0.25]
+        [--kind month-hour-utc|month-weekpart-hour-utc] [--significant 3 | --digits 1] [--smoothing 0.25]
         [--out carbonaware_offline.json]
+
+Without ``--years`` each zone is built from every year it has (2021-2023 for the first 19 zones, one year for most
+of the others: see ../shared/data/README.md); with it, from the listed years it has.
 
 Input: ``<data>/electricitymaps_hourly/<ZONE>/<ZONE>_<YEAR>_hourly.csv.gz`` (Electricity Maps' free hourly
 downloads, see ../shared/data/README.md). Each row is the mean intensity over the UTC hour starting at
 ``Datetime (UTC)``; the life-cycle (LCA) column is used because it is what Electricity Maps' API reports by default.
+Rows whose value is blank are gaps (US-NW-PACW 2023 has 24) and are left out of the means; the files end lines with
+LF or CRLF, which the CSV reader takes alike. The share of rows flagged ``Data Estimated`` is stored per zone, and
+zones where most hours are Electricity Maps' model estimates rather than measurements are listed as such.
 
 Output: a profile per zone: the mean of every hour falling in the same cell (month x hour of day, optionally split
 into weekday/weekend), in UTC because the core looks profiles up in UTC (``carbonaware_core.profile_value``), then
@@ -31,6 +37,7 @@ import json
 import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -38,14 +45,17 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "carbonaware_offline.json"
-DEFAULT_YEARS = (2021, 2022, 2023)
+DEFAULT_YEARS = (2021, 2022, 2023)  # the years of the original 19 zones; the build default is every year a zone has
+MOSTLY_ESTIMATED = 0.5  # a zone whose training hours are more than half model estimates is flagged as estimated
 KINDS = ("month-hour-utc", "month-weekpart-hour-utc")
 DEFAULT_KIND = "month-hour-utc"  # chosen by bench/backtest.py: see docs/backtest.md
 DEFAULT_SMOOTHING = 0.25  # weight of each neighbouring month; chosen by bench/backtest.py
+DEFAULT_SIGNIFICANT = 3  # significant figures kept: 53 KB for 40 zones instead of 72 KB at one decimal
 UNIT = "gCO2eq/kWh"
 LICENSE = "ODbL-1.0"
 LICENSE_URL = "https://opendatacommons.org/licenses/odbl/1-0/"
 TIME_COLUMN = "Datetime (UTC)"
+ESTIMATED_COLUMN = "Data Estimated"
 VALUE_MARKER = "LCA"  # the header reads "Carbon Intensity gCO₂eq/kWh (LCA)": match by substring, not by the "₂"
 
 Row = tuple[datetime, float]
@@ -74,9 +84,19 @@ def available_years(data_dir: Path, zone: str) -> list[int]:
     return sorted(years)
 
 
-def parse_rows(text: str, where: str = "<csv>") -> list[Row]:
-    """(hour start in UTC, LCA intensity) for every row; a bad time or value raises: a build must be loud."""
-    reader = csv.reader(io.StringIO(text))
+@dataclass(frozen=True)
+class ZoneYear:
+    """One file read: the rows with a value, how many of them are flagged as estimates, how many were blank."""
+
+    rows: list[Row]
+    estimated: int = 0
+    gaps: int = 0
+
+
+def read_rows(text: str, where: str = "<csv>") -> ZoneYear:
+    """Every row of one file. A blank value is a gap (skipped, counted); a bad time or a bad non-blank value
+    raises: a build must be loud."""
+    reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     if header is None:
         raise ValueError(f"{where}: empty file")
@@ -88,26 +108,44 @@ def parse_rows(text: str, where: str = "<csv>") -> list[Row]:
     if len(value_columns) != 1:
         raise ValueError(f"{where}: expected one column containing {VALUE_MARKER!r}, found {len(value_columns)}")
     value_index = value_columns[0]
+    estimated_index = header.index(ESTIMATED_COLUMN) if ESTIMATED_COLUMN in header else None
     rows: list[Row] = []
+    estimated = gaps = 0
     for line, record in enumerate(reader, start=2):
         if not record:
             continue
         try:
             moment = datetime.strptime(record[time_index], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
-            value = float(record[value_index])
+            text_value = record[value_index].strip()
+            if not text_value:
+                gaps += 1
+                continue
+            value = float(text_value)
         except (IndexError, ValueError) as exc:
             raise ValueError(f"{where}:{line}: {exc}") from None
         if not math.isfinite(value) or value < 0:
             raise ValueError(f"{where}:{line}: intensity {value!r} is not a finite non-negative number")
         rows.append((moment, value))
-    return rows
+        if estimated_index is not None and record[estimated_index].strip().lower() == "true":
+            estimated += 1
+    return ZoneYear(rows, estimated, gaps)
+
+
+def parse_rows(text: str, where: str = "<csv>") -> list[Row]:
+    """(hour start in UTC, LCA intensity) for every row with a value."""
+    return read_rows(text, where).rows
+
+
+def read_zone_year(data_dir: Path, zone: str, year: int) -> ZoneYear:
+    """One zone and year as read by ``read_rows``."""
+    path = zone_file(data_dir, zone, year)
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
+        return read_rows(handle.read(), str(path))
 
 
 def load_zone_year(data_dir: Path, zone: str, year: int) -> list[Row]:
-    """The hourly series of one zone and year, as (aware UTC hour start, gCO2eq/kWh) in file order."""
-    path = zone_file(data_dir, zone, year)
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as handle:
-        return parse_rows(handle.read(), str(path))
+    """The hourly series of one zone and year, as (aware UTC hour start, gCO2eq/kWh) in file order, gaps left out."""
+    return read_zone_year(data_dir, zone, year).rows
 
 
 def cell_of(kind: str, moment: datetime) -> tuple[int, ...]:
@@ -124,8 +162,14 @@ def _shape(kind: str) -> tuple[int, ...]:
     return (12, 24) if kind == "month-hour-utc" else (12, 2, 24)
 
 
-def _round(value: float, digits: int) -> float | int:
-    """Rounded for a small file; digits <= 0 gives integers (JSON ``123``, not ``123.0``)."""
+def _round(value: float, digits: int, significant: int | None = None) -> float | int:
+    """Rounded for a small file; digits <= 0 gives integers (JSON ``123``, not ``123.0``). ``significant`` (when
+    given, instead of ``digits``) keeps that many significant figures, at most as decimals: 3 keeps 687 and 23.4,
+    a relative error under 0.5 % everywhere, where one decimal everywhere spends digits on 687.4 that no decision
+    needs and integers everywhere would blur the 20-40 g of the hydro zones."""
+    if significant is not None:
+        magnitude = math.floor(math.log10(abs(value))) if value else 0
+        digits = max(0, significant - 1 - magnitude)
     return round(value) if digits <= 0 else round(value, digits)
 
 
@@ -135,6 +179,7 @@ def build_profile(
     digits: int = 1,
     year_weights: Mapping[int, float] | None = None,
     smoothing: float = 0.0,
+    significant: int | None = None,
 ) -> list[Any]:
     """Nested lists (12 x 24, or 12 x 2 x 24) of the weighted mean intensity per cell.
 
@@ -172,7 +217,7 @@ def build_profile(
 
     def fill(prefix: tuple[int, ...]) -> list[Any]:
         if len(prefix) == len(shape) - 1:
-            return [_round(smoothed((*prefix, last)), digits) for last in range(shape[-1])]
+            return [_round(smoothed((*prefix, last)), digits, significant) for last in range(shape[-1])]
         return [fill((*prefix, i)) for i in range(shape[len(prefix)])]
 
     return fill(())
@@ -193,24 +238,42 @@ def attribution(years: Sequence[int]) -> str:
     )
 
 
+def zone_years(data_dir: Path, zone: str, years: Sequence[int] | None) -> list[int]:
+    """The training years of one zone: every year it has, or those of ``years`` it has."""
+    have = available_years(data_dir, zone)
+    return have if years is None else [year for year in have if year in set(years)]
+
+
 def build_model(
     data_dir: Path,
     zones: Sequence[str],
-    years: Sequence[int],
+    years: Sequence[int] | None = None,
     kind: str = DEFAULT_KIND,
     digits: int = 1,
     smoothing: float = DEFAULT_SMOOTHING,
+    significant: int | None = DEFAULT_SIGNIFICANT,
 ) -> dict[str, Any]:
-    """The whole document the core reads (``carbonaware_core.offline_model``), one profile per zone."""
+    """The whole document the core reads (``carbonaware_core.offline_model``), one profile per zone.
+
+    ``years=None`` trains each zone on every year it has; a list restricts each zone to the listed years it has.
+    A zone left with no year raises (a build names exactly what it ships)."""
     if kind not in KINDS:
         raise ValueError(f"unknown profile kind {kind!r}; expected one of {KINDS}")
-    if not zones or not years:
+    if not zones or (years is not None and not years):
         raise ValueError("need at least one zone and one year")
     profiles = {}
+    info: dict[str, dict[str, Any]] = {}
     for zone in sorted(set(zones)):
-        rows = [row for year in sorted(set(years)) for row in load_zone_year(data_dir, zone, year)]
-        profiles[zone] = build_profile(rows, kind, digits, smoothing=smoothing)
-    statistic = "mean of each UTC cell over the training years"
+        chosen = zone_years(data_dir, zone, years)
+        if not chosen:
+            raise ValueError(f"{zone}: no hourly file for the years {sorted(set(years or ()))}")
+        read = [read_zone_year(data_dir, zone, year) for year in chosen]
+        rows = [row for part in read for row in part.rows]
+        profiles[zone] = build_profile(rows, kind, digits, smoothing=smoothing, significant=significant)
+        estimated = sum(part.estimated for part in read) / len(rows)
+        info[zone] = {"years": chosen, "estimated_share": round(estimated, 3), "gap_hours": sum(p.gaps for p in read)}
+    used = sorted({year for zone_info in info.values() for year in zone_info["years"]})
+    statistic = "mean of each UTC cell over the zone's training years"
     if smoothing:
         statistic += f", blended with the same cell of each neighbouring month at weight {smoothing:g}"
     return {
@@ -220,12 +283,15 @@ def build_model(
         "signal": "life-cycle (LCA), consumption-based (flow-traced) hourly carbon intensity",
         "statistic": statistic,
         "month_smoothing": smoothing,
+        "rounding": f"{significant} significant figures" if significant is not None else f"{digits} decimals",
         "license": LICENSE,
         "license_url": LICENSE_URL,
-        "attribution": attribution(sorted(set(years))),
+        "attribution": attribution(used),
         "notice": "See DATA-LICENSE.md: this file is ODbL-1.0, the code is Apache-2.0",
         "built_by": "scripts/build_offline_model.py",
-        "training_years": sorted(set(years)),
+        "training_years": used,
+        "zone_info": info,
+        "estimated_zones": sorted(z for z, i in info.items() if i["estimated_share"] > MOSTLY_ESTIMATED),
         "zones": profiles,
     }
 
@@ -238,10 +304,13 @@ def dump_model(model: Mapping[str, Any]) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="shared data folder (default %(default)s)")
-    parser.add_argument("--years", type=int, nargs="+", default=list(DEFAULT_YEARS), help="training years")
+    parser.add_argument("--years", type=int, nargs="+", help="training years (default: every year each zone has)")
     parser.add_argument("--zones", nargs="+", help="zone keys (default: every zone in the data)")
     parser.add_argument("--kind", choices=KINDS, default=DEFAULT_KIND, help="profile layout (default %(default)s)")
-    parser.add_argument("--digits", type=int, default=1, help="decimals kept; 0 writes integers (default 1)")
+    parser.add_argument(
+        "--significant", type=int, default=DEFAULT_SIGNIFICANT, help="significant figures kept (default %(default)s)"
+    )
+    parser.add_argument("--digits", type=int, help="decimals kept instead; 0 writes integers")
     parser.add_argument(
         "--smoothing", type=float, default=DEFAULT_SMOOTHING, help="weight of each neighbouring month (default 0.25)"
     )
@@ -256,13 +325,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"no zones found under {args.data / 'electricitymaps_hourly'}", file=sys.stderr)
         return 1
     try:
-        model = build_model(args.data, zones, args.years, args.kind, args.digits, args.smoothing)
+        significant = None if args.digits is not None else args.significant
+        digits = 1 if args.digits is None else args.digits
+        model = build_model(args.data, zones, args.years, args.kind, digits, args.smoothing, significant)
     except (OSError, ValueError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1
     text = dump_model(model)
     args.out.write_text(text, encoding="ascii", newline="\n")
-    print(f"wrote {args.out} ({len(text.encode())} bytes, {len(zones)} zones, {args.kind}, years {args.years})")
+    years = model["training_years"]
+    print(f"wrote {args.out} ({len(text.encode())} bytes, {len(zones)} zones, {args.kind}, years {years})")
     return 0
 
 

@@ -25,11 +25,26 @@ import build_offline_model as bom  # noqa: E402 - scripts/ is not a package
 
 SHIPPED = ROOT / "carbonaware_offline.json"
 SHARED_DATA = bom.DEFAULT_DATA
-# the 19 zones of ../shared/data/README.md
-DATA_ZONES = {
+# the zones of ../shared/data/README.md and the years each has: 19 with 2021-2023, then 21 added with one year each
+# (FR with two)
+FULL_ZONES = {
     *("AU-NSW", "AU-VIC", "BR", "BR-CS", "CA-ON", "CL-SEN", "DE", "ES", "GB", "IN-WE", "JP-TK", "KR", "NO", "SG"),
     *("US-CAL-CISO", "US-MIDA-PJM", "US-NY-NYIS", "US-TEX-ERCO", "ZA"),
 }
+ZONES_2023 = {
+    *("US-MIDW-MISO", "US-NW-PACW", "US-NW-BPAT", "US-NW-PACE", "US-SW-AZPS", "US-CENT-SWPP", "US-NE-ISNE"),
+    *("US-SE-SOCO", "US-TEN-TVA", "US-NW-PSEI", "US-NW-PGE", "US-SW-SRP", "US-NW-PSCO", "US-NW-NEVP", "US-CAL-BANC"),
+    "CA-QC",
+}
+DATA_YEARS = {
+    **{zone: [2021, 2022, 2023] for zone in FULL_ZONES},
+    **{zone: [2022] for zone in ("BE", "FI", "IE", "SE-SE3")},
+    "FR": [2022, 2023],
+    **{zone: [2023] for zone in ZONES_2023},
+}
+DATA_ZONES = set(DATA_YEARS)
+# entirely Electricity Maps model estimates, per the README (SG only partly)
+ESTIMATED_ZONES = ["IE", "IN-WE", "JP-TK"]
 HEADER = (
     "Datetime (UTC),Country,Zone Name,Zone Id,Carbon Intensity gCO₂eq/kWh (direct),"
     "Carbon Intensity gCO₂eq/kWh (LCA),Low Carbon Percentage,Renewable Percentage,Data Source,Data Estimated,"
@@ -102,6 +117,46 @@ def test_a_bad_value_or_a_missing_cell_fails_loudly() -> None:
     january_only = [(m, 1.0) for m in hours_of(2023) if m.month == 1]
     with pytest.raises(ValueError, match=r"cell \(1, 0\) of month-hour-utc has no data"):
         bom.build_profile(january_only, "month-hour-utc")
+
+
+def test_gaps_are_skipped_crlf_is_read_and_estimates_are_counted(tmp_path: Path) -> None:
+    """The shapes of the added files: a blank hour (US-NW-PACW 2023), CRLF line ends, the Data Estimated flag."""
+    lines = [
+        HEADER,
+        "2023-01-01 00:00:00,X,X,Z,1,100,,,,false,",
+        "2023-01-01 01:00:00,X,X,Z,,,,,eia.gov,,",
+        "2023-01-01 02:00:00,X,X,Z,1,300,,,,true,MODE_BREAKDOWN",
+    ]
+    for ending in ("\n", "\r\n"):
+        read = bom.read_rows(ending.join(lines) + ending)
+        assert read.rows == [
+            (datetime(2023, 1, 1, 0, tzinfo=timezone.utc), 100.0),
+            (datetime(2023, 1, 1, 2, tzinfo=timezone.utc), 300.0),
+        ]
+        assert (read.estimated, read.gaps) == (1, 1)
+    with pytest.raises(ValueError, match=":2: "):  # a value that is there but not a number still fails
+        bom.parse_rows(HEADER + "\n2023-01-01 00:00:00,X,X,Z,1,n/a,,,,,\n")
+
+
+def test_each_zone_is_built_from_the_years_it_has(tmp_path: Path) -> None:
+    write_zone_year(tmp_path, "ZZ-OLD", 2021, lambda m: 100.0)
+    write_zone_year(tmp_path, "ZZ-OLD", 2022, lambda m: 200.0)
+    write_zone_year(tmp_path, "ZZ-NEW", 2023, lambda m: 50.0 + m.hour)
+    model = bom.build_model(tmp_path, ["ZZ-OLD", "ZZ-NEW"], smoothing=0)
+    assert model["zone_info"]["ZZ-OLD"]["years"] == [2021, 2022]
+    assert model["zone_info"]["ZZ-NEW"] == {"years": [2023], "estimated_share": 0.0, "gap_hours": 0}
+    assert model["training_years"] == [2021, 2022, 2023]
+    assert set(flat(model["zones"]["ZZ-OLD"])) == {150.0}
+    assert model["zones"]["ZZ-NEW"][0][:3] == [50.0, 51.0, 52.0]
+    only_2022 = bom.build_model(tmp_path, ["ZZ-OLD"], [2022], smoothing=0)
+    assert set(flat(only_2022["zones"]["ZZ-OLD"])) == {200.0}
+    with pytest.raises(ValueError, match="ZZ-NEW: no hourly file"):
+        bom.build_model(tmp_path, ["ZZ-NEW"], [2021])
+
+
+def test_three_significant_figures_keep_low_zones_precise() -> None:
+    assert [bom._round(v, 1, 3) for v in (687.44, 99.94, 23.44, 5.678, 0.0)] == [687, 99.9, 23.4, 5.68, 0]
+    assert isinstance(bom._round(687.44, 1, 3), int)
 
 
 @settings(max_examples=15, deadline=None)
@@ -210,6 +265,12 @@ def test_the_shipped_file_covers_every_zone_with_sane_values(shipped: dict[str, 
     assert shipped["unit"] == "gCO2eq/kWh"
     assert shipped["kind"] in bom.KINDS
     assert set(shipped["zones"]) == DATA_ZONES
+    assert {zone: info["years"] for zone, info in shipped["zone_info"].items()} == DATA_YEARS
+    assert shipped["estimated_zones"] == ESTIMATED_ZONES
+    for zone in ESTIMATED_ZONES:
+        assert shipped["zone_info"][zone]["estimated_share"] == 1.0
+    assert 0.05 < shipped["zone_info"]["SG"]["estimated_share"] < 0.5  # "partly"
+    assert shipped["zone_info"]["US-NW-PACW"]["gap_hours"] == 24
     for zone, profile in shipped["zones"].items():
         assert len(profile) == 12, zone
         for month in profile:
@@ -223,12 +284,20 @@ def test_the_shipped_file_covers_every_zone_with_sane_values(shipped: dict[str, 
         assert max(flat(profile)) > min(flat(profile)), f"{zone} has no daily or seasonal shape"
 
 
+def test_the_shipped_file_covers_most_cloud_regions(shipped: dict[str, Any]) -> None:
+    covered = [region for region, zone in core.REGION_ZONES.items() if zone in shipped["zones"]]
+    assert len(core.REGION_ZONES) == 141
+    assert len(covered) >= 89, len(covered)  # 62 with the first 19 zones
+    for region in (("aws", "eu-west-1"), ("aws", "us-west-2"), ("aws", "eu-west-3"), ("aws", "eu-north-1")):
+        assert region in covered  # the ones issue 9 names
+
+
 def test_the_shipped_file_carries_its_odbl_notice(shipped: dict[str, Any]) -> None:
     assert shipped["license"] == "ODbL-1.0"
     assert shipped["license_url"] == "https://opendatacommons.org/licenses/odbl/1-0/"
     assert "Electricity Maps" in shipped["attribution"] and "Open Database License" in shipped["attribution"]
     assert shipped["training_years"] == [2021, 2022, 2023]
-    assert SHIPPED.stat().st_size < 100_000
+    assert SHIPPED.stat().st_size < 60_000  # 40 zones; the core reads it whole on first use
     notice = (ROOT / "DATA-LICENSE.md").read_text(encoding="utf-8")
     for needle in (
         "carbonaware_offline.json",
@@ -243,7 +312,7 @@ def test_the_shipped_file_carries_its_odbl_notice(shipped: dict[str, Any]) -> No
 @needs_shared_data
 def test_the_shipped_file_is_what_the_builder_makes_from_the_shared_data() -> None:
     assert set(bom.available_zones(SHARED_DATA)) == DATA_ZONES
-    rebuilt = bom.dump_model(bom.build_model(SHARED_DATA, sorted(DATA_ZONES), [2021, 2022, 2023]))
+    rebuilt = bom.dump_model(bom.build_model(SHARED_DATA, sorted(DATA_ZONES)))
     assert rebuilt == SHIPPED.read_text(encoding="ascii"), "run: python scripts/build_offline_model.py"
 
 
@@ -310,13 +379,13 @@ def test_the_shipped_model_makes_london_wait_sometimes(shipped: dict[str, Any]) 
 
 
 def test_a_zone_the_model_does_not_cover_fails_with_its_name(shipped: dict[str, Any]) -> None:
-    assert core.REGION_ZONES[("gcp", "europe-west1")] == "BE" and "BE" not in shipped["zones"]
+    assert core.REGION_ZONES[("gcp", "europe-west4")] == "NL" and "NL" not in shipped["zones"]
     plan = core.plan_delay(
-        timedelta(hours=6), timedelta(hours=1), provider="gcp", region="europe-west1", source="offline", now=NOWS[0]
+        timedelta(hours=6), timedelta(hours=1), provider="gcp", region="europe-west4", source="offline", now=NOWS[0]
     )
     assert plan.reason == "source-failed"
     assert plan.delay == timedelta(0)
-    assert "BE" in plan.detail
+    assert "NL" in plan.detail
 
 
 def write_model(path: Path, kind: str, zones: dict[str, Any]) -> Path:
