@@ -229,6 +229,120 @@ def recency_weights(years: Sequence[int]) -> dict[int, float]:
     return {year: 2.0**k for k, year in enumerate(sorted(set(years)))}
 
 
+# ---- per-zone minimum predicted saving: what the backtest knows about each zone's forecast error --------------
+
+# (window, job) in hours: the backtest's configurations, pooled when a zone's threshold is chosen
+THRESHOLD_CONFIGS = ((6.0, 1.0), (2.0, 0.5), (12.0, 4.0))
+THRESHOLD_GRID = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05)
+SAVING_BUDGET = 0.01  # share of the perfect-forecast saving a zone's threshold may give up on its validation year
+EVERY = 5  # every 5th hour of the validation year is a start ("now")
+NEGLIGIBLE = 0.001  # carbonaware_core.NEGLIGIBLE_SAVINGS: the planner never waits for less
+
+Outcome = tuple[float, float, float]  # (predicted saving, true saving of that choice, perfect-forecast saving)
+
+
+def _core() -> Any:
+    """The library's planner, imported from the repository root (the builder plans exactly as the library does)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    import carbonaware_core
+
+    return carbonaware_core
+
+
+def _job_mean(prefix: Sequence[float], start: float, length: float) -> float:
+    """Exact mean of an hourly step series (prefix sums) over [start, start + length], in hours from its origin."""
+
+    def integral(x: float) -> float:
+        k = min(max(math.floor(x), 0), len(prefix) - 2)
+        return prefix[k] + (x - k) * (prefix[k + 1] - prefix[k])
+
+    return (integral(start + length) - integral(start)) / length
+
+
+def decision_outcomes(profile: Any, kind: str, truth: Sequence[Row], every: int = EVERY) -> list[Outcome]:
+    """Plan every ``every``-th hour of ``truth`` on ``profile`` (the offline forecast) with the library's planner,
+    for each of THRESHOLD_CONFIGS, and score the choice on the true series. Hours whose horizon meets a gap are
+    skipped. The perfect-forecast saving is the planner's own answer on the true series (exact: the planner finds the
+    lowest mean of a step series, tested against brute force in bench/backtest.py)."""
+    core = _core()
+    if not truth:
+        return []
+    origin = truth[0][0]
+    index = {round((moment - origin).total_seconds() / 3600): value for moment, value in truth}
+    count = max(index) + 1
+    values = [index.get(k, math.nan) for k in range(count)]
+    forecast = [core.profile_value(profile, kind, origin + k * (truth[1][0] - truth[0][0])) for k in range(count)]
+    gaps = [k for k, v in enumerate(values) if math.isnan(v)]
+    filled = [0.0 if math.isnan(v) else v for v in values]
+    true_prefix, forecast_prefix = [0.0], [0.0]
+    for a, b in zip(filled, forecast, strict=True):
+        true_prefix.append(true_prefix[-1] + a)
+        forecast_prefix.append(forecast_prefix[-1] + b)
+    hours = [float(k) for k in range(count)]
+    ends = [k + 1.0 for k in range(count)]
+    outcomes: list[Outcome] = []
+    for window, job in THRESHOLD_CONFIGS:
+        span = math.ceil(window + job)
+        for now in range(0, count - span, every):
+            if any(now <= g < now + span for g in gaps):
+                continue
+            cut = slice(now, now + span)
+            planned = core.lowest_mean_start(hours[cut], ends[cut], forecast[cut], now, now + window, job)
+            perfect = core.lowest_mean_start(hours[cut], ends[cut], filled[cut], now, now + window, job)
+            at_once, predicted_at_once = _job_mean(true_prefix, now, job), _job_mean(forecast_prefix, now, job)
+            predicted = (predicted_at_once - planned[1]) / predicted_at_once
+            start = planned[0] if predicted >= NEGLIGIBLE else float(now)
+            chosen = _job_mean(true_prefix, start, job)
+            outcomes.append((predicted, (at_once - chosen) / at_once, (at_once - perfect[1]) / at_once))
+    return outcomes
+
+
+def threshold_effect(outcomes: Sequence[Outcome], threshold: float) -> tuple[float, float, int]:
+    """With a minimum predicted saving: (share of the perfect-forecast saving kept, share of waits that ended
+    dirtier than starting at once, number of waits)."""
+    floor = max(threshold, NEGLIGIBLE)
+    perfect = math.fsum(o[2] for o in outcomes)
+    waits = [o[1] for o in outcomes if o[0] >= floor]
+    kept = math.fsum(waits) / perfect if perfect > 0 else 0.0
+    harmful = sum(1 for r in waits if r < 0) / len(waits) if waits else 0.0
+    return kept, harmful, len(waits)
+
+
+def choose_min_saving(outcomes: Sequence[Outcome], budget: float = SAVING_BUDGET) -> float:
+    """The threshold on THRESHOLD_GRID with the fewest harmful waits (share of waits ending dirtier) among those
+    giving up at most ``budget`` of the perfect-forecast saving against no threshold; ties keep the lowest. Chosen
+    per zone because forecast error differs per zone: where a typical day predicts well, a threshold costs saving
+    and buys little; where it predicts badly, small predicted savings are mostly noise."""
+    base = threshold_effect(outcomes, 0.0)[0]
+    best, best_harm = 0.0, math.inf
+    for threshold in THRESHOLD_GRID:
+        kept, harmful, _ = threshold_effect(outcomes, threshold)
+        if base - kept <= budget + 1e-12 and harmful < best_harm - 1e-12:
+            best, best_harm = threshold, harmful
+    return best
+
+
+def validated_min_saving(
+    data_dir: Path, zone: str, validation_year: int, kind: str, smoothing: float, significant: int | None
+) -> float | None:
+    """A zone's threshold chosen on ``validation_year`` with a profile trained only on the zone's earlier years
+    (never the other way); None when the zone has no earlier year."""
+    earlier = [year for year in available_years(data_dir, zone) if year < validation_year]
+    if not earlier:
+        return None
+    rows = [row for year in earlier for row in load_zone_year(data_dir, zone, year)]
+    profile = build_profile(rows, kind, 1, smoothing=smoothing, significant=significant)
+    return choose_min_saving(decision_outcomes(profile, kind, load_zone_year(data_dir, zone, validation_year)))
+
+
+def default_min_saving(chosen: Mapping[str, float]) -> float:
+    """For zones that cannot be validated (one year of data): the median of the validated zones' thresholds
+    (the lower middle value for an even count, so the rule never invents a value off the grid)."""
+    values = sorted(chosen.values())
+    return values[(len(values) - 1) // 2] if values else 0.0
+
+
 def attribution(years: Sequence[int]) -> str:
     """The credit ODbL requires, naming the years actually used."""
     span = f"{min(years)}-{max(years)}" if len(set(years)) > 1 else f"{years[0]}"
@@ -252,11 +366,13 @@ def build_model(
     digits: int = 1,
     smoothing: float = DEFAULT_SMOOTHING,
     significant: int | None = DEFAULT_SIGNIFICANT,
+    min_savings: bool = True,
 ) -> dict[str, Any]:
     """The whole document the core reads (``carbonaware_core.offline_model``), one profile per zone.
 
     ``years=None`` trains each zone on every year it has; a list restricts each zone to the listed years it has.
-    A zone left with no year raises (a build names exactly what it ships)."""
+    A zone left with no year raises (a build names exactly what it ships). ``min_savings`` adds each zone's
+    validated minimum predicted saving (``choose_min_saving``), which the core applies to offline plans."""
     if kind not in KINDS:
         raise ValueError(f"unknown profile kind {kind!r}; expected one of {KINDS}")
     if not zones or (years is not None and not years):
@@ -273,10 +389,16 @@ def build_model(
         estimated = sum(part.estimated for part in read) / len(rows)
         info[zone] = {"years": chosen, "estimated_share": round(estimated, 3), "gap_hours": sum(p.gaps for p in read)}
     used = sorted({year for zone_info in info.values() for year in zone_info["years"]})
+    validated = {}
+    if min_savings:
+        for zone, zone_info in info.items():
+            found = validated_min_saving(data_dir, zone, zone_info["years"][-1], kind, smoothing, significant)
+            if found is not None:
+                validated[zone] = found
     statistic = "mean of each UTC cell over the zone's training years"
     if smoothing:
         statistic += f", blended with the same cell of each neighbouring month at weight {smoothing:g}"
-    return {
+    document: dict[str, Any] = {
         "format": 1,
         "kind": kind,
         "unit": UNIT,
@@ -294,6 +416,18 @@ def build_model(
         "estimated_zones": sorted(z for z, i in info.items() if i["estimated_share"] > MOSTLY_ESTIMATED),
         "zones": profiles,
     }
+    if min_savings:
+        document["min_savings"] = {
+            "by_zone": validated,
+            "default": default_min_saving(validated),
+            "rule": (
+                "per zone, the minimum predicted saving with the fewest waits ending dirtier than starting at once, "
+                f"giving up at most {SAVING_BUDGET:.0%} of the perfect-forecast saving, chosen on the zone's latest "
+                "year with a profile of its earlier years (scripts/build_offline_model.py choose_min_saving); "
+                "default: the median, for zones with one year"
+            ),
+        }
+    return document
 
 
 def dump_model(model: Mapping[str, Any]) -> str:

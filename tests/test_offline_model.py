@@ -421,3 +421,122 @@ def test_without_a_model_the_offline_source_fails_open(tmp_path: Path, monkeypat
     )
     assert plan.reason == "source-failed" and plan.delay == timedelta(0)
     assert "no offline model" in plan.detail
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fewer harmful waits: the per-zone minimum predicted saving shipped with the model (issue 9 item 8)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def dip_model(path: Path, min_savings: Any = None, zone_extra: dict[str, Any] | None = None) -> Path:
+    """DE: 300 at every hour, but 270 at 02:00 UTC: waiting from 00:00 for 02:00 is predicted to save 10 %."""
+    day = [300.0] * 24
+    day[2] = 270.0
+    document: dict[str, Any] = {
+        "format": 1,
+        "kind": "month-hour-utc",
+        "unit": "gCO2eq/kWh",
+        "zones": {"DE": [day] * 12},
+    }
+    if min_savings is not None:
+        document["min_savings"] = min_savings
+    document.update(zone_extra or {})
+    path.write_text(json.dumps(document))
+    return path
+
+
+MIDNIGHT = datetime(2024, 5, 6, 0, 0, tzinfo=timezone.utc)
+
+
+def plan_de(**options: Any) -> core.Plan:
+    return core.plan_delay(
+        timedelta(hours=6), timedelta(hours=1), grid_zone="DE", source="offline", now=MIDNIGHT, **options
+    )
+
+
+def test_a_prediction_below_the_zones_minimum_does_not_wait(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "a.json")))
+    plan = plan_de()
+    assert plan.reason == "optimal" and plan.start == MIDNIGHT + timedelta(hours=2)  # no table: waits as before
+    assert plan.savings == pytest.approx(0.1)
+
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "b.json", {"by_zone": {"DE": 0.12}})))
+    plan = plan_de()
+    assert plan.reason == "below-threshold" and plan.delay == timedelta(0)
+    assert "waiting would save 10.0%, below the offline model's minimum for DE, 12.0%" in plan.detail
+    assert "Electricity Maps" in plan.detail  # the attribution still follows
+
+    plan = plan_de(min_savings=0.2)  # the caller's higher floor wins, and is named as theirs
+    assert plan.reason == "below-threshold" and "below min_savings 20.0%" in plan.detail
+
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "c.json", {"by_zone": {"DE": 0.08}})))
+    assert plan_de().reason == "optimal"  # 10 % predicted clears an 8 % minimum
+
+
+def test_the_models_default_minimum_covers_zones_without_their_own(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    table = {"by_zone": {"FR": 0.5}, "default": 0.15}
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "d.json", table)))
+    plan = plan_de()
+    assert plan.reason == "below-threshold" and "minimum for DE, 15.0%" in plan.detail
+
+
+@pytest.mark.parametrize("broken", [{"by_zone": {"DE": "high"}}, {"by_zone": {"DE": 1.5}}, [0.2], {"default": True}])
+def test_a_malformed_minimum_is_ignored_not_fatal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, broken: Any) -> None:
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "e.json", broken)))
+    plan = plan_de()
+    assert plan.reason == "optimal" and plan.start == MIDNIGHT + timedelta(hours=2)
+
+
+def test_only_the_offline_source_carries_a_minimum(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The same series from a user's callable plans as before: the floor is knowledge about the offline model."""
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "f.json", {"default": 0.5})))
+    series = core.profile_series(
+        json.loads((tmp_path / "f.json").read_text())["zones"]["DE"],
+        "month-hour-utc",
+        MIDNIGHT,
+        MIDNIGHT + timedelta(hours=8),
+    )
+    forecast = [{"start": p.start.isoformat(), "end": p.end.isoformat(), "value": p.value} for p in series]
+    path = tmp_path / "forecast.json"
+    path.write_text(json.dumps(forecast))
+    plan = core.plan_delay(timedelta(hours=6), timedelta(hours=1), grid_zone="DE", source=f"file:{path}", now=MIDNIGHT)
+    assert plan.reason == "optimal" and plan.start == MIDNIGHT + timedelta(hours=2), plan.detail
+
+
+def test_an_estimated_zone_says_so_in_the_plan(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    extra = {"estimated_zones": ["DE"], "zone_info": {"DE": {"years": [2022], "estimated_share": 1.0}}}
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "g.json", zone_extra=extra)))
+    assert "DE: 100% of its training hours are Electricity Maps model estimates" in plan_de().detail
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "h.json")))
+    assert "estimates" not in plan_de().detail
+
+
+def test_the_threshold_rule_buys_the_fewest_harmful_waits_within_the_budget() -> None:
+    """Outcomes (predicted, true, perfect): small predictions are noise here. A 1.5 % minimum drops one harmful
+    wait and gains saving; 2 % drops both but also a good wait (costs 0.2 of 60 points: 0.33 %); 3 % and up would
+    also drop the eight 3 % waits."""
+    outcomes = [
+        (0.01, -0.01, 0.05),
+        (0.015, -0.01, 0.05),
+        (0.015, 0.022, 0.05),
+        *[(0.03, 0.02, 0.05)] * 8,
+        (0.05, 0.05, 0.05),
+        *[(0.0, 0.0, 0.0)] * 4,
+    ]
+    kept, harmful, waits = bom.threshold_effect(outcomes, 0.0)
+    assert waits == 12 and harmful == pytest.approx(2 / 12)
+    assert kept == pytest.approx((-0.01 - 0.01 + 0.022 + 0.16 + 0.05) / 0.6)
+    assert bom.threshold_effect(outcomes, 0.02) == (pytest.approx(0.21 / 0.6), 0.0, 9)
+    assert bom.choose_min_saving(outcomes, budget=0.01) == 0.02
+    assert bom.choose_min_saving(outcomes, budget=0.0) == 0.015  # no budget: only what costs nothing
+    assert bom.choose_min_saving([(0.01, -0.01, 0.05), (0.02, 0.03, 0.05)], budget=0.0) == 0.015
+    assert bom.default_min_saving({"A": 0.01, "B": 0.03, "C": 0.02, "D": 0.05}) == 0.02
+
+
+def test_the_shipped_minimums_are_validated_per_zone(shipped: dict[str, Any]) -> None:
+    table = shipped["min_savings"]
+    assert set(table["by_zone"]) == {zone for zone, years in DATA_YEARS.items() if len(years) > 1}
+    assert all(0 <= value <= 0.05 for value in table["by_zone"].values())
+    assert table["default"] in table["by_zone"].values()
