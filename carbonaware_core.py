@@ -1922,12 +1922,27 @@ def _offline_caveat(model: Mapping[str, Any], zone: str) -> str:
     return f"; {zone}: {measured} its training hours are Electricity Maps model estimates, not measurements"
 
 
+def _offline_stand_in(model: Mapping[str, Any], zone: str) -> str:
+    """The zone whose profile answers for ``zone``: its own, else the aggregate the model names for it (e.g. all of
+    Norway for NO-NO1)."""
+    zones, stand_ins = model.get("zones", {}), model.get("stand_ins", {})
+    if zone in zones or not isinstance(stand_ins, dict):
+        return zone
+    whole = stand_ins.get(zone)
+    return whole if isinstance(whole, str) and whole in zones else zone
+
+
+def _stand_in_note(zone: str, profile_zone: str) -> str:
+    return "" if zone == profile_zone else f"; {zone} has no profile of its own: the {profile_zone} profile stands in"
+
+
 def _fetch_offline(query: Query) -> Forecast:
     zone = grid_zone_for(query)
     if zone is None:
         raise SourceError(f"no grid zone known for {query.zone}; set grid_zone or CARBONAWARE_GRID_ZONE")
     model = offline_model()
-    profile = model.get("zones", {}).get(zone)
+    profile_zone = _offline_stand_in(model, zone)
+    profile = model.get("zones", {}).get(profile_zone)
     if profile is None:
         covered = "no offline model installed" if not model else f"the offline model does not cover {zone}"
         raise SourceError(covered)
@@ -1939,8 +1954,8 @@ def _fetch_offline(query: Query) -> Forecast:
         series,
         unit=G_PER_KWH,
         grid_zone=zone,
-        attribution=OFFLINE_ATTRIBUTION + _offline_caveat(model, zone),
-        min_savings=_offline_min_savings(model, zone),
+        attribution=OFFLINE_ATTRIBUTION + _stand_in_note(zone, profile_zone) + _offline_caveat(model, profile_zone),
+        min_savings=_offline_min_savings(model, profile_zone),
     )
 
 

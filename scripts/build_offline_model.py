@@ -46,6 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_OUT = ROOT / "carbonaware_offline.json"
 DEFAULT_YEARS = (2021, 2022, 2023)  # the years of the original 19 zones; the build default is every year a zone has
+# Zones without a file of their own whose profile another zone's stands in for, and why. Only where the other zone
+# is the aggregate that contains them (Electricity Maps' "NO" is all of Norway: NO-NO1..NO-NO5), never a neighbour.
+STAND_INS = {"NO-NO1": "NO", "NO-NO2": "NO"}
 MOSTLY_ESTIMATED = 0.5  # a zone whose training hours are more than half model estimates is flagged as estimated
 KINDS = ("month-hour-utc", "month-weekpart-hour-utc")
 DEFAULT_KIND = "month-hour-utc"  # chosen by bench/backtest.py: see docs/backtest.md
@@ -415,6 +418,9 @@ def build_model(
         "zone_info": info,
         "estimated_zones": sorted(z for z, i in info.items() if i["estimated_share"] > MOSTLY_ESTIMATED),
         "zones": profiles,
+        "stand_ins": {
+            zone: whole for zone, whole in sorted(STAND_INS.items()) if whole in profiles and zone not in profiles
+        },
     }
     if min_savings:
         document["min_savings"] = {
