@@ -1913,11 +1913,12 @@ def _offline_min_savings(model: Mapping[str, Any], zone: str) -> float | None:
 
 def _offline_caveat(model: Mapping[str, Any], zone: str) -> str:
     """What the plan's detail must say when the zone's data are mostly Electricity Maps' model estimates."""
-    info = model.get("zone_info", {}).get(zone)
-    estimated = zone in model.get("estimated_zones", ())
-    share = info.get("estimated_share") if isinstance(info, dict) else None
-    if not estimated:
+    listed = model.get("estimated_zones")
+    if not isinstance(listed, list) or zone not in listed:
         return ""
+    infos = model.get("zone_info")
+    info = infos.get(zone) if isinstance(infos, dict) else None
+    share = info.get("estimated_share") if isinstance(info, dict) else None
     measured = f"{share:.0%} of" if isinstance(share, (int, float)) and not isinstance(share, bool) else "most"
     return f"; {zone}: {measured} its training hours are Electricity Maps model estimates, not measurements"
 
@@ -1925,8 +1926,8 @@ def _offline_caveat(model: Mapping[str, Any], zone: str) -> str:
 def _offline_stand_in(model: Mapping[str, Any], zone: str) -> str:
     """The zone whose profile answers for ``zone``: its own, else the aggregate the model names for it (e.g. all of
     Norway for NO-NO1)."""
-    zones, stand_ins = model.get("zones", {}), model.get("stand_ins", {})
-    if zone in zones or not isinstance(stand_ins, dict):
+    zones, stand_ins = model.get("zones"), model.get("stand_ins")
+    if not isinstance(zones, dict) or zone in zones or not isinstance(stand_ins, dict):
         return zone
     whole = stand_ins.get(zone)
     return whole if isinstance(whole, str) and whole in zones else zone
@@ -2263,8 +2264,9 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
     choice = choose_start(points, query.now, query.window, query.duration)
     start = _utc(choice.start)
     floor, floor_name = min_savings, "min_savings {:.1%}"
-    if result.min_savings is not None and result.min_savings > min_savings:
-        floor = result.min_savings
+    own = result.min_savings
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and min_savings < own < 1:
+        floor = float(own)
         floor_name = (
             f"the {label} model's minimum for {result.grid_zone or 'this zone'}, {{:.1%}} (in its backtest, smaller "
             "predicted savings too often ended dirtier than starting at once)"

@@ -559,3 +559,21 @@ def test_the_shipped_minimums_are_validated_per_zone(shipped: dict[str, Any]) ->
     assert set(table["by_zone"]) == {zone for zone, years in DATA_YEARS.items() if len(years) > 1}
     assert all(0 <= value <= 0.05 for value in table["by_zone"].values())
     assert table["default"] in table["by_zone"].values()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"estimated_zones": 7},
+        {"estimated_zones": ["DE"], "zone_info": []},
+        {"estimated_zones": ["DE"], "zone_info": {"DE": {"estimated_share": "all"}}},
+        {"stand_ins": ["DE"]},
+    ],
+)
+def test_malformed_zone_notes_do_not_break_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, extra: dict[str, Any]
+) -> None:
+    monkeypatch.setenv("CARBONAWARE_OFFLINE_DATA", str(dip_model(tmp_path / "i.json", zone_extra=extra)))
+    plan = plan_de()
+    assert plan.source == "offline" and plan.reason == "optimal", plan.detail
+    assert plan.start == MIDNIGHT + timedelta(hours=2)
