@@ -20,8 +20,11 @@ Output: a profile per zone: the mean of every hour falling in the same cell (mon
 into weekday/weekend), in UTC because the core looks profiles up in UTC (``carbonaware_core.profile_value``), then
 blended with the same cell of the two neighbouring months (``--smoothing``, 0.25 each by default). The mean, not
 the median: the planner minimises the *expected* mean intensity over the job, and the mean of a cell estimates that
-expectation. The defaults (layout, smoothing, rounding) are the ones bench/backtest.py found best on held-out years
-(docs/backtest.md). The file is derived from ODbL data and must ship with DATA-LICENSE.md.
+expectation. Each zone also gets a minimum predicted saving below which the core does not wait (``min_savings``,
+chosen by ``choose_min_saving`` on the zone's latest year with a profile of its earlier years), because a typical
+day's small predicted savings often end dirtier than starting at once. The defaults (layout, smoothing, rounding)
+are the ones bench/backtest.py found best on held-out years (docs/backtest.md). The file is derived from ODbL data
+and must ship with DATA-LICENSE.md.
 
 The building blocks are importable (the backtest trains its held-out models with them):
 ``load_zone_year``, ``build_profile``, ``build_model``, ``dump_model``.
