@@ -145,6 +145,9 @@ class Forecast:
     unit: str = G_PER_KWH
     grid_zone: str | None = None
     attribution: str | None = None  # credit the data's licence asks for wherever a plan is shown
+    # the source's own floor on the predicted saving worth a wait (the offline model's per-zone figure from its
+    # backtest: below it, waits ended dirtier too often); the planner applies the higher of it and min_savings
+    min_savings: float | None = None
 
 
 @dataclass(frozen=True)
@@ -2322,12 +2325,54 @@ def grid_zone_for(query: Query) -> str | None:
     return REGION_ZONES.get((query.zone.provider, query.zone.region))
 
 
+def _offline_min_savings(model: Mapping[str, Any], zone: str) -> float | None:
+    """The model's validated minimum predicted saving for ``zone`` (its own, else the model's default); None when
+    the model has none or it is malformed (then only the caller's min_savings applies)."""
+    table = model.get("min_savings")
+    if not isinstance(table, dict):
+        return None
+    by_zone = table.get("by_zone")
+    value = by_zone.get(zone) if isinstance(by_zone, dict) else None
+    if value is None:
+        value = table.get("default")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < 1:
+        return float(value)
+    return None
+
+
+def _offline_caveat(model: Mapping[str, Any], zone: str) -> str:
+    """What the plan's detail must say when the zone's data are mostly Electricity Maps' model estimates."""
+    listed = model.get("estimated_zones")
+    if not isinstance(listed, list) or zone not in listed:
+        return ""
+    infos = model.get("zone_info")
+    info = infos.get(zone) if isinstance(infos, dict) else None
+    share = info.get("estimated_share") if isinstance(info, dict) else None
+    measured = f"{share:.0%} of" if isinstance(share, (int, float)) and not isinstance(share, bool) else "most"
+    return f"; {zone}: {measured} its training hours are Electricity Maps model estimates, not measurements"
+
+
+def _offline_stand_in(model: Mapping[str, Any], zone: str) -> str:
+    """The zone whose profile answers for ``zone``: its own, else the aggregate the model names for it (e.g. all of
+    Norway for NO-NO1)."""
+    zones, stand_ins = model.get("zones"), model.get("stand_ins")
+    if not isinstance(zones, dict) or zone in zones or not isinstance(stand_ins, dict):
+        return zone
+    whole = stand_ins.get(zone)
+    return whole if isinstance(whole, str) and whole in zones else zone
+
+
+def _stand_in_note(zone: str, profile_zone: str) -> str:
+    return "" if zone == profile_zone else f"; {zone} has no profile of its own: the {profile_zone} profile stands in"
+
+
 def _fetch_offline(query: Query) -> Forecast:
     zone = grid_zone_for(query)
     if zone is None:
         raise SourceError(f"no grid zone known for {query.zone}; set grid_zone or CARBONAWARE_GRID_ZONE")
     model = offline_model()
-    profile = model.get("zones", {}).get(zone)
+    profile_zone = _offline_stand_in(model, zone)
+    profile = model.get("zones", {}).get(profile_zone)
     if profile is None:
         covered = "no offline model installed" if not model else f"the offline model does not cover {zone}"
         raise SourceError(covered)
@@ -2335,7 +2380,13 @@ def _fetch_offline(query: Query) -> Forecast:
     if model.get("format", 1) != 1 or kind not in OFFLINE_KINDS:
         raise SourceError(f"unsupported offline model (format {model.get('format')!r}, kind {kind!r})")
     series = profile_series(profile, kind, query.now, query.horizon_end)
-    return Forecast(series, unit=G_PER_KWH, grid_zone=zone, attribution=OFFLINE_ATTRIBUTION)
+    return Forecast(
+        series,
+        unit=G_PER_KWH,
+        grid_zone=zone,
+        attribution=OFFLINE_ATTRIBUTION + _stand_in_note(zone, profile_zone) + _offline_caveat(model, profile_zone),
+        min_savings=_offline_min_savings(model, profile_zone),
+    )
 
 
 # a typical year repeats: a year of starts holds every value it has (a longer window only repeats them)
@@ -2684,6 +2735,14 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
     points = tuple(_aware(p) for p in result.points)
     choice = choose_start(points, query.now, query.window, query.duration)
     start = _utc(choice.start)
+    floor, floor_name = min_savings, "min_savings {:.1%}"
+    own = result.min_savings
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and min_savings < own < 1:
+        floor = float(own)
+        floor_name = (
+            f"the {label} model's minimum for {result.grid_zone or 'this zone'}, {{:.1%}} (in its backtest, smaller "
+            "predicted savings too often ended dirtier than starting at once)"
+        )
     return _decide(
         query,
         label,
@@ -2691,11 +2750,12 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
         choice.expected,
         choice.now_value,
         result.unit,
-        min_savings,
+        floor,
         result.grid_zone,
         points,
         shortened=choice.length < query.duration.total_seconds() - 1e-6,
         attribution=result.attribution,
+        floor_name=floor_name,
     )
 
 
@@ -2712,6 +2772,7 @@ def _decide(
     shortened: bool = False,
     stated: float | None = None,
     attribution: str | None = None,
+    floor_name: str = "min_savings {:.1%}",
 ) -> Plan:
     savings = _savings(now_value, expected)
     if savings is None:
@@ -2726,7 +2787,7 @@ def _decide(
         detail = "now is already the best time in the window"
     elif min_savings > 0 and (savings is None or savings < min_savings):
         known = "an unknown amount" if savings is None else f"{savings:.1%}"
-        detail = f"waiting would save {known}, below min_savings {min_savings:.1%}"
+        detail = f"waiting would save {known}, below {floor_name.format(min_savings)}"
         reason, start, expected, savings = "below-threshold", query.now, now_value, 0.0
     else:
         reason, detail = "optimal", f"best start in the next {_human(query.window)}"
