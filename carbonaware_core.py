@@ -2356,6 +2356,7 @@ def report_plan(
 # --------------------------------------------------------------------------------------------------------------
 
 _interrupts = 0  # how many times interrupt_waits() was called; each wait remembers the count it began with
+_wait_guards: list[Callable[[], None]] = []  # more reasons to end waits early, each raising (the Prefect layer's)
 
 
 def interrupt_waits() -> None:
@@ -2399,13 +2400,16 @@ def watch_interrupts() -> bool:
 
 def _interrupt_check(error: type[BaseException] = KeyboardInterrupt) -> Callable[[], None]:
     """For one wait, taken as it begins: a check that raises ``error`` once ``interrupt_waits()`` has been called
-    since. On the main thread it also starts watching Ctrl-C, for the waits that later run in other threads."""
+    since, or whatever a guard raises. On the main thread it also starts watching Ctrl-C, for the waits that later
+    run in other threads."""
     watch_interrupts()
     began_with = _interrupts
 
     def check() -> None:
         if _interrupts != began_with:
             raise error
+        for guard in _wait_guards:
+            guard()
 
     return check
 

@@ -78,6 +78,25 @@ if log.level == logging.NOTSET:
 core.watch_interrupts()
 
 
+def _end_waits_when_the_runner_cancels() -> None:
+    """A worker or ``serve`` runner cancels a run by telling its process (the intent), then sending SIGTERM, which
+    only the main thread sees: waits in task-runner threads would sleep on, and the run stay Cancelling until they
+    ended. Once the intent is known, every wait ends as Prefect ends a task that has not started: cancelled."""
+    if _control_intent() is not None:
+        raise asyncio.CancelledError("carbonaware: the flow run is being cancelled; the job was not started")
+
+
+def _control_intent() -> Any:
+    try:
+        from prefect._internal import control_listener
+    except ImportError:  # a Prefect without it: Ctrl-C and timeouts still end waits
+        return None
+    return control_listener.get_intent()
+
+
+core._wait_guards.append(_end_waits_when_the_runner_cancels)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Settings: validated once, when the decorator or task is built
 # --------------------------------------------------------------------------------------------------------------

@@ -128,3 +128,37 @@ def ctrl_c_flow_main(markers: str, tasks: int) -> None:
         return job.map(list(range(tasks))).result()
 
     pipeline()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cancelling a served run whose task waits in a worker thread (deployment runs load this file by path)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _mark_cancel_probe_waiting(plan: Plan) -> None:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None:
+        with open(os.path.join(ctx.parameters["markers"], "waiting"), "w") as handle:
+            handle.write(f"{os.getpid()} {plan.delay.total_seconds()}")
+
+
+@task
+@carbonaware_delay_decorator(
+    window=timedelta(seconds=60),
+    duration=timedelta(seconds=5),
+    source=cheap_later,
+    on_plan=_mark_cancel_probe_waiting,
+    **ZONE,
+)
+def cancel_probe_job(markers: str) -> str:
+    with open(os.path.join(markers, "ran"), "w") as handle:
+        handle.write("the body ran")
+    return "ran"
+
+
+@flow(name="carbonaware-cancel-probe")
+def cancel_probe_flow(markers: str) -> str:
+    """Its task waits about 45 s in a worker thread (``.submit()``), where the runner's SIGTERM never lands."""
+    return cancel_probe_job.submit(markers).result()

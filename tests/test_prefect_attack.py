@@ -22,6 +22,9 @@ from markdown_it import MarkdownIt
 from prefect import flow, get_client, task
 from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+from prefect.deployments import run_deployment
+from prefect.runner import Runner
+from prefect.states import Cancelling
 
 import carbonaware_core
 import carbonaware_prefect as cp
@@ -321,6 +324,42 @@ def test_ctrl_c_during_mapped_waits_ends_the_process_without_running_the_jobs(pr
     assert flow_state == "Crashed" and len(task_states) == tasks, (flow_state, task_states)
     assert "Completed" not in task_states, task_states
     print(f"process ended {ended:.2f}s after SIGINT; flow {flow_state}; tasks {task_states}")
+
+
+def test_cancelling_a_served_run_ends_a_wait_in_a_worker_thread(prefect_api: str, tmp_path: Path) -> None:
+    """The runner's SIGTERM reaches only the run's main thread; a task waiting in a worker thread kept the run
+    Cancelling until its wait ended (for hours with real windows), the job then about to run."""
+    loop = asyncio.new_event_loop()
+    runner = Runner(query_seconds=1, prefetch_seconds=30, pause_on_shutdown=False)
+    ready = threading.Event()
+
+    async def main() -> None:
+        await runner.aadd_deployment(await helpers.cancel_probe_flow.ato_deployment(name="cancel"))
+        ready.set()
+        await runner.start()
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60), "the runner did not register the deployment"
+        flow_run = run_deployment("carbonaware-cancel-probe/cancel", parameters={"markers": str(tmp_path)}, timeout=0)
+        wait_for((tmp_path / "waiting").exists, 120, "the served run's task to begin its wait")
+        with get_client(sync_client=True) as client:
+            client.set_flow_run_state(flow_run.id, Cancelling())  # what the UI's Cancel button does
+            cancelling = time.monotonic()
+
+            def state_name() -> str | None:
+                state = client.read_flow_run(flow_run.id).state
+                return state.name if state is not None and state.is_final() else None
+
+            final = wait_for(state_name, 25, "the run to leave Cancelling")
+            landed = time.monotonic() - cancelling
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.astop(), loop).result(timeout=60)
+        thread.join(timeout=60)
+    assert final == "Cancelled" and landed < 15.0, (final, landed)  # measured: about 3 s on a loaded machine
+    assert not (tmp_path / "ran").exists(), "the job ran in a cancelled run"
+    print(f"served run Cancelled {landed:.2f}s after Cancelling was set")
 
 
 # --------------------------------------------------------------------------------------------------------------
