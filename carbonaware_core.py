@@ -2409,7 +2409,10 @@ def _interrupt_check(error: type[BaseException] = KeyboardInterrupt) -> Callable
         if _interrupts != began_with:
             raise error
         for guard in _wait_guards:
-            guard()
+            try:
+                guard()
+            except Exception:  # noqa: BLE001 - a broken guard must not break the wait; its BaseException ends it
+                continue
 
     return check
 

@@ -241,6 +241,35 @@ def test_ctrl_c_ends_waits_in_worker_threads_and_only_those_already_waiting(sigi
     assert len(outcome) == 1 and isinstance(outcome[0], Plan) and outcome[0].reason == "optimal", outcome
 
 
+def test_wait_guards_end_waits_by_raising_and_a_broken_one_breaks_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+
+    def broken() -> None:
+        calls.append("broken")
+        raise RuntimeError("a guard with a bug")
+
+    monkeypatch.setattr(carbonaware_core, "_wait_guards", [broken])
+    plan = carbonaware_core.carbonaware_delay(timedelta(seconds=3), timedelta(seconds=1), source=cheap_in(1.5), **ZONE)
+    assert plan.reason == "optimal" and calls  # consulted after each chunk, and the wait went on (fail open)
+
+    stop = threading.Event()
+
+    def cancelling() -> None:
+        if stop.is_set():
+            raise asyncio.CancelledError("the runner is cancelling")
+
+    monkeypatch.setattr(carbonaware_core, "_wait_guards", [cancelling])
+    thread, decided, outcome = wait_in_thread(
+        lambda on_plan: carbonaware_core.carbonaware_delay(
+            timedelta(seconds=60), timedelta(seconds=1), source=cheap_in(45), on_plan=on_plan, **ZONE
+        )
+    )
+    assert decided.wait(30)
+    stop.set()
+    thread.join(timeout=10)
+    assert len(outcome) == 1 and isinstance(outcome[0], asyncio.CancelledError), outcome
+
+
 def test_an_ignored_or_default_sigint_is_left_alone() -> None:
     original = signal.getsignal(signal.SIGINT)
     try:
