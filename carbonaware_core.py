@@ -44,11 +44,13 @@ __all__ = [
     "detect_cloud_zone",
     "format_iso_duration",
     "immediate_plan",
+    "interrupt_waits",
     "lowest_mean_start",
     "parse_duration",
     "plan_delay",
     "register_source",
     "report_plan",
+    "watch_interrupts",
 ]
 
 logger = logging.getLogger("carbonaware")
@@ -2886,6 +2888,67 @@ def report_plan(
 # The wait
 # --------------------------------------------------------------------------------------------------------------
 
+_interrupts = 0  # how many times interrupt_waits() was called; each wait remembers the count it began with
+_wait_guards: list[Callable[[], None]] = []  # more reasons to end waits early, each raising (the Prefect layer's)
+
+
+def interrupt_waits() -> None:
+    """End every wait in progress, in whatever thread, within one sleep chunk (``KeyboardInterrupt``; async waits
+    are cancelled); waits that begin later are not affected. ``watch_interrupts`` calls it on Ctrl-C; a program
+    with its own SIGINT or SIGTERM handler can call it there."""
+    global _interrupts
+    _interrupts += 1  # only ever compared for change, so a lost update between two threads still moves it
+
+
+def watch_interrupts() -> bool:
+    """Let Ctrl-C end waits in every thread: Python delivers SIGINT to the main thread only, so a wait in a worker
+    thread (a Prefect ``.submit()``/``.map()``, a thread pool) would sleep on and then run its job.
+
+    Puts a SIGINT handler in front of the current one that calls ``interrupt_waits()`` and then the previous
+    handler, so KeyboardInterrupt (or whatever that handler does) follows as before. Main thread only (elsewhere
+    it returns False); idempotent; an ignored or default SIGINT is left alone. Returns whether Ctrl-C now ends
+    waits in other threads.
+    """
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        if getattr(previous, "_carbonaware_interrupts", False):
+            return True
+        if not callable(previous):  # SIG_IGN, SIG_DFL, or a handler set outside Python: leave them be
+            return False
+
+        def on_sigint(signum: int, frame: Any) -> Any:
+            interrupt_waits()
+            return previous(signum, frame)
+
+        on_sigint._carbonaware_interrupts = True  # type: ignore[attr-defined]
+        signal.signal(signal.SIGINT, on_sigint)
+    except ValueError:  # not the main interpreter
+        return False
+    return True
+
+
+def _interrupt_check(error: type[BaseException] = KeyboardInterrupt) -> Callable[[], None]:
+    """For one wait, taken as it begins: a check that raises ``error`` once ``interrupt_waits()`` has been called
+    since, or whatever a guard raises. On the main thread it also starts watching Ctrl-C, for the waits that later
+    run in other threads."""
+    watch_interrupts()
+    began_with = _interrupts
+
+    def check() -> None:
+        if _interrupts != began_with:
+            raise error
+        for guard in _wait_guards:
+            try:
+                guard()
+            except Exception:  # noqa: BLE001 - a broken guard must not break the wait; its BaseException ends it
+                continue
+
+    return check
+
 
 def _prepare(
     window: timedelta, duration: timedelta, provider: Any, region: Any, options: Mapping[str, Any]
@@ -2962,11 +3025,14 @@ def carbonaware_delay(
     **options: Any,
 ) -> Plan:
     """Plan, then sleep until the best start (at most ``window``). Returns the plan it followed."""
+    interrupted = _interrupt_check()
     waiter = _Waiter(*_prepare(window, duration, provider, region, options))
     while (pause := waiter.pause()) > 0:
         CLOCK.sleep(pause)
+        interrupted()
         if waiter.replan_due():
             waiter.replan()
+    interrupted()
     return waiter.plan
 
 
@@ -2980,6 +3046,7 @@ async def carbonaware_delay_async(
     """As carbonaware_delay, but planning runs in a worker thread and the wait is ``asyncio.sleep``."""
     import asyncio
 
+    interrupted = _interrupt_check(asyncio.CancelledError)  # as asyncio.run does on Ctrl-C: a cancellation
     request = validate_arguments(window, duration, provider, region, options)
     called_at, called_mono = CLOCK.time(), CLOCK.monotonic()
     plan = await asyncio.to_thread(_plan, request)  # a caller cancelled meanwhile ends here: no report, no on_plan
@@ -2987,8 +3054,10 @@ async def carbonaware_delay_async(
     waiter = _Waiter(request, plan, called_at, called_mono)
     while (pause := waiter.pause()) > 0:
         await CLOCK.asleep(pause)
+        interrupted()
         if waiter.replan_due():
             await asyncio.to_thread(waiter.replan)
+    interrupted()
     return waiter.plan
 
 

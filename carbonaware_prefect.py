@@ -14,8 +14,9 @@ import inspect
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable, Generator, Mapping
-from dataclasses import dataclass
+import unicodedata
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
@@ -23,7 +24,7 @@ from uuid import UUID
 from prefect import Flow, Task, task
 from prefect.artifacts import acreate_markdown_artifact, create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.context import FlowRunContext, RunContext, TaskRunContext
 from prefect.deployments import arun_deployment, run_deployment
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
@@ -72,6 +73,28 @@ log = core.logger
 if log.level == logging.NOTSET:
     # Prefect's root handler shows WARNING and up only; the decisions are INFO and worth seeing outside runs too.
     log.setLevel(logging.INFO)
+# Waits in task-runner threads never see SIGINT themselves: watch it from the main thread (now, and again when a
+# decorator or delay task is built, in case the handler was replaced meanwhile), so Ctrl-C ends them too.
+core.watch_interrupts()
+
+
+def _end_waits_when_the_runner_cancels() -> None:
+    """A worker or ``serve`` runner cancels a run by telling its process (the intent), then sending SIGTERM, which
+    only the main thread sees: waits in task-runner threads would sleep on, and the run stay Cancelling until they
+    ended. Once the intent is known, every wait ends as Prefect ends a task that has not started: cancelled."""
+    if _control_intent() is not None:
+        raise asyncio.CancelledError("carbonaware: the flow run is being cancelled; the job was not started")
+
+
+def _control_intent() -> Any:
+    try:
+        from prefect._internal import control_listener
+    except ImportError:  # a Prefect without it: Ctrl-C and timeouts still end waits
+        return None
+    return control_listener.get_intent()
+
+
+core._wait_guards.append(_end_waits_when_the_runner_cancels)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -134,14 +157,15 @@ def _split_options(kwargs: dict[str, Any], names: frozenset[str] = LIBRARY_OPTIO
 @dataclass(frozen=True)
 class _Run:
     """The innermost task or flow run (retries, logging, artifacts), its flow's attempt, and the timeouts around
-    it: the run's own and its flow's are kept apart, since a delay task's job runs after the task, not in it."""
+    it: the run's own and those of the runs it runs in are kept apart, since a delay task's job runs after the
+    task, not in it."""
 
     name: str
     run_count: int
     flow_name: str | None = None
     flow_run_count: int = 1
     own_left: float | None = None  # seconds until this run's own timeout; None: no timeout
-    flow_left: float | None = None  # seconds until the enclosing flow's timeout (a task inside a flow)
+    outer_left: float | None = None  # seconds until the earliest timeout of the runs around it (flows, tasks)
 
     def retry(self) -> str | None:
         """Which attempt this is, when it is not the first -- of this run or of the flow around it."""
@@ -156,46 +180,91 @@ def _current_run() -> _Run | None:
     task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
     flow_run = flow_ctx.flow_run if flow_ctx is not None else None
     flow = flow_ctx.flow if flow_ctx is not None else None
-    flow_left = _time_left(flow.timeout_seconds, flow_run.state) if flow and flow_run else None
     if task_ctx is not None:
         return _Run(
             task_ctx.task.name,
             task_ctx.task_run.run_count,
             flow.name if flow is not None else None,
             flow_run.run_count if flow_run is not None else 1,
-            _time_left(task_ctx.task.timeout_seconds, task_ctx.task_run.state),
-            flow_left,
+            _time_left(task_ctx.task.timeout_seconds, task_ctx),
+            _earliest(_time_left(_timeout_of(ctx), ctx) for ctx in _outer_runs(task_ctx, flow_ctx)),
         )
-    if flow is not None and flow_run is not None:
-        return _Run(flow.name, flow_run.run_count, own_left=flow_left)
+    if flow_ctx is not None and flow is not None and flow_run is not None:
+        own = _time_left(flow.timeout_seconds, flow_ctx)
+        outer = _earliest(_time_left(_timeout_of(ctx), ctx) for ctx in _outer_runs(None, flow_ctx))
+        return _Run(flow.name, flow_run.run_count, own_left=own, outer_left=outer)
     return None
+
+
+def _outer_runs(task_ctx: TaskRunContext | None, flow_ctx: FlowRunContext | None) -> list[RunContext]:
+    """Every run this code runs inside, except the innermost one (``task_ctx``, or ``flow_ctx`` without it).
+
+    Prefect keeps no list of them and its cancel scopes keep their deadlines to themselves, but each context
+    remembers the one it replaced when entered (the subflow's, its parent flow's; a nested task's, its parent
+    task's), and worker threads get the same objects in their copied context. A context Prefect rebuilt in
+    another process has no such memory: only the runs it rebuilt are seen there.
+    """
+    chain: list[RunContext] = [] if task_ctx is None else [task_ctx, *_replaced(task_ctx)]
+    if flow_ctx is not None:
+        chain += [flow_ctx, *_replaced(flow_ctx)]
+    # Prefect enters a run's context more than once (to create the run, then for each attempt): one run, one
+    # clock, from its innermost context -- the latest start, the closest to when its timeout began.
+    runs: dict[Any, RunContext] = {}
+    for ctx in chain:
+        runs.setdefault(_run_id(ctx), ctx)
+    return list(runs.values())[1:]
+
+
+def _replaced(ctx: RunContext) -> list[RunContext]:
+    """The contexts ``ctx`` was entered over, innermost first (the same class: tasks over tasks, flows over flows)."""
+    found: list[RunContext] = []
+    while len(found) < 100:  # depth bound: a cycle would be Prefect's bug, never a hang here
+        previous = getattr(getattr(ctx, "_token", None), "old_value", None)
+        if not isinstance(previous, (TaskRunContext, FlowRunContext)) or any(previous is seen for seen in found):
+            break
+        found.append(previous)
+        ctx = previous
+    return found
+
+
+def _run_id(ctx: RunContext) -> Any:
+    run = ctx.task_run if isinstance(ctx, TaskRunContext) else getattr(ctx, "flow_run", None)
+    return ("task" if isinstance(ctx, TaskRunContext) else "flow", getattr(run, "id", None) or id(ctx))
+
+
+def _timeout_of(ctx: RunContext) -> float | None:
+    if isinstance(ctx, TaskRunContext):
+        return ctx.task.timeout_seconds
+    return ctx.flow.timeout_seconds if isinstance(ctx, FlowRunContext) and ctx.flow is not None else None
+
+
+def _earliest(lefts: Iterable[float | None]) -> float | None:
+    known = [left for left in lefts if left is not None]
+    return min(known) if known else None
 
 
 def _room(run: _Run, settings: _Settings) -> float | None:
     """Seconds the wait may take before a timeout, or None when no timeout applies.
 
     The job must still fit after the wait inside every run that holds it: with the decorator that is this run and
-    its flow; with the delay task it is only the flow, and the task itself just has to return before its own
-    timeout (``TIMEOUT_MARGIN_SECONDS`` to spare, so the returned plan is not cut off).
+    every run around it; with the delay task it is only the runs around it, and the task itself just has to return
+    before its own timeout (``TIMEOUT_MARGIN_SECONDS`` to spare, so the returned plan is not cut off).
     """
     job = settings.duration.total_seconds()
     limits = []
     if run.own_left is not None:
         limits.append(run.own_left - job if settings.job_inside else run.own_left - TIMEOUT_MARGIN_SECONDS)
-    if run.flow_left is not None:
-        limits.append(run.flow_left - job)
+    if run.outer_left is not None:
+        limits.append(run.outer_left - job)
     return min(limits) if limits else None
 
 
-def _time_left(timeout: float | None, state: State | None) -> float | None:
-    """Seconds of ``timeout`` left in this attempt: its clock started when the run entered Running."""
-    return None if timeout is None else timeout - _elapsed(state)
-
-
-def _elapsed(state: State | None) -> float:
-    if state is None or not state.is_running():
-        return 0.0
-    return max(0.0, time.time() - state.timestamp.timestamp())
+def _time_left(timeout: float | None, ctx: RunContext) -> float | None:
+    """Seconds of ``timeout`` left in this attempt. Prefect starts the clock just after it enters the attempt's
+    run context, so counting from the context's creation errs on the safe side (and needs no server clock)."""
+    if timeout is None:
+        return None
+    return timeout - max(0.0, time.time() - ctx.start_time.timestamp())
 
 
 def _run_logger() -> logging.Logger | logging.LoggerAdapter[Any]:
@@ -309,7 +378,7 @@ def _publish(
     plan: Plan, key: str, loop: asyncio.AbstractEventLoop | None, logger: logging.Logger | logging.LoggerAdapter[Any]
 ) -> None:
     """Create the artifact; a failure costs one warning, never the user's work."""
-    markdown, description = _render_markdown(plan), core.describe(plan)
+    markdown, description = _render_markdown(plan), core.describe(_markdown_safe(plan))  # the UI renders both
     try:
         if loop is not None and not _on_loop_thread(loop):
             # Async runs: planning runs in a worker thread, so the run's own loop is free to create it.
@@ -334,25 +403,62 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 def _render_markdown(plan: Plan) -> str:
-    """The artifact: the decision, the numbers behind it and the forecast it came from."""
-    data = plan.to_dict()
+    """The artifact: the decision, the numbers behind it and the forecast it came from.
+
+    Text from outside (a provider's error excerpt, source labels, zones, units) is escaped: it is shown as text,
+    never as an image, a link or HTML. The chart goes in a fence that no line of it can close.
+    """
+    data, safe = plan.to_dict(), _markdown_safe(plan)
     wait = core.format_iso_duration(timedelta(seconds=round(plan.delay.total_seconds())))
-    where = str(plan.zone) if plan.zone else "-"
-    if plan.grid_zone:
-        where += f" (grid zone {plan.grid_zone})"
+    where = str(safe.zone) if safe.zone else "-"
+    if safe.grid_zone:
+        where += f" (grid zone {safe.grid_zone})"
     rows = [
-        ("Decision", f"{plan.reason}: {plan.detail}"),
+        ("Decision", f"{safe.reason}: {safe.detail}"),
         ("Start", f"{data['start']} (in {wait})"),
         ("Zone", where),
-        ("Source", plan.source),
-        ("Intensity if started now", _intensity(plan.now, plan.unit)),
-        ("Expected at the chosen start", _intensity(plan.expected, plan.unit)),
+        ("Source", safe.source),
+        ("Intensity if started now", _intensity(plan.now, safe.unit)),
+        ("Expected at the chosen start", _intensity(plan.expected, safe.unit)),
         ("Savings", "n/a" if plan.savings is None else f"{plan.savings:.1%}"),
         ("Window / job", f"{core.format_iso_duration(plan.window)} / {core.format_iso_duration(plan.duration)}"),
     ]
-    table = "\n".join(f"| {name} | {value.replace('|', '/')} |" for name, value in rows)
-    chart = core.render_chart(plan)
-    return f"### {core.describe(plan)}\n\n| | |\n|---|---|\n{table}\n\n```text\n{chart}\n```\n"
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    chart = core.render_chart(replace(plan, source=_plain_text(plan.source), unit=_plain_text(plan.unit)))
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", chart)), default=0))
+    return f"### {core.describe(safe)}\n\n| | |\n|---|---|\n{table}\n\n{fence}text\n{chart}\n{fence}\n"
+
+
+# Characters that can open or close inline markdown (CommonMark, GFM and common extensions): emphasis, code,
+# links and images, raw HTML and autolinks, entities, table cells, bare-URL autolinks (``:``, ``@``, ``www.``),
+# math, strike-through. The rest cannot: outside text never starts a line here, so block markers are inert.
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*_{}\[\]<>#!|~&:@.$^=+])")
+
+
+def _plain_text(text: str) -> str:
+    """One line without control, format (bidi, zero-width) or line-separator characters: a newline would end a
+    table row or the heading, a direction override would make the text read otherwise than it is."""
+    return "".join(" " if unicodedata.category(c)[0] == "C" or c in "\u2028\u2029" else c for c in text)
+
+
+def _markdown_text(text: str) -> str:
+    """Outside text as markdown that renders as exactly that text."""
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", _plain_text(text))
+
+
+def _markdown_safe(plan: Plan) -> Plan:
+    """The plan with every field that came from outside escaped, for markdown built from it (``describe``)."""
+    zone = plan.zone and core.CloudZone(_markdown_text(plan.zone.provider), _markdown_text(plan.zone.region))
+    return replace(
+        plan,
+        zone=zone,
+        source=_markdown_text(plan.source),
+        unit=_markdown_text(plan.unit),
+        reason=_markdown_text(plan.reason),
+        detail=_markdown_text(plan.detail),
+        grid_zone=None if plan.grid_zone is None else _markdown_text(plan.grid_zone),
+        fallbacks=tuple(_markdown_text(reason) for reason in plan.fallbacks),
+    )
 
 
 def _intensity(value: float | None, unit: str) -> str:
@@ -378,6 +484,7 @@ def carbonaware_delay_decorator(
     retries run at once) and ``artifact`` (default True; False for none, or a key). Argument errors raise here.
     """
     settings = _settings(window, duration, provider, region, options)
+    core.watch_interrupts()
 
     def decorate(fn: F) -> F:
         return cast(F, _wrap(fn, settings))
@@ -470,6 +577,7 @@ def carbonaware_delay_task(
     """
     options = _split_options(task_kwargs)
     settings = _settings(window, duration, provider, region, options, job_inside=False)
+    core.watch_interrupts()
     task_kwargs.setdefault("name", "carbonaware-delay")
     if "cache_policy" not in task_kwargs and "cache_key_fn" not in task_kwargs:
         task_kwargs["cache_policy"] = NO_CACHE  # a wait served from a cache would not wait

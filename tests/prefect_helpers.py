@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import os
 import time
-from datetime import timedelta
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from urllib.parse import urlsplit
 
 from prefect import State, flow, task
 
+from carbonaware_core import ForecastPoint, Plan
 from carbonaware_prefect import areschedule_current_flow_run, carbonaware_delay_decorator, reschedule_current_flow_run
 
 WINDOW = timedelta(minutes=5)
@@ -50,3 +54,111 @@ async def handover_flow_async(label: str) -> State | str:
     if handed_over is not None:
         return handed_over
     return label
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One Prefect test server for every Prefect test module of a session
+# --------------------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def prefect_server() -> Iterator[str]:
+    """The API URL of the Prefect test server a module of this session already started (its settings stay active
+    until the session ends), or of a new one for as long as this context lasts: each start costs seconds."""
+    from prefect.settings import PREFECT_API_URL
+    from prefect.testing.utilities import prefect_test_harness
+
+    url = PREFECT_API_URL.value()
+    if url and urlsplit(url).hostname == "127.0.0.1":
+        yield url
+        return
+    with prefect_test_harness(server_startup_timeout=None):
+        yield PREFECT_API_URL.value()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ctrl-C: a real process, a real SIGINT (run with ``python -c``, see tests/test_prefect_attack.py)
+# --------------------------------------------------------------------------------------------------------------
+
+CHEAP_AFTER = timedelta(seconds=45)  # the forecast's cheap hour begins this long after each planning
+
+
+def cheap_later(zone: object, now: datetime, end: datetime) -> list[ForecastPoint]:
+    """A forecast source: dear now, cheap from ``CHEAP_AFTER`` on, so every decorated task waits about 45 s."""
+    step = timedelta(seconds=5)
+    return [
+        ForecastPoint(now + step * i, now + step * (i + 1), 100.0 if step * i >= CHEAP_AFTER else 500.0)
+        for i in range(-1, 30)
+    ]
+
+
+def ctrl_c_flow_main(markers: str, tasks: int) -> None:
+    """A flow that ``.map()``s decorated tasks which then wait in worker threads. Each writes ``waiting-*`` once
+    its wait is decided (the run ids in it) and ``ran-*`` if its body ever runs."""
+    import json
+    import signal
+    import threading
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even if started with SIGINT ignored
+
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    def mark_waiting(plan: Plan) -> None:
+        flow_ctx, task_ctx = FlowRunContext.get(), TaskRunContext.get()
+        ids = {
+            "flow_run": str(flow_ctx.flow_run.id) if flow_ctx and flow_ctx.flow_run else None,
+            "task_run": str(task_ctx.task_run.id) if task_ctx else None,
+            "delay": plan.delay.total_seconds(),
+            "thread": threading.current_thread().name,
+        }
+        with open(os.path.join(markers, f"waiting-{threading.get_ident()}"), "w") as handle:
+            json.dump(ids, handle)
+
+    @task
+    @carbonaware_delay_decorator(
+        window=timedelta(seconds=60), duration=timedelta(seconds=5), source=cheap_later, on_plan=mark_waiting, **ZONE
+    )
+    def job(item: int) -> int:
+        with open(os.path.join(markers, f"ran-{item}"), "w") as handle:
+            handle.write("the body ran")
+        return item
+
+    @flow(name="carbonaware-ctrl-c")
+    def pipeline() -> list[int]:
+        return job.map(list(range(tasks))).result()
+
+    pipeline()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Cancelling a served run whose task waits in a worker thread (deployment runs load this file by path)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _mark_cancel_probe_waiting(plan: Plan) -> None:
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    if ctx is not None:
+        with open(os.path.join(ctx.parameters["markers"], "waiting"), "w") as handle:
+            handle.write(f"{os.getpid()} {plan.delay.total_seconds()}")
+
+
+@task
+@carbonaware_delay_decorator(
+    window=timedelta(seconds=60),
+    duration=timedelta(seconds=5),
+    source=cheap_later,
+    on_plan=_mark_cancel_probe_waiting,
+    **ZONE,
+)
+def cancel_probe_job(markers: str) -> str:
+    with open(os.path.join(markers, "ran"), "w") as handle:
+        handle.write("the body ran")
+    return "ran"
+
+
+@flow(name="carbonaware-cancel-probe")
+def cancel_probe_flow(markers: str) -> str:
+    """Its task waits about 45 s in a worker thread (``.submit()``), where the runner's SIGTERM never lands."""
+    return cancel_probe_job.submit(markers).result()

@@ -298,7 +298,7 @@ def test_retries_run_at_once(scheduler: Scheduler) -> None:
     assert attempts[1] - attempts[0] < scheduler.offset
     artifact = Artifact.get("carbonaware-flaky-once")  # the retry's decision is reported like any other
     assert artifact is not None and artifact.description is not None
-    assert "attempt 2 of flaky-once: retries run at once" in artifact.description
+    assert "attempt 2 of flaky-once\\: retries run at once" in artifact.description  # markdown: ':' escaped
     assert "aws:us-east-1" in artifact.description  # the zone it was given, not "unknown zone"
 
 
