@@ -408,6 +408,12 @@ def lowest_mean_start(
     s + length meets an interval boundary, or at an end of the range: only those candidates are evaluated. A start
     counts only if [s, s + length] is covered without gaps. Returns (start, mean), or None if no start fits.
     """
+    import bisect
+
+    # only intervals that can hold a part of some job [s, s + length] matter: the "now" question reads one or two
+    below, above = bisect.bisect_right(ends, earliest), bisect.bisect_left(starts, latest + length)
+    if below > 0 or above < len(starts):
+        starts, ends, values = starts[below:above], ends[below:above], values[below:above]
     best: tuple[float, float] | None = None
     for lo, hi in _contiguous_runs(starts, ends):
         first, last = max(earliest, starts[lo]), min(latest, ends[hi - 1] - length)
@@ -423,11 +429,9 @@ def _best_in_run(
 ) -> tuple[float, float]:
     """One gap-free run: sweep the candidate starts in order, both ends of the job moving forward only."""
     count = len(starts)
-    cumulative = [0.0] * (count + 1)  # integral of the series from starts[0] to starts[i]
-    for i in range(count):
-        following = starts[i + 1] if i + 1 < count else run_end
-        cumulative[i + 1] = cumulative[i] + (following - starts[i]) * values[i]
     boundaries = [*starts[1:], run_end]
+    # integral of the series from starts[0] to starts[i]
+    cumulative = [0.0, *itertools.accumulate((b - a) * v for a, b, v in zip(starts, boundaries, values, strict=True))]
     candidates = sorted(  # a set: on a regular grid most "boundary - length" points are boundaries too
         {
             first,
@@ -437,7 +441,7 @@ def _best_in_run(
         }
     )
     left = right = 0  # interval indices holding s and s + length
-    best_start, best_mean = first, math.inf
+    best_start, best_mean, to_beat = first, math.inf, math.inf
     for s in candidates:
         end = s + length
         while left + 1 < count and starts[left + 1] <= s:
@@ -447,8 +451,10 @@ def _best_in_run(
         integral_end = cumulative[right] + (end - starts[right]) * values[right]
         integral_start = cumulative[left] + (s - starts[left]) * values[left]
         mean = (integral_end - integral_start) / length
-        if _better(mean, s, best_mean, best_start):
+        # _better, inlined: candidates rise, so a tie never beats the earlier start and only a lower mean counts
+        if mean < to_beat or math.isinf(best_mean):
             best_start, best_mean = s, mean
+            to_beat = mean - 1e-9 * max(1.0, abs(mean))
     return best_start, best_mean
 
 
@@ -462,11 +468,9 @@ def _better(mean: float, start: float, best_mean: float, best_start: float) -> b
 
 
 def _contiguous_runs(starts: Sequence[float], ends: Sequence[float]) -> Iterator[tuple[int, int]]:
-    lo = 0
-    for i in range(1, len(starts) + 1):
-        if i == len(starts) or starts[i] - ends[i - 1] > 1e-6:
-            yield lo, i
-            lo = i
+    gaps = [i for i, (begin, end) in enumerate(zip(starts[1:], ends, strict=False), 1) if begin - end > 1e-6]
+    edges = [0, *gaps, len(starts)] if starts else []
+    yield from itertools.pairwise(edges)
 
 
 def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[float], list[float], list[float]]:
@@ -474,19 +478,35 @@ def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[fl
 
     Invalid values (NaN, infinite, negative) become gaps; overlaps are cut at the later start.
     """
-    spans = ((_epoch(p.start), _epoch(p.end), p.value) for p in points if _valid_intensity(p.value))
-    rows = sorted((begin, end, float(value)) for begin, end, value in spans if end > begin)
-    starts: list[float] = []
-    ends: list[float] = []
-    values: list[float] = []
-    for begin, end, value in rows:
-        if starts and begin < ends[-1]:
-            ends[-1] = begin
+    rows = []
+    previous_end, previous_seconds = None, 0.0
+    for point in points:  # a year of hours on every offline plan, so _valid_intensity and _epoch are inlined
+        value, begin, end = point.value, point.start, point.end
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= MAX_INTENSITY:
+            # a series made step by step shares each boundary between two points: convert it once
+            begun = previous_seconds if begin is previous_end else _epoch(begin)
+            previous_end, previous_seconds = end, _epoch(end)
+            if previous_seconds > begun:
+                rows.append((begun, previous_seconds, float(value)))
+    rows.sort()
+    if all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(rows)):  # the usual case: nothing to cut
+        starts, ends, values = ([*column] for column in zip(*rows, strict=True)) if rows else ([], [], [])
+        return _carried_back(starts, ends, values, now)
+    starts, ends, values = [], [], []
+    for row_start, row_end, row_value in rows:
+        if starts and row_start < ends[-1]:
+            ends[-1] = row_start
             if ends[-1] <= starts[-1]:
                 starts.pop(), ends.pop(), values.pop()
-        starts.append(begin)
-        ends.append(end)
-        values.append(value)
+        starts.append(row_start)
+        ends.append(row_end)
+        values.append(row_value)
+    return _carried_back(starts, ends, values, now)
+
+
+def _carried_back(
+    starts: list[float], ends: list[float], values: list[float], now: float
+) -> tuple[list[float], list[float], list[float]]:
     if starts and now < starts[0] <= now + (ends[0] - starts[0]):
         starts[0] = now  # forecasts often begin at the next period boundary; carry the first value back
     return starts, ends, values
@@ -702,7 +722,8 @@ def _request_finished() -> None:
 
 def _bounded_call(call: Callable[[], HttpResponse], deadline: float, name: str) -> HttpResponse | BaseException | None:
     """``call()`` in a worker thread; its answer or exception, or None once ``deadline`` passed -- and then its
-    sockets are shut down, so the worker does not outlive the deadline by more than a moment either."""
+    sockets are shut down, so the worker does not outlive the deadline (or the caller's interruption) by more than
+    a moment either."""
     sockets = _RequestSockets()
     outcome: list[HttpResponse | BaseException] = []
 
@@ -715,7 +736,11 @@ def _bounded_call(call: Callable[[], HttpResponse], deadline: float, name: str) 
 
     worker = threading.Thread(target=work, name=name, daemon=True)
     worker.start()
-    worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
+    try:
+        worker.join(max(0.0, deadline - time.monotonic()) + 0.05)
+    except BaseException:  # Ctrl-C or a run's timeout raised in this thread: the worker must end with it
+        sockets.expire()
+        raise
     if outcome:
         return outcome[0]
     sockets.expire()  # what the worker reports after this (a reset connection) came too late to count
@@ -2308,13 +2333,31 @@ def profile_value(profile: Sequence[Any], kind: str, moment: datetime) -> float:
     return float(by_month[utc.hour])
 
 
+_ONE_HOUR = timedelta(hours=1)
+
+
 def profile_series(profile: Sequence[Any], kind: str, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
-    """Hourly points from the hour containing ``start`` until ``end``."""
-    hour = start.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
-    points = []
-    while hour < end:
-        points.append(ForecastPoint(hour, hour + timedelta(hours=1), profile_value(profile, kind, hour)))
-        hour += timedelta(hours=1)
+    """Hourly points from the hour containing ``start`` until ``end``.
+
+    A year of hours is planned on every call, so this works month by month in epoch seconds (the hour of day and
+    the weekday are arithmetic; 1970-01-01 was a Thursday) and makes each hour's datetime once, shared by the point
+    ending there and the point starting there: what ``profile_value`` would give for each hour, at a fraction of the
+    cost."""
+    t, stop = math.floor(start.timestamp() / 3600) * 3600, end.timestamp()
+    split = kind == "month-weekpart-hour-utc"
+    hour = _utc(t)
+    points: list[ForecastPoint] = []
+    while t < stop:
+        month_end = datetime(hour.year + hour.month // 12, hour.month % 12 + 1, 1, tzinfo=timezone.utc).timestamp()
+        by_month = profile[hour.month - 1]
+        days = (by_month[0], by_month[1]) if split else (by_month, by_month)
+        cells = [[float(cell) for cell in day] for day in days]
+        while t < stop and t < month_end:
+            weekend = split and (t // 86400 + 3) % 7 >= 5
+            t += 3600
+            following = hour + _ONE_HOUR
+            points.append(ForecastPoint(hour, following, cells[weekend][hour.hour]))
+            hour = following
     return tuple(points)
 
 

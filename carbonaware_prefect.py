@@ -377,9 +377,9 @@ def _artifact_hook(
 def _publish(
     plan: Plan, key: str, loop: asyncio.AbstractEventLoop | None, logger: logging.Logger | logging.LoggerAdapter[Any]
 ) -> None:
-    """Create the artifact; a failure costs one warning, never the user's work."""
-    markdown, description = _render_markdown(plan), core.describe(_markdown_safe(plan))  # the UI renders both
+    """Create the artifact; a failure (rendering included) costs one warning, never the user's work or hook."""
     try:
+        markdown, description = _render_markdown(plan), core.describe(_markdown_safe(plan))  # the UI renders both
         if loop is not None and not _on_loop_thread(loop):
             # Async runs: planning runs in a worker thread, so the run's own loop is free to create it.
             coroutine = acreate_markdown_artifact(markdown=markdown, key=key, description=description)
@@ -424,7 +424,11 @@ def _render_markdown(plan: Plan) -> str:
         ("Window / job", f"{core.format_iso_duration(plan.window)} / {core.format_iso_duration(plan.duration)}"),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    chart = core.render_chart(replace(plan, source=_plain_text(plan.source), unit=_plain_text(plan.unit)))
+    # Only the values the planner used: a provider's gap (null, NaN) would break the chart's scale.
+    charted = tuple(point for point in plan.forecast if core._valid_intensity(point.value))
+    chart = core.render_chart(
+        replace(plan, source=_plain_text(plan.source), unit=_plain_text(plan.unit), forecast=charted)
+    )
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", chart)), default=0))
     return f"### {core.describe(safe)}\n\n| | |\n|---|---|\n{table}\n\n{fence}text\n{chart}\n{fence}\n"
 

@@ -10,7 +10,9 @@ Stdlib and ``carbonaware_core`` only; about half a minute. Every number is the m
   process because the result is cached per process, against a stdlib replica of carbonaware-prefect 0.1.3's
   algorithm: one GET per cloud, one after the other, 0.5 s timeout each;
 - the planner on a 7-day, 5-minute series (2016 points; a 2 h job; a 6-day window), against a fixed-step
-  brute-force scan that averages by summing -- both must find the same start.
+  brute-force scan that averages by summing -- both must find the same start;
+- a whole ``plan_delay`` on the offline source with a 1-year and a 100-year window (the source is asked for a year
+  of hourly starts at most), best of 5, against the same plan with the default 6 h window.
 
 Only 127.0.0.1 is contacted. ``ratio`` is ours / baseline: below 1 means ours is faster.
 """
@@ -46,6 +48,7 @@ from tests.loopback import black_hole, refused_host  # noqa: E402
 IMPORT_TARGET = 0.015
 DETECT_TARGET = 0.3
 PLANNER_TARGET = 0.005
+OFFLINE_PLAN_TARGET = 0.05  # issue 8 item 8: planning stays under 50 ms for every accepted window
 ORIGINAL_PROBE_TIMEOUT = 0.5  # carbonaware-prefect 0.1.3, introspection.py: httpx.get(..., timeout=0.5) per cloud
 
 
@@ -289,6 +292,28 @@ def measure_planner(runs: int) -> PlannerResult:
     )
 
 
+def _best_time(fn: Callable[[], object], runs: int) -> float:
+    samples = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - started)
+    return min(samples)
+
+
+def measure_offline_plans(runs: int) -> dict[str, float]:
+    """Seconds for a whole offline plan (aws:us-east-1, 1 h job) by window: best of ``runs``."""
+    now = datetime(2025, 3, 4, 12, 7, 13, tzinfo=timezone.utc)
+    windows = {"6h": timedelta(hours=6), "1y": timedelta(days=365), "100y": timedelta(days=36_525)}
+
+    def plan(window: timedelta) -> core.Plan:
+        return core.plan_delay(
+            window=window, duration=timedelta(hours=1), provider="aws", region="us-east-1", source="offline", now=now
+        )
+
+    return {name: _best_time(lambda window=window: plan(window), runs) for name, window in windows.items()}
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading a large series: start-only points with jittered timestamps (what a url: or file: source may serve)
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,6 +349,7 @@ def collect(quick: bool) -> tuple[list[Row], list[str]]:
     holed = measure_detection("black-hole", runs_ours=9 // scale, runs_original=5 // scale)
     planner = measure_planner(runs=60 // scale)
     large, large_floor = measure_large_series(runs=5 if not quick else 3)
+    offline = measure_offline_plans(runs=5)
     net = {name: seconds - imports["pass"] for name, seconds in imports.items()}
     floor = net["floor"]
     replica = "0.1.3 replica"
@@ -340,6 +366,8 @@ def collect(quick: bool) -> tuple[list[Row], list[str]]:
         Row("choose_start, 2016 ForecastPoints", planner.choose, planner.brute_points, PLANNER_TARGET, "brute force"),
         Row("lowest_mean_start, 2016 floats", planner.lowest, planner.brute_floats, PLANNER_TARGET, "brute force"),
         Row(f"read a {LARGE_POINTS:,}-point jittered series", large, large_floor, None, "parsing its dates"),
+        Row("plan_delay offline, 1-year window", offline["1y"], offline["6h"], OFFLINE_PLAN_TARGET, "6 h window"),
+        Row("plan_delay offline, 100-year window", offline["100y"], offline["6h"], OFFLINE_PLAN_TARGET, "6 h window"),
     ]
     notes = [
         f"planner: exact optimum equals the 5-minute brute-force optimum: {'yes' if planner.same_answer else 'NO'}",
