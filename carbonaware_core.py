@@ -162,6 +162,8 @@ class Decision:
     savings: float | None
     unit: str = G_PER_KWH
     asked_for: datetime | None = None  # the ``now`` the source decided for: a later caller may need another answer
+    horizon: datetime | None = None  # the latest start the source considered (the hosted scheduler: ~24 h ahead)
+    note: str | None = None  # what the plan's detail must add (figures dropped, say)
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,7 @@ class Choice:
     expected: float
     now_value: float
     length: float
+    data_end: float = math.inf  # where the series' last interval ends: no start later than this minus the job
 
 
 def lowest_mean_start(
@@ -537,7 +540,7 @@ def choose_start(points: Iterable[ForecastPoint], now: datetime, window: timedel
     now_mean = lowest_mean_start(starts, ends, values, t0, t0, length)
     best = lowest_mean_start(starts, ends, values, t0, t0 + window.total_seconds(), length)
     assert now_mean is not None and best is not None  # [t0, t0 + length] is covered by construction
-    return Choice(start=best[0], expected=best[1], now_value=now_mean[1], length=length)
+    return Choice(start=best[0], expected=best[1], now_value=now_mean[1], length=length, data_end=ends[-1])
 
 
 def _covered_from(starts: Sequence[float], ends: Sequence[float], t: float) -> float:
@@ -2247,9 +2250,9 @@ register_source(
 # ---- Green Software Foundation Carbon Aware SDK WebAPI (self-hosted) -------------------------------------------------
 
 
-def _gsf_question(query: Query) -> tuple[str, str, int, str]:
-    """(base URL, location, window size in minutes, data end rounded up to the hour): the cache key too, so
-    callers minutes apart share one answer that covers them all."""
+def _gsf_question(query: Query) -> tuple[str, str]:
+    """(base URL, location): the cache key too. The question names no times and no window, so every caller of a
+    location shares one answer and plans over it with its own now, window and job."""
     base = os.environ.get("CARBONAWARE_SDK_URL", "").strip().rstrip("/")
     if not base:
         raise SourceError("CARBONAWARE_SDK_URL is not set (the Carbon Aware SDK is self-hosted)")
@@ -2258,24 +2261,17 @@ def _gsf_question(query: Query) -> tuple[str, str, int, str]:
         location = query.zone.region
     if not location:
         raise SourceError("no location for the Carbon Aware SDK; set CARBONAWARE_SDK_LOCATION")
-    end = query.horizon_end.astimezone(timezone.utc)
-    end_hour = end.replace(minute=0, second=0, microsecond=0) + (
-        timedelta(hours=1) if end.minute or end.second else timedelta(0)
-    )
-    window_size = max(1, round(query.duration.total_seconds() / 60))
-    return base, location, window_size, _iso(end_hour)
+    return base, location
 
 
 def _fetch_gsf(query: Query) -> Forecast:
-    base, location, window_size, data_end = _gsf_question(query)
-    params: dict[str, str | int] = {
-        "location": location,
-        "dataStartAt": _iso(query.now),
-        "dataEndAt": data_end,
-        "windowSize": window_size,
-    }
+    """The SDK's raw forecast ticks, planned over here. Sent ``windowSize=W``, the SDK answers rolling means over W
+    minutes (one per tick), which a planner must not average again; sent ``dataStartAt``/``dataEndAt`` outside its
+    forecast (a window longer than its ~24 h, a forecast generated just after now), it answers 400. Asking for
+    neither gets every tick it has; the planner trims to the window and the plan says how far the data reached."""
+    base, location = _gsf_question(query)
     _require_safe_url(base, carries_secret=False)
-    url = f"{base}/emissions/forecasts/current?{_query_string(params)}"
+    url = f"{base}/emissions/forecasts/current?{_query_string({'location': location})}"
     document = expect_json(
         http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.budget()), "gsf"
     )
@@ -2770,8 +2766,19 @@ def _usable(result: SourceResult, now: datetime) -> SourceResult:
 def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
     if isinstance(result, Decision):
         start = min(max(result.start, query.now), query.now + query.window)
+        notes = [note for note in (result.note, _decision_horizon_note(label, query, result.horizon)) if note]
         return _decide(
-            query, label, start, result.expected, result.now, result.unit, min_savings, None, (), stated=result.savings
+            query,
+            label,
+            start,
+            result.expected,
+            result.now,
+            result.unit,
+            min_savings,
+            None,
+            (),
+            stated=result.savings,
+            notes=tuple(notes),
         )
     if not isinstance(result, Forecast):
         raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
@@ -2780,6 +2787,7 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
     points = tuple(_aware(p) for p in result.points)
     choice = choose_start(points, query.now, query.window, query.duration)
     start = _utc(choice.start)
+    shortened = choice.length < query.duration.total_seconds() - 1e-6
     floor, floor_name = min_savings, "min_savings {:.1%}"
     own = result.min_savings
     if isinstance(own, (int, float)) and not isinstance(own, bool) and min_savings < own < 1:
@@ -2798,10 +2806,32 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
         floor,
         result.grid_zone,
         points,
-        shortened=choice.length < query.duration.total_seconds() - 1e-6,
+        shortened=shortened,
         attribution=result.attribution,
         floor_name=floor_name,
+        notes=() if shortened else _series_horizon_notes(query, choice.data_end),
     )
+
+
+def _series_horizon_notes(query: Query, data_end: float) -> tuple[str, ...]:
+    """How far the series let the planner see, when that is short of the caller's window plus the job: a plan
+    over a day of forecast must not read as the best start of a 48 h window."""
+    if data_end >= (query.now + query.window + query.duration).timestamp() - 1:
+        return ()
+    end = _utc(data_end)
+    last_start = max(end - query.duration, query.now)
+    return (
+        f"the forecast reaches only {_iso(end)} ({_human(end - query.now)} ahead), so starts after "
+        f"{_iso(last_start)} were not compared",
+    )
+
+
+def _decision_horizon_note(label: str, query: Query, horizon: datetime | None) -> str | None:
+    """A deciding source that looks less far ahead than the caller's window says so in the plan."""
+    if horizon is None or horizon >= query.now + query.window - timedelta(seconds=1):
+        return None
+    ahead = _human(max(horizon - query.now, timedelta(0)))
+    return f"{label} looks only {ahead} ahead, so starts after {_iso(horizon)} were not compared"
 
 
 def _decide(
@@ -2818,6 +2848,7 @@ def _decide(
     stated: float | None = None,
     attribution: str | None = None,
     floor_name: str = "min_savings {:.1%}",
+    notes: tuple[str, ...] = (),
 ) -> Plan:
     savings = _savings(now_value, expected)
     if savings is None:
@@ -2838,6 +2869,8 @@ def _decide(
         reason, detail = "optimal", f"best start in the next {_human(query.window)}"
     if shortened:
         detail += "; the forecast ends before the job would, so only its covered part was compared"
+    for note in notes:
+        detail += f"; {note}"
     if attribution:
         detail += f"; {attribution}"
     return Plan(
