@@ -1739,14 +1739,52 @@ ZONE_WATTTIME: dict[str, str] = {
 CARBONAWARE_BASE_URL = "https://scheduler.carbonaware.dev"
 
 
+# The (provider, region) pairs the hosted scheduler accepts: the region enums of carbon-aware/scheduler
+# scheduler/src/regions/{aws,azure}.py @cb0d9b9, gcp.py @6c66ba1, ovh.py @2683546 (100 pairs, as its GET /v0/regions/
+# lists them). Any other region gets a 422 whose excerpt names `enum[AwsRegion]` whatever the provider, so the
+# client says what is wrong instead of sending the request.
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+SCHEDULER_REGIONS: dict[str, frozenset[str]] = {
+    "aws": _words(
+        "af-south-1 ap-east-1 ap-northeast-1 ap-northeast-2 ap-northeast-3 ap-south-1 ap-south-2 ap-southeast-2 "
+        "ap-southeast-3 ap-southeast-4 ap-southeast-5 ap-southeast-7 ca-central-1 ca-west-1 eu-central-1 eu-central-2 "
+        "eu-north-1 eu-south-1 eu-south-2 eu-west-1 eu-west-2 eu-west-3 il-central-1 me-central-1 mx-central-1 "
+        "sa-east-1 us-east-1 us-east-2 us-west-1 us-west-2"
+    ),
+    "gcp": _words(
+        "asia-east1 asia-northeast1 asia-southeast1 europe-north1 europe-west1 europe-west3 europe-west4 "
+        "northamerica-northeast2 southamerica-west1 us-central1 us-east1 us-east4 us-west1 us-west2"
+    ),
+    "azure": _words(
+        "australiacentral australiaeast australiasoutheast brazilsouth canadacentral canadaeast centralindia "
+        "centralus chinaeast2 chinanorth chinanorth2 chinanorth3 eastasia eastus eastus2 francecentral "
+        "germanywestcentral indonesiacentral israelcentral italynorth japaneast japanwest koreacentral mexicocentral "
+        "newzealandnorth northcentralus northeurope norwayeast polandcentral southafricanorth southcentralus "
+        "southindia spaincentral swedencentral switzerlandnorth uaenorth uksouth ukwest westcentralus westeurope "
+        "westus westus2 westus3"
+    ),
+    "ovh": _words(
+        "ca-beauharnois ca-toronto de-frankfurt fr-gravelines fr-paris fr-roubaix fr-strasbourg gb-london in-mumbai "
+        "pl-warsaw sg-singapore us-hillsboro us-vint_hill"
+    ),
+}
+SCHEDULER_SHORTEST_JOB = timedelta(minutes=5)  # shorter durations always get HTTP 500 from the real server
+
+
 def _fetch_carbonaware(query: Query) -> Decision:
     """The hosted scheduler decides the start itself (WattTime MOER on a 5-minute grid)."""
     if query.zone is None:
         raise SourceError("the hosted scheduler needs a cloud zone")
+    if query.zone.region not in SCHEDULER_REGIONS.get(query.zone.provider, frozenset()):
+        raise SourceError(f"{query.zone} is not supported by the hosted scheduler")
     url = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL) + "/v0/schedule/"
     _require_safe_url(url, carries_secret=False)
     payload = {
-        "duration": format_iso_duration(query.duration),
+        # it plans on a 5-minute grid and answers 500 to anything shorter: a shorter job is asked about as 5 minutes
+        "duration": format_iso_duration(max(query.duration, SCHEDULER_SHORTEST_JOB)),
         "windows": [{"start": _iso(query.now), "end": _iso(query.now + query.window)}],
         "zones": [{"provider": query.zone.provider, "region": query.zone.region}],
         "num_options": 3,
@@ -1754,27 +1792,70 @@ def _fetch_carbonaware(query: Query) -> Decision:
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     body = _json_bytes(payload)
     response = http_request("POST", url, headers=headers, body=body, timeout=query.budget())
+    if response.status == 422 and b"enum[" in response.body[:65536]:
+        raise SourceError(f"{query.zone} is not supported by the hosted scheduler (HTTP 422)")
     return _carbonaware_decision(expect_json(response, "scheduler"), query)
 
 
 def _carbonaware_decision(document: Any, query: Query) -> Decision:
+    """The scheduler's best start inside the window, with its own figures for that start. Its ideal may lie up to
+    5 minutes past the window's end: then the best of its other options inside the window is taken, or, if none is,
+    the window's end without figures (the scheduler's are for another start)."""
     ideal = _field(document, "ideal", dict)
-    try:
-        start = parse_datetime(str(_field(ideal, "time", str)))
-    except ValueError as exc:
-        raise SourceError(f"scheduler: ideal.time is not a date ({exc})") from None
+    start = _option_time(ideal, "ideal")
     earliest, latest = (query.now - timedelta(minutes=15), query.now + query.window + timedelta(minutes=5))
     if not earliest <= start <= latest:
         raise SourceError(f"scheduler: ideal.time {_iso(start)} lies outside the window {_iso(query.now)}..")
     expected = _moer_g_per_kwh(ideal.get("co2_intensity"), "ideal")
     naive = document.get("naive_case")
     now_value = _moer_g_per_kwh(naive.get("co2_intensity"), "naive_case") if isinstance(naive, dict) else None
+    window_end = query.now + query.window
+    horizon = window_end
+    if start > window_end:
+        inside = _best_option_within(document.get("options"), earliest, window_end)
+        if inside is None:
+            note = (
+                f"the scheduler's best start, {_iso(start)}, lies past the window's end; its figures are for that "
+                f"start, so none are given for {_iso(window_end)}"
+            )
+            return Decision(window_end, None, now_value, None, "gCO2/kWh (marginal)", horizon=horizon, note=note)
+        start, expected = inside
+        return Decision(
+            start, expected, now_value, _savings(now_value, expected), "gCO2/kWh (marginal)", horizon=horizon
+        )
     savings = _savings(now_value, expected)
     if savings is None:
         stated = document.get("carbon_savings")
         percent = stated.get("vs_naive_case") if isinstance(stated, dict) else None
         savings = float(percent) / 100.0 if _valid_intensity(percent) else None
-    return Decision(start=start, expected=expected, now=now_value, savings=savings, unit="gCO2/kWh (marginal)")
+    return Decision(
+        start=start, expected=expected, now=now_value, savings=savings, unit="gCO2/kWh (marginal)", horizon=horizon
+    )
+
+
+def _option_time(option: dict[str, Any], where: str) -> datetime:
+    try:
+        return parse_datetime(str(_field(option, "time", str)))
+    except ValueError as exc:
+        raise SourceError(f"scheduler: {where}.time is not a date ({exc})") from None
+
+
+def _best_option_within(options: Any, earliest: datetime, latest: datetime) -> tuple[datetime, float] | None:
+    """(start, g/kWh) of the lowest-intensity option starting in [earliest, latest]; malformed options are skipped."""
+    found: list[tuple[float, datetime]] = []
+    for option in options if isinstance(options, list) else ():
+        if not isinstance(option, dict) or not _valid_intensity(option.get("co2_intensity")):
+            continue
+        try:
+            moment = parse_datetime(str(option.get("time")))
+        except ValueError:
+            continue
+        if moment.tzinfo is not None and earliest <= moment <= latest:
+            found.append((float(option["co2_intensity"]) * LBS_PER_MWH_TO_G_PER_KWH, moment))
+    if not found:
+        return None
+    value, moment = min(found, key=lambda item: (item[0], item[1]))
+    return moment, value
 
 
 def _field(document: Any, name: str, kind: type | tuple[type, ...]) -> Any:
