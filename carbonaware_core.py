@@ -1772,6 +1772,7 @@ SCHEDULER_REGIONS: dict[str, frozenset[str]] = {
     ),
 }
 SCHEDULER_SHORTEST_JOB = timedelta(minutes=5)  # shorter durations always get HTTP 500 from the real server
+SCHEDULER_HORIZON = timedelta(hours=24)  # it asks WattTime for ~24 h, whatever the window (protocols.md §7)
 
 
 def _fetch_carbonaware(query: Query) -> Decision:
@@ -1780,6 +1781,8 @@ def _fetch_carbonaware(query: Query) -> Decision:
         raise SourceError("the hosted scheduler needs a cloud zone")
     if query.zone.region not in SCHEDULER_REGIONS.get(query.zone.provider, frozenset()):
         raise SourceError(f"{query.zone} is not supported by the hosted scheduler")
+    if query.duration > SCHEDULER_HORIZON:  # its rollup finds no start and answers 500
+        raise SourceError(f"a job over {_human(SCHEDULER_HORIZON)} is longer than the hosted scheduler's forecast")
     url = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL) + "/v0/schedule/"
     _require_safe_url(url, carries_secret=False)
     payload = {
@@ -1893,7 +1896,7 @@ register_source(
             round(q.window.total_seconds() / 60),
         ),
         ttl=300.0,
-        horizon=timedelta(hours=24),  # it asks WattTime for ~24 h, whatever the window (protocols.md §7)
+        horizon=SCHEDULER_HORIZON,
     )
 )
 

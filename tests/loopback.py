@@ -433,6 +433,8 @@ class HostedScheduler:
             return fastapi_422(["body", "num_options"], "Input should be a valid integer", "int_type")
         if duration < timedelta(minutes=5):  # its rollup yields no c02_moer column: an unhandled KeyError
             return Reply(500, "Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"})
+        if duration > self.horizon:  # no start has a whole job of forecast: "No valid forecast data", unhandled
+            return Reply(500, "Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"})
         if self.moer is not None:
             return self._replayed(start, end, duration, zone, int(document.get("num_options", 3)))
         ideal = start + self.ideal_after

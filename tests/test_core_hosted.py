@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import carbonaware_core as core
 from carbonaware_core import carbonaware_delay, plan_delay
@@ -85,7 +87,8 @@ def carbonaware_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord
         (timedelta(minutes=30), "PT30M"),
         (timedelta(minutes=90), "PT1H30M"),
         (timedelta(hours=2), "PT2H"),
-        (timedelta(days=1, hours=2), "P1DT2H"),
+        (timedelta(hours=23, minutes=30), "PT23H30M"),
+        (timedelta(days=1), "P1D"),
         (timedelta(seconds=45), "PT5M"),  # the real server answers 500 to anything under five minutes
         (timedelta(minutes=4, seconds=59), "PT5M"),
         (timedelta(minutes=5), "PT5M"),
@@ -206,6 +209,48 @@ def test_the_servers_answer_inside_the_window_is_taken_as_it_is(
     assert plan.savings == pytest.approx(1 - 300.0 / 700.0)
 
 
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    blocks=st.lists(st.integers(100, 1000), min_size=60, max_size=60),
+    window_minutes=st.integers(1, 6 * 60),
+    duration_minutes=st.one_of(st.integers(1, 4), st.integers(5, 180)),
+    dip_after_the_window=st.booleans(),
+)
+def test_every_hosted_plan_starts_inside_the_window_with_figures_for_that_start(
+    server: LoopbackServer,
+    clock: FakeClock,
+    blocks: list[int],
+    window_minutes: int,
+    duration_minutes: int,
+    dip_after_the_window: bool,
+) -> None:
+    """For any forecast, window and job the real server's algorithm meets: the start lies in the window, and any
+    expected intensity the plan reports is the server's rolling mean for that very start. (A dip just after the
+    window's end puts the server's ideal past it.)"""
+    core.clear_cache()
+    window, duration = window_minutes * MINUTE, duration_minutes * MINUTE
+
+    def moer(moment: datetime) -> float:
+        if dip_after_the_window and BASE + window < moment <= BASE + window + duration:
+            return 50.0
+        return float(blocks[int((moment - BASE) / (30 * MINUTE))])
+
+    hosted = HostedScheduler(server, clock=clock.time, moer=moer)
+    plan = plan_delay(window, duration, "aws", "us-west-1", source="carbonaware")
+    assert plan.reason in ("optimal", "already-best"), plan.detail
+    assert BASE <= plan.start <= BASE + window
+    rolled = dict(hosted.rolled(BASE, BASE + window, max(duration, 5 * MINUTE)))
+    if plan.expected is not None:
+        assert plan.expected == pytest.approx(rolled[plan.start] * LBS)
+    assert plan.now == pytest.approx(rolled[BASE] * LBS)
+    if plan.reason == "optimal" and plan.expected is not None:  # the best start inside the window: its options
+        # are the lowest means overall, so the lowest of them inside the window is the lowest inside it
+        assert plan.expected == pytest.approx(min(v for t, v in rolled.items() if t <= BASE + window) * LBS)
+
+
+MINUTE = timedelta(minutes=1)
+
+
 def test_a_job_under_five_minutes_is_asked_about_as_five(
     backend: str, server: LoopbackServer, clock: FakeClock
 ) -> None:
@@ -236,6 +281,35 @@ def test_a_region_the_scheduler_does_not_support_is_never_sent(
     assert said in plan.detail  # and then the offline model, where it knows the region's grid
     assert plan.source != "carbonaware"
     assert plan.fallbacks in ((), (said,))
+
+
+def test_a_job_longer_than_the_servers_day_is_not_sent(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    hosted = HostedScheduler(server, clock=clock.time)
+    plan = plan_delay(WINDOW, timedelta(days=1, hours=2), "aws", "us-west-1")
+    assert hosted.calls == []
+    assert "carbonaware: a job over 24h00m is longer than the hosted scheduler's forecast" in plan.detail
+
+
+def test_the_servers_500_for_a_job_past_its_forecast_is_replayed(server: LoopbackServer, clock: FakeClock) -> None:
+    import urllib.error
+    import urllib.request
+
+    HostedScheduler(server, clock=clock.time)
+    for duration, status in (("P1D", 200), ("P1DT2H", 500), ("PT4M59S", 500)):
+        body = {
+            "duration": duration,
+            "windows": [{"start": utc(BASE), "end": utc(BASE + WINDOW)}],
+            "zones": [ZONE],
+        }
+        request = urllib.request.Request(
+            f"{server.url}/v0/schedule/", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request) as answered:
+                got = answered.status
+        except urllib.error.HTTPError as refused:
+            got = refused.code
+        assert got == status, duration
 
 
 def test_the_servers_422_for_an_unknown_region_is_replayed(server: LoopbackServer, clock: FakeClock) -> None:

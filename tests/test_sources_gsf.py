@@ -6,6 +6,8 @@ import logging
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import carbonaware_core
 from tests.fake_providers import (
@@ -252,3 +254,33 @@ def test_point_durations_are_honoured(gsf: FakeGsf) -> None:
     expected = oracle(series, NOW, WINDOW, timedelta(minutes=90))
     assert result.start == expected.start
     assert result.expected == pytest.approx(expected.value())
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    values=st.lists(st.integers(50, 600), min_size=12, max_size=72),
+    window_minutes=st.integers(5, 240),
+    duration_minutes=st.integers(1, 120),
+)
+def test_any_sdk_forecast_is_planned_at_the_exact_optimum(
+    server: LoopbackServer,
+    monkeypatch: pytest.MonkeyPatch,
+    values: list[int],
+    window_minutes: int,
+    duration_minutes: int,
+) -> None:
+    """Whatever its ticks (even too few for the window), the plan over the SDK's forecast is the brute-force
+    optimum over the raw series: same start, same expected and now means."""
+    carbonaware_core.clear_cache()
+    fake = install(FakeGsf(server, slots(NOW, FIVE, values)), monkeypatch)
+    window, duration = timedelta(minutes=window_minutes), timedelta(minutes=duration_minutes)
+    result = plan(window=window, duration=duration)
+    expected = oracle(fake.intervals(), NOW, window, duration)
+    assert result.reason in ("optimal", "already-best"), result.detail
+    saving = 1 - expected.value() / expected.now_value() if expected.now_value() else 0.0
+    if expected.waits and saving >= carbonaware_core.NEGLIGIBLE_SAVINGS:
+        assert (result.reason, result.start) == ("optimal", expected.start)
+        assert result.expected == pytest.approx(expected.value())
+    elif not expected.waits:
+        assert result.start == NOW
+    assert result.now == pytest.approx(expected.now_value())
