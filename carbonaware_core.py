@@ -1801,12 +1801,13 @@ def _fetch_carbonaware(query: Query) -> Decision:
 
 
 def _carbonaware_decision(document: Any, query: Query) -> Decision:
-    """The scheduler's best start inside the window, with its own figures for that start. Its ideal may lie up to
-    5 minutes past the window's end: then the best of its other options inside the window is taken, or, if none is,
-    the window's end without figures (the scheduler's are for another start)."""
+    """The scheduler's best start inside the window, with its own figures for that start. Its ideal may lie past
+    the window's end (it rolls a mean of floor(job / 5 min) points over points up to end + job: 5 minutes past for a
+    job of whole 5-minute steps, up to 10 otherwise): then the best of its other options inside the window is taken,
+    or, if none is, the window's end without figures (the scheduler's are for another start)."""
     ideal = _field(document, "ideal", dict)
     start = _option_time(ideal, "ideal")
-    earliest, latest = (query.now - timedelta(minutes=15), query.now + query.window + timedelta(minutes=5))
+    earliest, latest = (query.now - timedelta(minutes=15), query.now + query.window + timedelta(minutes=10))
     if not earliest <= start <= latest:
         raise SourceError(f"scheduler: ideal.time {_iso(start)} lies outside the window {_iso(query.now)}..")
     expected = _moer_g_per_kwh(ideal.get("co2_intensity"), "ideal")

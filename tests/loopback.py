@@ -351,8 +351,8 @@ class HostedScheduler:
     (lbs/MWh at each 5-minute point) the answer is computed as scheduler/src/modeling/schedule.py does: points
     every 5 minutes from the server's now for ``horizon`` (WattTime's ~24 h), kept where start <= point <= end +
     duration, a rolling mean over floor(duration / 5 min) points dated at its first point, sorted by intensity:
-    ideal the lowest, ``options`` the first ``num_options``, naive the earliest start -- so the ideal can lie up to 5
-    minutes past the window's end.
+    ideal the lowest, ``options`` the first ``num_options``, naive the earliest start -- so the ideal can lie 5 minutes
+    past the window's end (up to 10 for a job that is not whole 5-minute steps).
     """
 
     def __init__(

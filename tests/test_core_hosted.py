@@ -195,6 +195,25 @@ def test_the_servers_ideal_past_the_window_gives_way_to_its_best_option_inside(
     assert plan.savings == pytest.approx(1 - inside[best] / rolled[BASE])
 
 
+def test_a_job_of_odd_minutes_can_see_the_ideal_ten_minutes_past_the_end(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    """Bug caught (by the property test below): a 74-minute job in a 1-minute window got the server's ideal 9
+    minutes past the window's end, which the client rejected as outside the window, so no plan."""
+
+    def falling(moment: datetime) -> float:
+        return 500.0 - (moment - BASE).total_seconds() / 60
+
+    hosted = HostedScheduler(server, clock=clock.time, moer=falling)
+    window, duration = timedelta(minutes=1), timedelta(minutes=74)
+    rolled = dict(hosted.rolled(BASE, BASE + window, duration))
+    assert max(rolled) == BASE + timedelta(minutes=10)  # the latest start the server compares
+    plan = plan_delay(window, duration, "aws", "us-west-1", source="carbonaware")
+    # its options inside the 1-minute window: only 12:00, so starting at once is the best the window allows
+    assert (plan.reason, plan.start) == ("already-best", BASE)
+    assert plan.expected == pytest.approx(rolled[BASE] * LBS)
+
+
 def test_the_servers_answer_inside_the_window_is_taken_as_it_is(
     backend: str, server: LoopbackServer, clock: FakeClock
 ) -> None:
