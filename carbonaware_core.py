@@ -162,7 +162,7 @@ class Decision:
     savings: float | None
     unit: str = G_PER_KWH
     asked_for: datetime | None = None  # the ``now`` the source decided for: a later caller may need another answer
-    horizon: datetime | None = None  # the latest start the source considered (the hosted scheduler: ~24 h ahead)
+    looked_ahead: timedelta | None = None  # the window the source decided over (the hosted scheduler: <= ~24 h)
     note: str | None = None  # what the plan's detail must add (figures dropped, say)
 
 
@@ -1739,14 +1739,14 @@ ZONE_WATTTIME: dict[str, str] = {
 CARBONAWARE_BASE_URL = "https://scheduler.carbonaware.dev"
 
 
-# The (provider, region) pairs the hosted scheduler accepts: the region enums of carbon-aware/scheduler
-# scheduler/src/regions/{aws,azure}.py @cb0d9b9, gcp.py @6c66ba1, ovh.py @2683546 (100 pairs, as its GET /v0/regions/
-# lists them). Any other region gets a 422 whose excerpt names `enum[AwsRegion]` whatever the provider, so the
-# client says what is wrong instead of sending the request.
 def _words(text: str) -> frozenset[str]:
     return frozenset(text.split())
 
 
+# The (provider, region) pairs the hosted scheduler accepts: the region enums of carbon-aware/scheduler
+# scheduler/src/regions/{aws,azure}.py @cb0d9b9, gcp.py @6c66ba1, ovh.py @2683546 (100 pairs, as its GET /v0/regions/
+# lists them). Any other region gets a 422 whose excerpt names `enum[AwsRegion]` whatever the provider, so the
+# client says what is wrong instead of sending the request.
 SCHEDULER_REGIONS: dict[str, frozenset[str]] = {
     "aws": _words(
         "af-south-1 ap-east-1 ap-northeast-1 ap-northeast-2 ap-northeast-3 ap-south-1 ap-south-2 ap-southeast-2 "
@@ -1814,7 +1814,7 @@ def _carbonaware_decision(document: Any, query: Query) -> Decision:
     naive = document.get("naive_case")
     now_value = _moer_g_per_kwh(naive.get("co2_intensity"), "naive_case") if isinstance(naive, dict) else None
     window_end = query.now + query.window
-    horizon = window_end
+    ahead = query.window
     if start > window_end:
         inside = _best_option_within(document.get("options"), earliest, window_end)
         if inside is None:
@@ -1822,10 +1822,10 @@ def _carbonaware_decision(document: Any, query: Query) -> Decision:
                 f"the scheduler's best start, {_iso(start)}, lies past the window's end; its figures are for that "
                 f"start, so none are given for {_iso(window_end)}"
             )
-            return Decision(window_end, None, now_value, None, "gCO2/kWh (marginal)", horizon=horizon, note=note)
+            return Decision(window_end, None, now_value, None, "gCO2/kWh (marginal)", looked_ahead=ahead, note=note)
         start, expected = inside
         return Decision(
-            start, expected, now_value, _savings(now_value, expected), "gCO2/kWh (marginal)", horizon=horizon
+            start, expected, now_value, _savings(now_value, expected), "gCO2/kWh (marginal)", looked_ahead=ahead
         )
     savings = _savings(now_value, expected)
     if savings is None:
@@ -1833,7 +1833,7 @@ def _carbonaware_decision(document: Any, query: Query) -> Decision:
         percent = stated.get("vs_naive_case") if isinstance(stated, dict) else None
         savings = float(percent) / 100.0 if _valid_intensity(percent) else None
     return Decision(
-        start=start, expected=expected, now=now_value, savings=savings, unit="gCO2/kWh (marginal)", horizon=horizon
+        start=start, expected=expected, now=now_value, savings=savings, unit="gCO2/kWh (marginal)", looked_ahead=ahead
     )
 
 
@@ -2851,7 +2851,7 @@ def _usable(result: SourceResult, now: datetime) -> SourceResult:
 def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
     if isinstance(result, Decision):
         start = min(max(result.start, query.now), query.now + query.window)
-        notes = [note for note in (result.note, _decision_horizon_note(label, query, result.horizon)) if note]
+        notes = [note for note in (result.note, _decision_horizon_note(label, query, result)) if note]
         return _decide(
             query,
             label,
@@ -2911,12 +2911,14 @@ def _series_horizon_notes(query: Query, data_end: float) -> tuple[str, ...]:
     )
 
 
-def _decision_horizon_note(label: str, query: Query, horizon: datetime | None) -> str | None:
-    """A deciding source that looks less far ahead than the caller's window says so in the plan."""
-    if horizon is None or horizon >= query.now + query.window - timedelta(seconds=1):
+def _decision_horizon_note(label: str, query: Query, decision: Decision) -> str | None:
+    """A deciding source that looks less far ahead than the caller's window says so in the plan (a decision shared
+    by callers with the same window, minutes apart, is no shorter a look for that)."""
+    ahead = decision.looked_ahead
+    if ahead is None or ahead >= query.window - timedelta(seconds=1):
         return None
-    ahead = _human(max(horizon - query.now, timedelta(0)))
-    return f"{label} looks only {ahead} ahead, so starts after {_iso(horizon)} were not compared"
+    until = (decision.asked_for or query.now) + ahead
+    return f"{label} looks only {_human(ahead)} ahead, so starts after {_iso(until)} were not compared"
 
 
 def _decide(

@@ -377,6 +377,21 @@ def test_a_window_longer_than_the_servers_day_says_so(backend: str, server: Loop
     assert "looks only" not in short.detail
 
 
+def test_a_shared_decision_minutes_later_is_no_shorter_a_look(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    hosted = HostedScheduler(server, clock=clock.time, ideal_after=timedelta(hours=3))
+    plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    long = plan_delay(timedelta(hours=48), DURATION, "aws", "us-west-1", source="carbonaware")
+    clock.advance(120)
+    again = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    long_again = plan_delay(timedelta(hours=48), DURATION, "aws", "us-west-1", source="carbonaware")
+    assert len(hosted.calls) == 2  # one per window length: the later callers were answered from the cache
+    assert "looks only" not in again.detail
+    assert long.detail == long_again.detail  # the look ahead is the one the shared decision had
+    assert "starts after 2025-06-02T12:00:00Z were not compared" in long_again.detail
+
+
 def test_ideal_worse_than_now_starts_now(backend: str, scheduler: HostedScheduler) -> None:
     scheduler.ideal_lbs, scheduler.naive_lbs = 900.0, 800.0
     plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1")
