@@ -162,6 +162,8 @@ class Decision:
     savings: float | None
     unit: str = G_PER_KWH
     asked_for: datetime | None = None  # the ``now`` the source decided for: a later caller may need another answer
+    looked_ahead: timedelta | None = None  # the window the source decided over (the hosted scheduler: <= ~24 h)
+    note: str | None = None  # what the plan's detail must add (figures dropped, say)
 
 
 @dataclass(frozen=True)
@@ -392,6 +394,7 @@ class Choice:
     expected: float
     now_value: float
     length: float
+    data_end: float = math.inf  # where the series' last interval ends: no start later than this minus the job
 
 
 def lowest_mean_start(
@@ -537,7 +540,7 @@ def choose_start(points: Iterable[ForecastPoint], now: datetime, window: timedel
     now_mean = lowest_mean_start(starts, ends, values, t0, t0, length)
     best = lowest_mean_start(starts, ends, values, t0, t0 + window.total_seconds(), length)
     assert now_mean is not None and best is not None  # [t0, t0 + length] is covered by construction
-    return Choice(start=best[0], expected=best[1], now_value=now_mean[1], length=length)
+    return Choice(start=best[0], expected=best[1], now_value=now_mean[1], length=length, data_end=ends[-1])
 
 
 def _covered_from(starts: Sequence[float], ends: Sequence[float], t: float) -> float:
@@ -1736,14 +1739,55 @@ ZONE_WATTTIME: dict[str, str] = {
 CARBONAWARE_BASE_URL = "https://scheduler.carbonaware.dev"
 
 
+def _words(text: str) -> frozenset[str]:
+    return frozenset(text.split())
+
+
+# The (provider, region) pairs the hosted scheduler accepts: the region enums of carbon-aware/scheduler
+# scheduler/src/regions/{aws,azure}.py @cb0d9b9, gcp.py @6c66ba1, ovh.py @2683546 (100 pairs, as its GET /v0/regions/
+# lists them). Any other region gets a 422 whose excerpt names `enum[AwsRegion]` whatever the provider, so the
+# client says what is wrong instead of sending the request.
+SCHEDULER_REGIONS: dict[str, frozenset[str]] = {
+    "aws": _words(
+        "af-south-1 ap-east-1 ap-northeast-1 ap-northeast-2 ap-northeast-3 ap-south-1 ap-south-2 ap-southeast-2 "
+        "ap-southeast-3 ap-southeast-4 ap-southeast-5 ap-southeast-7 ca-central-1 ca-west-1 eu-central-1 eu-central-2 "
+        "eu-north-1 eu-south-1 eu-south-2 eu-west-1 eu-west-2 eu-west-3 il-central-1 me-central-1 mx-central-1 "
+        "sa-east-1 us-east-1 us-east-2 us-west-1 us-west-2"
+    ),
+    "gcp": _words(
+        "asia-east1 asia-northeast1 asia-southeast1 europe-north1 europe-west1 europe-west3 europe-west4 "
+        "northamerica-northeast2 southamerica-west1 us-central1 us-east1 us-east4 us-west1 us-west2"
+    ),
+    "azure": _words(
+        "australiacentral australiaeast australiasoutheast brazilsouth canadacentral canadaeast centralindia "
+        "centralus chinaeast2 chinanorth chinanorth2 chinanorth3 eastasia eastus eastus2 francecentral "
+        "germanywestcentral indonesiacentral israelcentral italynorth japaneast japanwest koreacentral mexicocentral "
+        "newzealandnorth northcentralus northeurope norwayeast polandcentral southafricanorth southcentralus "
+        "southindia spaincentral swedencentral switzerlandnorth uaenorth uksouth ukwest westcentralus westeurope "
+        "westus westus2 westus3"
+    ),
+    "ovh": _words(
+        "ca-beauharnois ca-toronto de-frankfurt fr-gravelines fr-paris fr-roubaix fr-strasbourg gb-london in-mumbai "
+        "pl-warsaw sg-singapore us-hillsboro us-vint_hill"
+    ),
+}
+SCHEDULER_SHORTEST_JOB = timedelta(minutes=5)  # shorter durations always get HTTP 500 from the real server
+SCHEDULER_HORIZON = timedelta(hours=24)  # it asks WattTime for ~24 h, whatever the window (protocols.md §7)
+
+
 def _fetch_carbonaware(query: Query) -> Decision:
     """The hosted scheduler decides the start itself (WattTime MOER on a 5-minute grid)."""
     if query.zone is None:
         raise SourceError("the hosted scheduler needs a cloud zone")
+    if query.zone.region not in SCHEDULER_REGIONS.get(query.zone.provider, frozenset()):
+        raise SourceError(f"{query.zone} is not supported by the hosted scheduler")
+    if query.duration > SCHEDULER_HORIZON:  # its rollup finds no start and answers 500
+        raise SourceError(f"a job over {_human(SCHEDULER_HORIZON)} is longer than the hosted scheduler's forecast")
     url = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL) + "/v0/schedule/"
     _require_safe_url(url, carries_secret=False)
     payload = {
-        "duration": format_iso_duration(query.duration),
+        # it plans on a 5-minute grid and answers 500 to anything shorter: a shorter job is asked about as 5 minutes
+        "duration": format_iso_duration(max(query.duration, SCHEDULER_SHORTEST_JOB)),
         "windows": [{"start": _iso(query.now), "end": _iso(query.now + query.window)}],
         "zones": [{"provider": query.zone.provider, "region": query.zone.region}],
         "num_options": 3,
@@ -1751,27 +1795,71 @@ def _fetch_carbonaware(query: Query) -> Decision:
     headers = {"Content-Type": "application/json", "Accept": "application/json"}
     body = _json_bytes(payload)
     response = http_request("POST", url, headers=headers, body=body, timeout=query.budget())
+    if response.status == 422 and b"enum[" in response.body[:65536]:
+        raise SourceError(f"{query.zone} is not supported by the hosted scheduler (HTTP 422)")
     return _carbonaware_decision(expect_json(response, "scheduler"), query)
 
 
 def _carbonaware_decision(document: Any, query: Query) -> Decision:
+    """The scheduler's best start inside the window, with its own figures for that start. Its ideal may lie past
+    the window's end (it rolls a mean of floor(job / 5 min) points over points up to end + job: 5 minutes past for a
+    job of whole 5-minute steps, up to 10 otherwise): then the best of its other options inside the window is taken,
+    or, if none is, the window's end without figures (the scheduler's are for another start)."""
     ideal = _field(document, "ideal", dict)
-    try:
-        start = parse_datetime(str(_field(ideal, "time", str)))
-    except ValueError as exc:
-        raise SourceError(f"scheduler: ideal.time is not a date ({exc})") from None
-    earliest, latest = (query.now - timedelta(minutes=15), query.now + query.window + timedelta(minutes=5))
+    start = _option_time(ideal, "ideal")
+    earliest, latest = (query.now - timedelta(minutes=15), query.now + query.window + timedelta(minutes=10))
     if not earliest <= start <= latest:
         raise SourceError(f"scheduler: ideal.time {_iso(start)} lies outside the window {_iso(query.now)}..")
     expected = _moer_g_per_kwh(ideal.get("co2_intensity"), "ideal")
     naive = document.get("naive_case")
     now_value = _moer_g_per_kwh(naive.get("co2_intensity"), "naive_case") if isinstance(naive, dict) else None
+    window_end = query.now + query.window
+    ahead = query.window
+    if start > window_end:
+        inside = _best_option_within(document.get("options"), earliest, window_end)
+        if inside is None:
+            note = (
+                f"the scheduler's best start, {_iso(start)}, lies past the window's end; its figures are for that "
+                f"start, so none are given for {_iso(window_end)}"
+            )
+            return Decision(window_end, None, now_value, None, "gCO2/kWh (marginal)", looked_ahead=ahead, note=note)
+        start, expected = inside
+        return Decision(
+            start, expected, now_value, _savings(now_value, expected), "gCO2/kWh (marginal)", looked_ahead=ahead
+        )
     savings = _savings(now_value, expected)
     if savings is None:
         stated = document.get("carbon_savings")
         percent = stated.get("vs_naive_case") if isinstance(stated, dict) else None
         savings = float(percent) / 100.0 if _valid_intensity(percent) else None
-    return Decision(start=start, expected=expected, now=now_value, savings=savings, unit="gCO2/kWh (marginal)")
+    return Decision(
+        start=start, expected=expected, now=now_value, savings=savings, unit="gCO2/kWh (marginal)", looked_ahead=ahead
+    )
+
+
+def _option_time(option: dict[str, Any], where: str) -> datetime:
+    try:
+        return parse_datetime(str(_field(option, "time", str)))
+    except ValueError as exc:
+        raise SourceError(f"scheduler: {where}.time is not a date ({exc})") from None
+
+
+def _best_option_within(options: Any, earliest: datetime, latest: datetime) -> tuple[datetime, float] | None:
+    """(start, g/kWh) of the lowest-intensity option starting in [earliest, latest]; malformed options are skipped."""
+    found: list[tuple[float, datetime]] = []
+    for option in options if isinstance(options, list) else ():
+        if not isinstance(option, dict) or not _valid_intensity(option.get("co2_intensity")):
+            continue
+        try:
+            moment = parse_datetime(str(option.get("time")))
+        except ValueError:
+            continue
+        if moment.tzinfo is not None and earliest <= moment <= latest:
+            found.append((float(option["co2_intensity"]) * LBS_PER_MWH_TO_G_PER_KWH, moment))
+    if not found:
+        return None
+    value, moment = min(found, key=lambda item: (item[0], item[1]))
+    return moment, value
 
 
 def _field(document: Any, name: str, kind: type | tuple[type, ...]) -> Any:
@@ -1809,7 +1897,7 @@ register_source(
             round(q.window.total_seconds() / 60),
         ),
         ttl=300.0,
-        horizon=timedelta(hours=24),  # it asks WattTime for ~24 h, whatever the window (protocols.md §7)
+        horizon=SCHEDULER_HORIZON,
     )
 )
 
@@ -2247,9 +2335,9 @@ register_source(
 # ---- Green Software Foundation Carbon Aware SDK WebAPI (self-hosted) -------------------------------------------------
 
 
-def _gsf_question(query: Query) -> tuple[str, str, int, str]:
-    """(base URL, location, window size in minutes, data end rounded up to the hour): the cache key too, so
-    callers minutes apart share one answer that covers them all."""
+def _gsf_question(query: Query) -> tuple[str, str]:
+    """(base URL, location): the cache key too. The question names no times and no window, so every caller of a
+    location shares one answer and plans over it with its own now, window and job."""
     base = os.environ.get("CARBONAWARE_SDK_URL", "").strip().rstrip("/")
     if not base:
         raise SourceError("CARBONAWARE_SDK_URL is not set (the Carbon Aware SDK is self-hosted)")
@@ -2258,24 +2346,17 @@ def _gsf_question(query: Query) -> tuple[str, str, int, str]:
         location = query.zone.region
     if not location:
         raise SourceError("no location for the Carbon Aware SDK; set CARBONAWARE_SDK_LOCATION")
-    end = query.horizon_end.astimezone(timezone.utc)
-    end_hour = end.replace(minute=0, second=0, microsecond=0) + (
-        timedelta(hours=1) if end.minute or end.second else timedelta(0)
-    )
-    window_size = max(1, round(query.duration.total_seconds() / 60))
-    return base, location, window_size, _iso(end_hour)
+    return base, location
 
 
 def _fetch_gsf(query: Query) -> Forecast:
-    base, location, window_size, data_end = _gsf_question(query)
-    params: dict[str, str | int] = {
-        "location": location,
-        "dataStartAt": _iso(query.now),
-        "dataEndAt": data_end,
-        "windowSize": window_size,
-    }
+    """The SDK's raw forecast ticks, planned over here. Sent ``windowSize=W``, the SDK answers rolling means over W
+    minutes (one per tick), which a planner must not average again; sent ``dataStartAt``/``dataEndAt`` outside its
+    forecast (a window longer than its ~24 h, a forecast generated just after now), it answers 400. Asking for
+    neither gets every tick it has; the planner trims to the window and the plan says how far the data reached."""
+    base, location = _gsf_question(query)
     _require_safe_url(base, carries_secret=False)
-    url = f"{base}/emissions/forecasts/current?{_query_string(params)}"
+    url = f"{base}/emissions/forecasts/current?{_query_string({'location': location})}"
     document = expect_json(
         http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.budget()), "gsf"
     )
@@ -2770,8 +2851,19 @@ def _usable(result: SourceResult, now: datetime) -> SourceResult:
 def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
     if isinstance(result, Decision):
         start = min(max(result.start, query.now), query.now + query.window)
+        notes = [note for note in (result.note, _decision_horizon_note(label, query, result)) if note]
         return _decide(
-            query, label, start, result.expected, result.now, result.unit, min_savings, None, (), stated=result.savings
+            query,
+            label,
+            start,
+            result.expected,
+            result.now,
+            result.unit,
+            min_savings,
+            None,
+            (),
+            stated=result.savings,
+            notes=tuple(notes),
         )
     if not isinstance(result, Forecast):
         raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
@@ -2780,6 +2872,7 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
     points = tuple(_aware(p) for p in result.points)
     choice = choose_start(points, query.now, query.window, query.duration)
     start = _utc(choice.start)
+    shortened = choice.length < query.duration.total_seconds() - 1e-6
     floor, floor_name = min_savings, "min_savings {:.1%}"
     own = result.min_savings
     if isinstance(own, (int, float)) and not isinstance(own, bool) and min_savings < own < 1:
@@ -2798,10 +2891,34 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
         floor,
         result.grid_zone,
         points,
-        shortened=choice.length < query.duration.total_seconds() - 1e-6,
+        shortened=shortened,
         attribution=result.attribution,
         floor_name=floor_name,
+        notes=() if shortened else _series_horizon_notes(query, choice.data_end),
     )
+
+
+def _series_horizon_notes(query: Query, data_end: float) -> tuple[str, ...]:
+    """How far the series let the planner see, when that is short of the caller's window plus the job: a plan
+    over a day of forecast must not read as the best start of a 48 h window."""
+    if data_end >= (query.now + query.window + query.duration).timestamp() - 1:
+        return ()
+    end = _utc(data_end)
+    last_start = max(end - query.duration, query.now)
+    return (
+        f"the forecast reaches only {_iso(end)} ({_human(end - query.now)} ahead), so starts after "
+        f"{_iso(last_start)} were not compared",
+    )
+
+
+def _decision_horizon_note(label: str, query: Query, decision: Decision) -> str | None:
+    """A deciding source that looks less far ahead than the caller's window says so in the plan (a decision shared
+    by callers with the same window, minutes apart, is no shorter a look for that)."""
+    ahead = decision.looked_ahead
+    if ahead is None or ahead >= query.window - timedelta(seconds=1):
+        return None
+    until = (decision.asked_for or query.now) + ahead
+    return f"{label} looks only {_human(ahead)} ahead, so starts after {_iso(until)} were not compared"
 
 
 def _decide(
@@ -2818,6 +2935,7 @@ def _decide(
     stated: float | None = None,
     attribution: str | None = None,
     floor_name: str = "min_savings {:.1%}",
+    notes: tuple[str, ...] = (),
 ) -> Plan:
     savings = _savings(now_value, expected)
     if savings is None:
@@ -2838,6 +2956,8 @@ def _decide(
         reason, detail = "optimal", f"best start in the next {_human(query.window)}"
     if shortened:
         detail += "; the forecast ends before the job would, so only its covered part was compared"
+    for note in notes:
+        detail += f"; {note}"
     if attribution:
         detail += f"; {attribution}"
     return Plan(

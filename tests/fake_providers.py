@@ -461,9 +461,21 @@ def _neso_index(value: float | None) -> str:
 
 
 class FakeGsf(FakeProvider):
-    """Carbon Aware SDK WebAPI ``/emissions/forecasts/current``: the forecast points overlapping
-    ``[dataStartAt, dataEndAt]``; ``shape`` 'list' (current servers) or 'object'; ``optimal_key`` is
-    'optimalDataPoints' (current) or 'optimalDataPoint' (older servers, a single object)."""
+    """Carbon Aware SDK WebAPI ``/emissions/forecasts/current``, replaying the SDK's own processing of the forecast
+    it holds (GSF.CarbonAware ForecastHandler.ProcessAndValidateForecast, CarbonAware EmissionsForecast.Validate,
+    IntervalHelper.FilterByDuration, EmissionsDataExtensions.RollingAverage in
+    Green-Software-Foundation/carbon-aware-sdk):
+
+    - only ``location`` is required; ``dataStartAt`` defaults to the first tick, ``dataEndAt`` to the end of the
+      last one, and either outside [first tick, end of last tick] answers 400 (an ``ArgumentException``);
+    - ticks are kept if they end at or after ``dataStartAt`` and start at or before ``dataEndAt``;
+    - without ``windowSize`` the ticks come back as they are; with ``windowSize=W`` they come back as rolling means:
+      one item per tick from ``dataStartAt``, each ``duration`` W minutes, the time-weighted mean over [t, t + W],
+      while t + W stays within the data and (after the first) within ``dataEndAt``;
+    - ``optimalDataPoints`` are the items with the lowest value.
+
+    ``shape`` 'list' (current servers) or 'object'; ``optimal_key`` 'optimalDataPoints' (current) or
+    'optimalDataPoint' (older servers, a single object). ``period`` is the tick length (5 min, as WattTime's)."""
 
     source = "gsf"
     period = timedelta(minutes=5)
@@ -476,21 +488,24 @@ class FakeGsf(FakeProvider):
         *,
         shape: str = "list",
         optimal_key: str = "optimalDataPoints",
+        period: timedelta | None = None,
     ) -> None:
         super().__init__(server, points)
         self.shape, self.optimal_key = shape, optimal_key
+        if period is not None:
+            self.period = period
         server.route("GET", self.PATH, self._forecast)
 
     def env(self) -> dict[str, str]:
         return {"CARBONAWARE_SDK_URL": self.server.url}
 
     @staticmethod
-    def validation_error(field: str, message: str) -> Reply:
+    def validation_error(field: str, message: str, title: str = "One or more validation errors occurred.") -> Reply:
         return Reply(
             400,
             {
                 "type": "https://tools.ietf.org/html/rfc7231#section-6.5.1",
-                "title": "One or more validation errors occurred.",
+                "title": title,
                 "status": 400,
                 "errors": {field: [message]},
             },
@@ -499,38 +514,82 @@ class FakeGsf(FakeProvider):
 
     def answer(self, seen: Seen) -> Reply:
         params = query_params(seen)
-        for name in ("location", "dataStartAt", "dataEndAt", "windowSize"):
-            if name not in params:
-                return self.validation_error(name, f"The {name} field is required.")
+        if not params.get("location"):
+            return self.validation_error("location", "location is not set", "ArgumentException")
+        ticks = [(begin, begin + self.period, value) for begin, value in sorted(self.points, key=lambda p: p[0])]
+        if not ticks:
+            return Reply(500, {"title": "InternalServerError", "status": 500}, {"Content-Type": "application/json"})
+        first, last = ticks[0][0], ticks[-1][1]
         try:
-            start, end = parse_z(params["dataStartAt"]), parse_z(params["dataEndAt"])
+            start = parse_z(params["dataStartAt"]) if "dataStartAt" in params else first
+            end = parse_z(params["dataEndAt"]) if "dataEndAt" in params else last
+            minutes = int(params.get("windowSize", "0"))
         except ValueError:
-            return self.validation_error("dataStartAt", "not a date")
-        minutes = int(params["windowSize"])
+            return self.validation_error("dataStartAt", "The value is not valid.")
+        for name, moment in (("dataStartAt", start), ("dataEndAt", end)):
+            if not first <= moment <= last:
+                message = f"{name} must be within time range of the forecasted data, '{first}' through '{last}'"
+                return self.validation_error(name, message, "ArgumentException")
+        if start >= end:
+            message = "dataStartAt must be earlier than dataEndAt"
+            return self.validation_error("dataStartAt", message, "ArgumentException")
+        if self.filtering:
+            ticks = [t for t in ticks if t[1] >= start and t[0] <= end]
+        items = ticks if minutes <= 0 else rolling_means(ticks, timedelta(minutes=minutes), start, end)
         location = params["location"]
         data = [
-            {"location": location, "timestamp": begin.isoformat(), "duration": 5, "value": value}
-            for begin, value in self.points
-            if not self.filtering or (begin < end and begin + self.period > start)
+            {
+                "location": location,
+                "timestamp": begin.isoformat(),
+                "duration": round((finish - begin).total_seconds() / 60),
+                "value": value,
+            }
+            for begin, finish, value in items
         ]
         self.served = [(parse_z(d["timestamp"]), d["value"]) for d in data]
         numbers = [d for d in data if isinstance(d["value"], (int, float))]
-        optimal = min(numbers, key=lambda d: d["value"]) if numbers else None
-        optimal_point = None if optimal is None else {**optimal, "duration": minutes}
+        lowest = min((d["value"] for d in numbers), default=None)
+        optimal = [d for d in numbers if d["value"] == lowest]
         document: dict[str, Any] = {
-            "generatedAt": iso_z(start),
-            "requestedAt": iso_z(start),
+            "generatedAt": iso_z(first),
+            "requestedAt": iso_z(first),
             "location": location,
-            "dataStartAt": params["dataStartAt"],
-            "dataEndAt": params["dataEndAt"],
-            "windowSize": minutes,
+            "dataStartAt": iso_z(start),
+            "dataEndAt": iso_z(end),
+            "windowSize": minutes or round(self.period.total_seconds() / 60),
         }
         if self.optimal_key == "optimalDataPoint":
-            document["optimalDataPoint"] = optimal_point
+            document["optimalDataPoint"] = optimal[0] if optimal else None
         else:
-            document["optimalDataPoints"] = [] if optimal_point is None else [optimal_point]
+            document["optimalDataPoints"] = optimal
         document["forecastData"] = data
         return Reply(200, [document] if self.shape == "list" else document)
+
+
+def rolling_means(
+    ticks: Sequence[Interval], window: timedelta, data_start: datetime, data_end: datetime
+) -> list[Interval]:
+    """The SDK's RollingAverage: windows [t, t + window] stepping by the first tick's length from
+    max(data_start, first tick), each the time-weighted mean of the ticks it overlaps; a window is yielded only
+    when the ticks cover it, and the windows after the first stop once one would end past ``data_end``."""
+    if not ticks:
+        return []
+    step = ticks[0][1] - ticks[0][0]
+    begin = max(data_start, ticks[0][0])
+    out: list[Interval] = []
+    index = 0
+    while True:
+        finish = begin + window
+        if index > 0 and finish > data_end:
+            return out
+        if finish > ticks[-1][1]:
+            return out
+        parts = [(max(a, begin), min(b, finish), v) for a, b, v in ticks if b > begin and a < finish]
+        if parts and parts[0][0] == begin and all(v is not None for _a, _b, v in parts):
+            total = sum(float(v) * (b - a).total_seconds() for a, b, v in parts if v is not None)
+            out.append((begin, finish, total / window.total_seconds()))
+        begin += step
+        index += 1
 
 
 # ----------------------------------------------------------------------------------------------------------------

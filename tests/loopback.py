@@ -262,12 +262,77 @@ class FakeClock:
 # ----------------------------------------------------------------------------------------------------------------
 
 SCHEDULER_PROVIDERS = ("aws", "gcp", "azure", "ovh")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(text.split())
+
+
+# The scheduler's region enums (carbon-aware/scheduler scheduler/src/regions/{aws,azure}.py @cb0d9b9, gcp.py
+# @6c66ba1, ovh.py @2683546): a CloudZone's region must be a member of its provider's enum.
+SCHEDULER_ENUMS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "aws": (
+        "AwsRegion",
+        _names(
+            "af-south-1 ap-east-1 ap-northeast-1 ap-northeast-2 ap-northeast-3 ap-south-1 ap-south-2 ap-southeast-2 "
+            "ap-southeast-3 ap-southeast-4 ap-southeast-5 ap-southeast-7 ca-central-1 ca-west-1 eu-central-1 "
+            "eu-central-2 eu-north-1 eu-south-1 eu-south-2 eu-west-1 eu-west-2 eu-west-3 il-central-1 me-central-1 "
+            "mx-central-1 sa-east-1 us-east-1 us-east-2 us-west-1 us-west-2"
+        ),
+    ),
+    "gcp": (
+        "GcpRegion",
+        _names(
+            "asia-east1 asia-northeast1 asia-southeast1 europe-north1 europe-west1 europe-west3 europe-west4 "
+            "northamerica-northeast2 southamerica-west1 us-central1 us-east1 us-east4 us-west1 us-west2"
+        ),
+    ),
+    "azure": (
+        "AzureRegion",
+        _names(
+            "australiacentral australiaeast australiasoutheast brazilsouth canadacentral canadaeast centralindia "
+            "centralus chinaeast2 chinanorth chinanorth2 chinanorth3 eastasia eastus eastus2 francecentral "
+            "germanywestcentral indonesiacentral israelcentral italynorth japaneast japanwest koreacentral "
+            "mexicocentral newzealandnorth northcentralus northeurope norwayeast polandcentral southafricanorth "
+            "southcentralus southindia spaincentral swedencentral switzerlandnorth uaenorth uksouth ukwest "
+            "westcentralus westeurope westus westus2 westus3"
+        ),
+    ),
+    "ovh": (
+        "OvhRegion",
+        _names(
+            "ca-beauharnois ca-toronto de-frankfurt fr-gravelines fr-paris fr-roubaix fr-strasbourg gb-london "
+            "in-mumbai pl-warsaw sg-singapore us-hillsboro us-vint_hill"
+        ),
+    ),
+}
 _ISO_DURATION_TEXT = re.compile(r"^P(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
 
 
 def fastapi_422(loc: list[Any], msg: str, kind: str = "value_error") -> Reply:
     """FastAPI's validation error body."""
     return Reply(422, {"detail": [{"type": kind, "loc": loc, "msg": msg, "input": None}]})
+
+
+def region_enum_422(region: str, enums: dict[str, tuple[str, tuple[str, ...]]]) -> Reply:
+    """Pydantic's answer to a region outside ``AwsRegion | GcpRegion | AzureRegion | OvhRegion``: one error per
+    member of the union, the first naming ``enum[AwsRegion]`` whatever the provider asked for."""
+
+    def listing(names: tuple[str, ...]) -> str:
+        quoted = [f"'{name}'" for name in names]
+        return ", ".join(quoted[:-1]) + f" or {quoted[-1]}" if len(quoted) > 1 else "".join(quoted)
+
+    detail = [
+        {
+            "type": "enum",
+            "loc": ["body", "zones", 0, "region", f"enum[{enum}]"],
+            "msg": f"Input should be {listing(names)}",
+            "input": region,
+            "ctx": {"expected": listing(names)},
+        }
+        for enum, names in enums.values()
+    ]
+    return Reply(422, {"detail": detail})
 
 
 def _utc_text(moment: datetime) -> str:
@@ -278,8 +343,16 @@ class HostedScheduler:
     """Routes for ``POST /v0/schedule/`` (307 without the trailing slash), ``GET /health`` and ``GET /v0/regions/``.
 
     The request is validated as the real server does (422 with a FastAPI ``detail`` list; ``start`` must be no
-    earlier than five minutes before the server's clock and before ``end``). The ideal start is ``ideal_after``
-    past the window start; intensities are WattTime MOER in lbs/MWh. ``clock`` is the server's clock.
+    earlier than five minutes before the server's clock and before ``end``; a region outside the provider's enum
+    gets the union's 422 naming ``enum[AwsRegion]``; a duration under five minutes gets a plain-text 500, as the
+    real server's rollup fails on it). Intensities are WattTime MOER in lbs/MWh. ``clock`` is the server's clock.
+
+    Without ``moer`` the ideal start is ``ideal_after`` past the window start with fixed figures. With ``moer``
+    (lbs/MWh at each 5-minute point) the answer is computed as scheduler/src/modeling/schedule.py does: points
+    every 5 minutes from the server's now for ``horizon`` (WattTime's ~24 h), kept where start <= point <= end +
+    duration, a rolling mean over floor(duration / 5 min) points dated at its first point, sorted by intensity:
+    ideal the lowest, ``options`` the first ``num_options``, naive the earliest start -- so the ideal can lie 5 minutes
+    past the window's end (up to 10 for a job that is not whole 5-minute steps).
     """
 
     def __init__(
@@ -291,6 +364,9 @@ class HostedScheduler:
         naive_lbs: float = 800.0,
         clock: Callable[[], float] = time.time,
         latency: float = 0.0,
+        moer: Callable[[datetime], float] | None = None,
+        horizon: timedelta = timedelta(hours=24),
+        enums: dict[str, tuple[str, tuple[str, ...]]] | None = None,
     ) -> None:
         self.server = server
         self.ideal_after = ideal_after
@@ -298,10 +374,14 @@ class HostedScheduler:
         self.naive_lbs = naive_lbs
         self.clock = clock
         self.latency = latency
+        self.moer = moer
+        self.horizon = horizon
+        self.enums = SCHEDULER_ENUMS if enums is None else enums
         server.route("POST", "/v0/schedule/", self.schedule)
         server.route("POST", "/v0/schedule", Reply(307, b"", {"Location": "/v0/schedule/"}))
         server.route("GET", "/health", Reply(200, {"status": "ok"}))
-        server.route("GET", "/v0/regions/", Reply(200, {"regions": [{"provider": "aws", "region": "us-east-1"}]}))
+        listed = [{"provider": p, "region": r} for p, (_enum, names) in self.enums.items() for r in names]
+        server.route("GET", "/v0/regions/", Reply(200, {"regions": listed}))
 
     @property
     def base_url(self) -> str:
@@ -321,6 +401,8 @@ class HostedScheduler:
         match = _ISO_DURATION_TEXT.match(str(document.get("duration", "")))
         if not match or not any(match.groups()):
             return fastapi_422(["body", "duration"], "Input should be a valid duration", "duration_parsing")
+        days, hours, minutes, seconds = (float(g) if g else 0.0 for g in match.groups())
+        duration = timedelta(days=days, hours=hours, minutes=minutes, seconds=seconds)
         windows, zones = document.get("windows"), document.get("zones")
         if not isinstance(windows, list) or not windows:
             return fastapi_422(["body", "windows"], "List should have at least 1 item after validation")
@@ -342,8 +424,19 @@ class HostedScheduler:
             return fastapi_422(["body", "zones", 0, "provider"], "Input should be 'aws', 'gcp', 'azure' or 'ovh'")
         if not isinstance(zone.get("region"), str):
             return fastapi_422(["body", "zones", 0, "region"], "Input should be a valid string", "string_type")
+        if not any(zone["region"] in names for _enum, names in self.enums.values()):
+            return region_enum_422(zone["region"], self.enums)
+        if zone["region"] not in self.enums.get(zone["provider"], ("", ()))[1]:
+            message = f"Value error, Invalid region '{zone['region']}' for provider '{zone['provider']}'"
+            return fastapi_422(["body", "zones", 0], message)
         if not isinstance(document.get("num_options", 3), int):  # optional: the server defaults it to 3
             return fastapi_422(["body", "num_options"], "Input should be a valid integer", "int_type")
+        if duration < timedelta(minutes=5):  # its rollup yields no c02_moer column: an unhandled KeyError
+            return Reply(500, "Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"})
+        if duration > self.horizon:  # no start has a whole job of forecast: "No valid forecast data", unhandled
+            return Reply(500, "Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"})
+        if self.moer is not None:
+            return self._replayed(start, end, duration, zone, int(document.get("num_options", 3)))
         ideal = start + self.ideal_after
 
         def case(moment: datetime, lbs: float) -> dict[str, Any]:
@@ -360,6 +453,41 @@ class HostedScheduler:
                 "vs_worst_case": round(100 * (worst - self.ideal_lbs) / worst, 1),
                 "vs_naive_case": round(100 * (self.naive_lbs - self.ideal_lbs) / self.naive_lbs, 1),
                 "vs_median_case": 5.1,
+            },
+        }
+        return Reply(200, body, delay=self.latency)
+
+    def rolled(self, start: datetime, end: datetime, duration: timedelta) -> list[tuple[datetime, float]]:
+        """(start time, mean lbs/MWh) of every start the real server compares, in time order."""
+        assert self.moer is not None
+        step = timedelta(minutes=5)
+        now = datetime.fromtimestamp(self.clock(), timezone.utc)
+        first = now - timedelta(seconds=now.timestamp() % 300)
+        points = [first + i * step for i in range(int(self.horizon / step))]
+        kept = [(t, self.moer(t)) for t in points if start <= t <= end + duration]
+        size = int(duration.total_seconds() / 60 / 5)
+        return [(kept[i][0], sum(v for _t, v in kept[i : i + size]) / size) for i in range(len(kept) - size + 1)]
+
+    def _replayed(self, start: datetime, end: datetime, duration: timedelta, zone: Any, count: int) -> Reply:
+        rows = self.rolled(start, end, duration)
+        if not rows:  # "No valid forecast data available ...": a ValueError, unhandled
+            return Reply(500, "Internal Server Error", {"Content-Type": "text/plain; charset=utf-8"})
+        ranked = sorted(rows, key=lambda row: row[1])  # stable: equal means keep time order
+
+        def case(row: tuple[datetime, float]) -> dict[str, Any]:
+            return {"time": _utc_text(row[0]), "zone": zone, "co2_intensity": row[1]}
+
+        ideal, worst, median, naive = ranked[0], ranked[-1], ranked[len(ranked) // 2], rows[0]
+        body = {
+            "ideal": case(ideal),
+            "options": [case(row) for row in ranked[:count]],
+            "worst_case": case(worst),
+            "naive_case": case(naive),
+            "median_case": case(median),
+            "carbon_savings": {
+                "vs_worst_case": (worst[1] - ideal[1]) / worst[1] * 100,
+                "vs_naive_case": (naive[1] - ideal[1]) / naive[1] * 100,
+                "vs_median_case": (median[1] - ideal[1]) / median[1] * 100,
             },
         }
         return Reply(200, body, delay=self.latency)

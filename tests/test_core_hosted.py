@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import carbonaware_core as core
 from carbonaware_core import carbonaware_delay, plan_delay
@@ -85,8 +87,11 @@ def carbonaware_logs(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord
         (timedelta(minutes=30), "PT30M"),
         (timedelta(minutes=90), "PT1H30M"),
         (timedelta(hours=2), "PT2H"),
-        (timedelta(days=1, hours=2), "P1DT2H"),
-        (timedelta(seconds=45), "PT45S"),
+        (timedelta(hours=23, minutes=30), "PT23H30M"),
+        (timedelta(days=1), "P1D"),
+        (timedelta(seconds=45), "PT5M"),  # the real server answers 500 to anything under five minutes
+        (timedelta(minutes=4, seconds=59), "PT5M"),
+        (timedelta(minutes=5), "PT5M"),
     ],
 )
 def test_request_shape(backend: str, scheduler: HostedScheduler, duration: timedelta, iso: str) -> None:
@@ -153,10 +158,238 @@ def test_ideal_a_few_minutes_in_the_past_starts_now(backend: str, server: Loopba
 def test_ideal_just_past_the_window_is_clamped_to_its_end(
     backend: str, server: LoopbackServer, clock: FakeClock
 ) -> None:
+    """Bug caught: the clamped start carried the scheduler's figures for a start 3 minutes later."""
     server.route("POST", "/v0/schedule/", Reply(200, answer(utc(BASE + WINDOW + timedelta(minutes=3)))))
     plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
     assert plan.start == BASE + WINDOW  # never a start outside the window
     assert plan.reason == "optimal"
+    assert plan.expected is None and plan.savings is None  # the figures were for 18:03, not 18:00
+    assert plan.now == pytest.approx(800.0 * LBS)
+    assert "2025-06-01T18:03:00Z, lies past the window's end" in plan.detail
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The real server's rules, replayed (scheduler/src/modeling/schedule.py, its region enums)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _valley_at_the_end(moment: datetime) -> float:
+    """MOER (lbs/MWh) falling towards a minimum just past 18:00 + 30 min: the best 30-minute start is 18:05."""
+    minutes = (moment - BASE).total_seconds() / 60
+    return 900.0 - min(minutes, 390.0) + (200.0 if minutes > 400 else 0.0)
+
+
+def test_the_servers_ideal_past_the_window_gives_way_to_its_best_option_inside(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    hosted = HostedScheduler(server, clock=clock.time, moer=_valley_at_the_end)
+    window_end = BASE + WINDOW
+    rolled = dict(hosted.rolled(BASE, window_end, DURATION))
+    assert min(rolled, key=lambda t: rolled[t]) == window_end + timedelta(minutes=5)  # the server's ideal: outside
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    inside = {t: v for t, v in rolled.items() if t <= window_end}
+    best = min(inside, key=lambda t: (inside[t], t))
+    assert plan.start == best == window_end
+    assert plan.expected == pytest.approx(inside[best] * LBS)  # the figure for the start taken, not for 18:05
+    assert plan.now == pytest.approx(rolled[BASE] * LBS)
+    assert plan.savings == pytest.approx(1 - inside[best] / rolled[BASE])
+
+
+def test_a_job_of_odd_minutes_can_see_the_ideal_ten_minutes_past_the_end(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    """Bug caught (by the property test below): a 74-minute job in a 1-minute window got the server's ideal 9
+    minutes past the window's end, which the client rejected as outside the window, so no plan."""
+
+    def falling(moment: datetime) -> float:
+        return 500.0 - (moment - BASE).total_seconds() / 60
+
+    hosted = HostedScheduler(server, clock=clock.time, moer=falling)
+    window, duration = timedelta(minutes=1), timedelta(minutes=74)
+    rolled = dict(hosted.rolled(BASE, BASE + window, duration))
+    assert max(rolled) == BASE + timedelta(minutes=10)  # the latest start the server compares
+    plan = plan_delay(window, duration, "aws", "us-west-1", source="carbonaware")
+    # its options inside the 1-minute window: only 12:00, so starting at once is the best the window allows
+    assert (plan.reason, plan.start) == ("already-best", BASE)
+    assert plan.expected == pytest.approx(rolled[BASE] * LBS)
+
+
+def test_the_servers_answer_inside_the_window_is_taken_as_it_is(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    def valley(moment: datetime) -> float:
+        return 300.0 if BASE + timedelta(hours=2) <= moment < BASE + timedelta(hours=3) else 700.0
+
+    hosted = HostedScheduler(server, clock=clock.time, moer=valley)
+    plan = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    rolled = dict(hosted.rolled(BASE, BASE + WINDOW, DURATION))
+    assert plan.start == BASE + timedelta(hours=2)
+    assert plan.expected == pytest.approx(rolled[plan.start] * LBS) == pytest.approx(300.0 * LBS)
+    assert plan.savings == pytest.approx(1 - 300.0 / 700.0)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    blocks=st.lists(st.integers(100, 1000), min_size=60, max_size=60),
+    window_minutes=st.integers(1, 6 * 60),
+    duration_minutes=st.one_of(st.integers(1, 4), st.integers(5, 180)),
+    dip_after_the_window=st.booleans(),
+)
+def test_every_hosted_plan_starts_inside_the_window_with_figures_for_that_start(
+    server: LoopbackServer,
+    clock: FakeClock,
+    blocks: list[int],
+    window_minutes: int,
+    duration_minutes: int,
+    dip_after_the_window: bool,
+) -> None:
+    """For any forecast, window and job the real server's algorithm meets: the start lies in the window, and any
+    expected intensity the plan reports is the server's rolling mean for that very start. (A dip just after the
+    window's end puts the server's ideal past it.)"""
+    core.clear_cache()
+    window, duration = window_minutes * MINUTE, duration_minutes * MINUTE
+
+    def moer(moment: datetime) -> float:
+        if dip_after_the_window and BASE + window < moment <= BASE + window + duration:
+            return 50.0
+        return float(blocks[int((moment - BASE) / (30 * MINUTE))])
+
+    hosted = HostedScheduler(server, clock=clock.time, moer=moer)
+    plan = plan_delay(window, duration, "aws", "us-west-1", source="carbonaware")
+    assert plan.reason in ("optimal", "already-best"), plan.detail
+    assert BASE <= plan.start <= BASE + window
+    rolled = dict(hosted.rolled(BASE, BASE + window, max(duration, 5 * MINUTE)))
+    if plan.expected is not None:
+        assert plan.expected == pytest.approx(rolled[plan.start] * LBS)
+    assert plan.now == pytest.approx(rolled[BASE] * LBS)
+    if plan.reason == "optimal" and plan.expected is not None:  # the best start inside the window: its options
+        # are the lowest means overall, so the lowest of them inside the window is the lowest inside it
+        assert plan.expected == pytest.approx(min(v for t, v in rolled.items() if t <= BASE + window) * LBS)
+
+
+MINUTE = timedelta(minutes=1)
+
+
+def test_a_job_under_five_minutes_is_asked_about_as_five(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    """Bug caught: the real server answers 500 to any duration under PT5M, so short jobs never got a plan."""
+
+    def valley(moment: datetime) -> float:
+        return 300.0 if BASE + timedelta(hours=1) <= moment < BASE + timedelta(hours=1, minutes=5) else 700.0
+
+    hosted = HostedScheduler(server, clock=clock.time, moer=valley)
+    plan = plan_delay(WINDOW, timedelta(seconds=40), "aws", "us-west-1", source="carbonaware")
+    [seen] = hosted.calls
+    assert seen.json()["duration"] == "PT5M"
+    assert plan.reason == "optimal" and plan.start == BASE + timedelta(hours=1)
+    assert plan.expected == pytest.approx(300.0 * LBS)
+
+
+@pytest.mark.parametrize(
+    ("provider", "region"), [("gcp", "us-east5"), ("aws", "ap-southeast-1"), ("azure", "eastus3"), ("ovh", "x")]
+)
+def test_a_region_the_scheduler_does_not_support_is_never_sent(
+    backend: str, server: LoopbackServer, clock: FakeClock, provider: str, region: str
+) -> None:
+    """Bug caught: the request went out and came back as a 422 naming ``enum[AwsRegion]``, even for GCP."""
+    hosted = HostedScheduler(server, clock=clock.time)
+    plan = plan_delay(WINDOW, DURATION, provider, region)  # the default chain: the scheduler, then offline
+    assert hosted.calls == []
+    said = f"carbonaware: {provider}:{region} is not supported by the hosted scheduler"
+    assert said in plan.detail  # and then the offline model, where it knows the region's grid
+    assert plan.source != "carbonaware"
+    assert plan.fallbacks in ((), (said,))
+
+
+def test_a_job_longer_than_the_servers_day_is_not_sent(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    hosted = HostedScheduler(server, clock=clock.time)
+    plan = plan_delay(WINDOW, timedelta(days=1, hours=2), "aws", "us-west-1")
+    assert hosted.calls == []
+    assert "carbonaware: a job over 24h00m is longer than the hosted scheduler's forecast" in plan.detail
+
+
+def test_the_servers_500_for_a_job_past_its_forecast_is_replayed(server: LoopbackServer, clock: FakeClock) -> None:
+    import urllib.error
+    import urllib.request
+
+    HostedScheduler(server, clock=clock.time)
+    for duration, status in (("P1D", 200), ("P1DT2H", 500), ("PT4M59S", 500)):
+        body = {
+            "duration": duration,
+            "windows": [{"start": utc(BASE), "end": utc(BASE + WINDOW)}],
+            "zones": [ZONE],
+        }
+        request = urllib.request.Request(
+            f"{server.url}/v0/schedule/", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(request) as answered:
+                got = answered.status
+        except urllib.error.HTTPError as refused:
+            got = refused.code
+        assert got == status, duration
+
+
+def test_the_servers_422_for_an_unknown_region_is_replayed(server: LoopbackServer, clock: FakeClock) -> None:
+    import urllib.error
+    import urllib.request
+
+    HostedScheduler(server, clock=clock.time)
+    body = json.dumps(
+        {
+            "duration": "PT30M",
+            "windows": [{"start": utc(BASE), "end": utc(BASE + WINDOW)}],
+            "zones": [{"provider": "gcp", "region": "us-east5"}],
+        }
+    ).encode()
+    request = urllib.request.Request(f"{server.url}/v0/schedule/", body, {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request)
+    assert refused.value.code == 422
+    detail = json.loads(refused.value.read())["detail"]
+    assert detail[0]["loc"] == ["body", "zones", 0, "region", "enum[AwsRegion]"]
+    with urllib.request.urlopen(f"{server.url}/v0/regions/") as listed:
+        regions = {(z["provider"], z["region"]) for z in json.load(listed)["regions"]}
+    assert len(regions) == 100 and ("gcp", "us-east5") not in regions
+    assert regions == {(p, r) for p, names in core.SCHEDULER_REGIONS.items() for r in names}
+
+
+def test_an_older_server_refusing_a_listed_region_is_reported_as_unsupported(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    only_aws = {"aws": ("AwsRegion", ("us-east-1",))}
+    hosted = HostedScheduler(server, clock=clock.time, enums=only_aws)
+    plan = plan_delay(WINDOW, DURATION, "azure", "westeurope", source="carbonaware")
+    assert len(hosted.calls) == 1
+    assert plan.reason == "source-failed"
+    assert "azure:westeurope is not supported by the hosted scheduler (HTTP 422)" in plan.detail
+
+
+def test_a_window_longer_than_the_servers_day_says_so(backend: str, server: LoopbackServer, clock: FakeClock) -> None:
+    hosted = HostedScheduler(server, clock=clock.time, ideal_after=timedelta(hours=3))
+    plan = plan_delay(timedelta(hours=48), DURATION, "aws", "us-west-1", source="carbonaware")
+    [seen] = hosted.calls
+    assert seen.json()["windows"] == [{"start": utc(BASE), "end": utc(BASE + timedelta(hours=24))}]
+    assert plan.reason == "optimal" and plan.start == BASE + timedelta(hours=3)
+    assert "carbonaware looks only 24h00m ahead, so starts after 2025-06-02T12:00:00Z were not compared" in plan.detail
+    short = plan_delay(timedelta(hours=24), DURATION, "aws", "us-west-1", source="carbonaware")
+    assert "looks only" not in short.detail
+
+
+def test_a_shared_decision_minutes_later_is_no_shorter_a_look(
+    backend: str, server: LoopbackServer, clock: FakeClock
+) -> None:
+    hosted = HostedScheduler(server, clock=clock.time, ideal_after=timedelta(hours=3))
+    plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    long = plan_delay(timedelta(hours=48), DURATION, "aws", "us-west-1", source="carbonaware")
+    clock.advance(120)
+    again = plan_delay(WINDOW, DURATION, "aws", "us-west-1", source="carbonaware")
+    long_again = plan_delay(timedelta(hours=48), DURATION, "aws", "us-west-1", source="carbonaware")
+    assert len(hosted.calls) == 2  # one per window length: the later callers were answered from the cache
+    assert "looks only" not in again.detail
+    assert long.detail == long_again.detail  # the look ahead is the one the shared decision had
+    assert "starts after 2025-06-02T12:00:00Z were not compared" in long_again.detail
 
 
 def test_ideal_worse_than_now_starts_now(backend: str, scheduler: HostedScheduler) -> None:

@@ -194,7 +194,7 @@ def test_sync_task_starts_at_the_ideal_time(scheduler: Scheduler) -> None:
     assert began - called <= WINDOW.total_seconds()
     assert len(scheduler.requests) == 1
     sent = scheduler.requests[0].json()
-    assert sent["zones"] == [ZONE] and sent["duration"] == "PT1M"
+    assert sent["zones"] == [ZONE] and sent["duration"] == "PT5M"  # 1 min is asked as 5 (500 otherwise)
 
 
 def test_async_task_waits_without_blocking_the_event_loop(scheduler: Scheduler) -> None:
