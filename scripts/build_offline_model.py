@@ -266,11 +266,17 @@ def _job_mean(prefix: Sequence[float], start: float, length: float) -> float:
     return (integral(start + length) - integral(start)) / length
 
 
-def decision_outcomes(profile: Any, kind: str, truth: Sequence[Row], every: int = EVERY) -> list[Outcome]:
+def decision_outcomes(
+    profile: Any,
+    kind: str,
+    truth: Sequence[Row],
+    every: int = EVERY,
+    configs: Sequence[tuple[float, float]] = THRESHOLD_CONFIGS,
+) -> list[Outcome]:
     """Plan every ``every``-th hour of ``truth`` on ``profile`` (the offline forecast) with the library's planner,
-    for each of THRESHOLD_CONFIGS, and score the choice on the true series. Hours whose horizon meets a gap are
-    skipped. The perfect-forecast saving is the planner's own answer on the true series (exact: the planner finds the
-    lowest mean of a step series, tested against brute force in bench/backtest.py)."""
+    for each (window, job) of ``configs`` (in hours), and score the choice on the true series. Hours whose horizon
+    meets a gap are skipped. The perfect-forecast saving is the planner's own answer on the true series (exact: the
+    planner finds the lowest mean of a step series, tested against brute force in bench/backtest.py)."""
     core = _core()
     if not truth:
         return []
@@ -288,7 +294,7 @@ def decision_outcomes(profile: Any, kind: str, truth: Sequence[Row], every: int 
     hours = [float(k) for k in range(count)]
     ends = [k + 1.0 for k in range(count)]
     outcomes: list[Outcome] = []
-    for window, job in THRESHOLD_CONFIGS:
+    for window, job in configs:
         span = math.ceil(window + job)
         for now in range(0, count - span, every):
             if any(now <= g < now + span for g in gaps):

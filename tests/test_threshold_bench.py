@@ -1,0 +1,99 @@
+"""bench/thresholds.py: how far a minimum predicted saving can take the offline model (issue 9 item 8)."""
+
+from __future__ import annotations
+
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parent.parent
+for folder in ("scripts", "bench"):
+    sys.path.insert(0, str(ROOT / folder))
+
+import build_offline_model as bom  # noqa: E402 - scripts/ and bench/ are not packages
+import thresholds  # noqa: E402
+
+GOOD = (0.05, 0.05, 0.06)  # (predicted, true, perfect saving): a wait that pays
+NOISE_HARM = (0.005, -0.01, 0.06)  # a small prediction that ends dirtier
+NOISE_GOOD = (0.005, 0.004, 0.06)
+
+
+def test_an_effect_counts_waits_harm_and_saving_above_the_floor() -> None:
+    outcomes = [GOOD, NOISE_HARM, NOISE_GOOD, (0.0005, 0.02, 0.06)]  # the last: under the planner's 0.1 % rule
+    none = thresholds.effect(outcomes, 0.0)
+    assert (none.waits, none.harmful, none.starts) == (3, 1, 4)
+    assert none.kept == pytest.approx(0.05 - 0.01 + 0.004)
+    assert none.perfect == pytest.approx(0.24) and none.strong  # 6 % on average: counts in the share
+    high = thresholds.effect(outcomes, 0.01)
+    assert (high.waits, high.harmful, high.kept) == (1, 0, 0.05)
+
+
+def test_pooled_share_counts_strong_zones_and_harm_counts_every_zone() -> None:
+    strong = thresholds.effect([GOOD, NOISE_HARM], 0.0)
+    weak = thresholds.effect([(0.005, -0.001, 0.01)] * 2, 0.0)  # perfect 1 %: out of the share, in the harm
+    result = thresholds.pooled([strong, weak])
+    assert result.share == pytest.approx((0.05 - 0.01) / 0.12)
+    assert result.harmful == pytest.approx(3 / 4) and result.waits == 4
+
+
+def test_hindsight_raises_the_minimum_where_small_predictions_are_noise() -> None:
+    """Zone A's small predictions end dirtier; zone B predicts well. The target is reached by raising A alone,
+    and B keeps its minimum of 0."""
+    outcomes = {
+        "A": [GOOD] * 4 + [NOISE_HARM] * 6 + [NOISE_GOOD] * 2,
+        "B": [GOOD] * 6 + [(0.02, 0.018, 0.06)] * 6,
+    }
+    before = thresholds.pooled([thresholds.effect(o, 0.0) for o in outcomes.values()])
+    assert before.harmful == pytest.approx(6 / 24)
+    chosen = thresholds.hindsight_minimums(outcomes, target=0.10)
+    assert chosen["B"] == 0.0 and 0.005 < chosen["A"] <= 0.05
+    after = thresholds.pooled([thresholds.effect(o, chosen[z]) for z, o in outcomes.items()])
+    assert after.harmful <= 0.10 and after.share > before.share  # dropping harmful waits gains saving
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from("ABCD"),
+        st.lists(
+            st.tuples(st.floats(0, 0.2), st.floats(-0.1, 0.2), st.floats(0, 0.3)).map(
+                lambda o: (o[0], min(o[1], o[2]), o[2])  # no choice beats the perfect forecast
+            ),
+            min_size=1,
+            max_size=30,
+        ),
+        min_size=1,
+    ),
+    st.floats(0, 0.5),
+)
+def test_hindsight_never_adds_harm_and_stops_at_the_target_or_the_grid(
+    outcomes: dict[str, list[tuple[float, float, float]]], target: float
+) -> None:
+    chosen = thresholds.hindsight_minimums(outcomes, target)
+    assert set(chosen) == set(outcomes) and all(m in thresholds.GRID for m in chosen.values())
+    before = thresholds.pooled([thresholds.effect(o, 0.0) for o in outcomes.values()])
+    after = thresholds.pooled([thresholds.effect(o, chosen[z]) for z, o in outcomes.items()])
+    assert after.harmful <= before.harmful + 1e-12
+    if after.harmful > target:  # not reached: then no single further raise of any zone lowers the harm
+        for zone in outcomes:
+            for minimum in thresholds.GRID:
+                if minimum > chosen[zone]:
+                    trial = {**chosen, zone: minimum}
+                    raised = thresholds.pooled([thresholds.effect(o, trial[z]) for z, o in outcomes.items()])
+                    assert raised.harmful >= after.harmful - 1e-12
+
+
+def test_decision_outcomes_can_be_asked_for_one_configuration() -> None:
+    """A flat profile against a truth that dips at 03:00 UTC: one configuration gives one outcome per start."""
+    start = datetime(2023, 1, 1, tzinfo=timezone.utc)
+    truth = [(start + timedelta(hours=k), 100.0 - 50 * ((k % 24) == 3)) for k in range(24 * 10)]
+    profile = [[100.0] * 24 for _ in range(12)]
+    every = bom.decision_outcomes(profile, "month-hour-utc", truth, every=5)
+    one = bom.decision_outcomes(profile, "month-hour-utc", truth, every=5, configs=((6.0, 1.0),))
+    assert len(one) == len(range(0, 240 - 7, 5)) and len(every) > len(one)
+    assert all(predicted == 0.0 and true == 0.0 for predicted, true, _ in one)  # flat: never waits
+    assert any(perfect == pytest.approx(0.5) for _, _, perfect in one)  # the dip is within reach sometimes
