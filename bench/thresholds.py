@@ -3,6 +3,7 @@
 One command from a clean clone (stdlib only, plus the core and the model builder of this repository):
 
     python bench/thresholds.py [--data ../shared/data] [--every 5] [--target 0.10] [--markdown]
+        [--kind month-weekpart-hour-utc --shrink 10]   # the same for another profile layout the builder makes
 
 The question: can a threshold on the predicted saving (below it, start at once: the planner's ``below-threshold``)
 bring the share of waits that end dirtier than starting at once down to ``--target`` while giving up at most one
@@ -12,14 +13,18 @@ library's, the share is the summed saving over the summed perfect-forecast savin
 harmful waits are pooled over every scored zone. Rules, per (window, job):
 
 - none: no minimum (the planner's 0.1 % rule only);
-- per zone (shipped rule): ``build_offline_model.choose_min_saving`` on the year before the held-out year with a
-  profile of the years before that, the median for zones without such a year (what bench/backtest.py calls
-  "min/zone");
+- per zone (shipped): ``build_offline_model.choose_min_saving`` on the year before the held-out year with a profile
+  of the years before that, the median for zones without such a year (bench/backtest.py's "min/zone");
 - uniform t: one minimum for every zone;
-- hindsight: per-zone minimums chosen on the HELD-OUT year itself, separately for each (window, job), greedily
-  (each step raises the one zone's minimum that removes the most harmful-wait share per point of saving given up)
-  until the harmful share reaches the target. It sees the answers, so no rule chosen on other years can be
-  expected to do better: its cost is a floor on what the target costs with thresholds on this forecast.
+- to target on validation, per zone or per zone x 6 h of the day (UTC, of "now"): minimums chosen by the greedy
+  search below on the year before the held-out year (profile of the years before that), per (window, job), then
+  applied to the held-out year; units without a validation year get the median;
+- hindsight, per zone or per zone x 6 h of the day: the same greedy search on the HELD-OUT year itself. It sees the
+  answers, so a rule chosen on other years cannot be expected to do better: its cost bounds from below what the
+  target costs with such thresholds on this forecast.
+
+The greedy search (``hindsight_minimums``) raises, step by step, the one unit's minimum that removes the most
+harmful-wait share per point of saving given up, until the target is reached or no raise lowers the harm.
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ import argparse
 import math
 import os
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 for _path in (str(ROOT), str(ROOT / "scripts")):
@@ -43,37 +50,44 @@ import build_offline_model as bom  # noqa: E402 - after the path set-up on purpo
 SHARE_THRESHOLD = 0.05  # zones where the perfect forecast saves more than this enter the share (as bench/backtest)
 GRID = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15)
 UNIFORM = (0.01, 0.02, 0.03, 0.04, 0.05)
+BLOCK_HOURS = 6  # "per zone x 6 h of the day": four blocks of UTC hours
+
+Record = tuple[datetime, bom.Outcome]
+Unit = TypeVar("Unit", bound=Hashable)
 
 
 @dataclass(frozen=True)
 class ZoneOutcomes:
-    """One zone's decisions on its held-out year, one list per configuration, and its validated minimum."""
+    """One zone's decisions, one tuple per configuration: on its held-out year and (when it has one) on the year
+    before, each with a profile of the years before it; and its shipped-rule minimum."""
 
     zone: str
     year: int
-    by_config: tuple[tuple[bom.Outcome, ...], ...]
+    test: tuple[tuple[Record, ...], ...]
+    validation: tuple[tuple[Record, ...], ...] | None
     validated: float | None
 
 
 @dataclass(frozen=True)
 class Effect:
-    """A rule's outcome on one zone and configuration: the saving kept (summed over the starts), the perfect
-    forecast's, the number of waits, how many of them ended dirtier, and the number of starts."""
+    """A rule's outcome on one unit (a zone, or part of one): saving kept and perfect saving (summed over the
+    starts), the number of waits, how many ended dirtier, and whether the unit's zone enters the share."""
 
     kept: float
     perfect: float
     waits: int
     harmful: int
-    starts: int = 1
-
-    @property
-    def strong(self) -> bool:
-        """Whether the zone enters the share: its perfect forecast saves more than 5 % on average."""
-        return self.perfect / self.starts > SHARE_THRESHOLD
+    strong: bool
 
 
-def effect(outcomes: Sequence[bom.Outcome], minimum: float) -> Effect:
-    """What a minimum predicted saving does to one zone's decisions (below it and below 0.1 %: start at once)."""
+def is_strong(outcomes: Sequence[bom.Outcome]) -> bool:
+    """Whether a zone enters the share: its perfect forecast saves more than 5 % on average."""
+    return bool(outcomes) and math.fsum(o[2] for o in outcomes) / len(outcomes) > SHARE_THRESHOLD
+
+
+def effect(outcomes: Sequence[bom.Outcome], minimum: float, strong: bool | None = None) -> Effect:
+    """What a minimum predicted saving does to a unit's decisions (below it and below 0.1 %: start at once);
+    ``strong`` defaults to the unit's own average (pass the zone's for a part of a zone)."""
     floor = max(minimum, bom.NEGLIGIBLE)
     waits = [true for predicted, true, _ in outcomes if predicted >= floor]
     return Effect(
@@ -81,13 +95,13 @@ def effect(outcomes: Sequence[bom.Outcome], minimum: float) -> Effect:
         math.fsum(o[2] for o in outcomes),
         len(waits),
         sum(1 for true in waits if true < 0),
-        max(1, len(outcomes)),
+        is_strong(outcomes) if strong is None else strong,
     )
 
 
 @dataclass(frozen=True)
 class Pooled:
-    """Over the zones: share of the summed perfect saving (zones where it exceeds 5 %), harmful share of waits."""
+    """Over the units: share of the summed perfect saving (zones where it exceeds 5 %), harmful share of waits."""
 
     share: float
     harmful: float
@@ -106,53 +120,140 @@ def pooled(effects: Sequence[Effect]) -> Pooled:
 
 
 def hindsight_minimums(
-    outcomes: Mapping[str, Sequence[bom.Outcome]], target: float, grid: Sequence[float] = GRID
-) -> dict[str, float]:
-    """Per-zone minimums on ``grid`` that bring the pooled harmful share to ``target`` at a small loss of saving,
-    chosen greedily on the very decisions they are scored on: each step raises the one zone's minimum with the
-    largest drop of the harmful share per point of share given up. Stops at the target, or when no raise lowers
-    the harmful share."""
-    table = {zone: [effect(found, t) for t in grid] for zone, found in outcomes.items()}
+    outcomes: Mapping[Unit, Sequence[bom.Outcome]],
+    target: float,
+    grid: Sequence[float] = GRID,
+    strong: Mapping[Unit, bool] | None = None,
+) -> dict[Unit, float]:
+    """Per-unit minimums on ``grid`` that bring the pooled harmful share to ``target`` at a small loss of saving,
+    chosen greedily on the decisions given: each step raises the one unit's minimum with the largest drop of the
+    harmful share per point of share given up. Stops at the target, or when no raise lowers the harmful share.
+    ``strong`` says which units count in the share (default: each unit's own average)."""
+    table = {
+        unit: [effect(found, t, None if strong is None else strong[unit]) for t in grid]
+        for unit, found in outcomes.items()
+    }
     level = dict.fromkeys(outcomes, 0)
 
-    def state(levels: Mapping[str, int]) -> Pooled:
-        return pooled([table[zone][index] for zone, index in levels.items()])
+    def state(levels: Mapping[Unit, int]) -> Pooled:
+        return pooled([table[unit][index] for unit, index in levels.items()])
 
     current = state(level)
     while current.harmful > target:
-        best: tuple[float, str, int, Pooled] | None = None
-        for zone in outcomes:
-            for index in range(level[zone] + 1, len(grid)):
-                trial = state({**level, zone: index})
+        best: tuple[float, Unit, int, Pooled] | None = None
+        for unit in outcomes:
+            for index in range(level[unit] + 1, len(grid)):
+                trial = state({**level, unit: index})
                 gain = current.harmful - trial.harmful
                 if gain <= 0:
                     continue
                 score = gain / max(current.share - trial.share, 1e-9)
                 if best is None or score > best[0]:
-                    best = (score, zone, index, trial)
+                    best = (score, unit, index, trial)
         if best is None:
             break
-        _, zone, index, current = best
-        level[zone] = index
-    return {zone: grid[index] for zone, index in level.items()}
+        _, unit, index, current = best
+        level[unit] = index
+    return {unit: grid[index] for unit, index in level.items()}
 
 
-def zone_outcomes(args: tuple[Path, str, int]) -> ZoneOutcomes | None:
-    """The held-out decisions of one zone (None when it has no year before its latest)."""
-    data_dir, zone, every = args
+def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | None:
+    """The decisions of one zone (None when it has no year before its latest), with the builder's profile of
+    layout ``kind`` and weekpart shrinkage ``shrink`` (its other settings as shipped)."""
+    data_dir, zone, every, kind, shrink = args
     years = bom.available_years(data_dir, zone)
     if len(years) < 2:
         return None
-    test, earlier = years[-1], years[:-1]
-    rows = [row for year in earlier for row in bom.load_zone_year(data_dir, zone, year)]
-    kind, smoothing, significant = bom.DEFAULT_KIND, bom.DEFAULT_SMOOTHING, bom.DEFAULT_SIGNIFICANT
-    profile = bom.build_profile(rows, kind, 1, smoothing=smoothing, significant=significant)
-    truth = bom.load_zone_year(data_dir, zone, test)
-    by_config = tuple(
-        tuple(bom.decision_outcomes(profile, kind, truth, every, configs=(config,))) for config in bom.THRESHOLD_CONFIGS
-    )
-    validated = bom.validated_min_saving(data_dir, zone, earlier[-1], kind, smoothing, significant)
-    return ZoneOutcomes(zone, test, by_config, validated)
+    smoothing, significant = bom.DEFAULT_SMOOTHING, bom.DEFAULT_SIGNIFICANT
+    loaded = {year: bom.load_zone_year(data_dir, zone, year) for year in years}
+
+    def records(test: int) -> tuple[tuple[Record, ...], ...]:
+        rows = [row for year in years if year < test for row in loaded[year]]
+        profile = bom.build_profile(rows, kind, 1, smoothing=smoothing, significant=significant, shrink=shrink)
+        return tuple(
+            tuple(bom.decision_records(profile, kind, loaded[test], every, configs=(config,)))
+            for config in bom.THRESHOLD_CONFIGS
+        )
+
+    validated = bom.validated_min_saving(data_dir, zone, years[-2], kind, smoothing, significant, shrink)
+    return ZoneOutcomes(zone, years[-1], records(years[-1]), records(years[-2]) if len(years) > 2 else None, validated)
+
+
+def by_zone(records: Sequence[Record]) -> list[bom.Outcome]:
+    return [outcome for _, outcome in records]
+
+
+def block_of(moment: datetime) -> int:
+    return moment.hour // BLOCK_HOURS
+
+
+def by_block(zone: str, records: Sequence[Record]) -> dict[tuple[str, int], list[bom.Outcome]]:
+    """A zone's decisions split by the block of the day (UTC) of the moment they were planned at."""
+    split: dict[tuple[str, int], list[bom.Outcome]] = {(zone, b): [] for b in range(24 // BLOCK_HOURS)}
+    for moment, outcome in records:
+        split[(zone, block_of(moment))].append(outcome)
+    return split
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
+
+
+def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -> dict[str, Callable[[str], float]]:
+    """Every rule as a function (zone, block) -> minimum for one configuration; zones as keys, blocks too."""
+    validated = {z.zone: z.validated for z in found if z.validated is not None}
+    default = bom.default_min_saving(validated)
+    test = {z.zone: by_zone(z.test[index]) for z in found}
+    strong = {zone: is_strong(outcomes) for zone, outcomes in test.items()}
+    with_validation = [z for z in found if z.validation is not None]
+    val_zone = {z.zone: by_zone(z.validation[index]) for z in with_validation if z.validation}
+    val_strong = {zone: is_strong(outcomes) for zone, outcomes in val_zone.items()}
+    val_blocks = {
+        k: v for z in with_validation if z.validation for k, v in by_block(z.zone, z.validation[index]).items()
+    }
+    test_blocks = {k: v for z in found for k, v in by_block(z.zone, z.test[index]).items()}
+    chosen_zone = hindsight_minimums(val_zone, target, strong=val_strong)
+    chosen_block = hindsight_minimums(val_blocks, target, strong={k: val_strong[k[0]] for k in val_blocks})
+    seen_zone = hindsight_minimums(test, target, strong=strong)
+    seen_block = hindsight_minimums(test_blocks, target, strong={k: strong[k[0]] for k in test_blocks})
+    zone_default, block_default = _median(list(chosen_zone.values())), _median(list(chosen_block.values()))
+    return {
+        "none": lambda key: 0.0,
+        "per zone (shipped)": lambda key: validated.get(key.split("@")[0], default),
+        **{f"uniform {100 * t:g} %": (lambda key, t=t: t) for t in UNIFORM},
+        f"per zone, to {100 * target:g} % on validation": lambda key: chosen_zone.get(key.split("@")[0], zone_default),
+        f"per zone x {BLOCK_HOURS} h, to {100 * target:g} % on validation": lambda key: chosen_block.get(
+            _block_key(key), block_default
+        ),
+        f"hindsight per zone, to {100 * target:g} %": lambda key: seen_zone[key.split("@")[0]],
+        f"hindsight per zone x {BLOCK_HOURS} h, to {100 * target:g} %": lambda key: seen_block[_block_key(key)],
+    }
+
+
+def _block_key(key: str) -> tuple[str, int]:
+    zone, block = key.split("@")
+    return zone, int(block)
+
+
+def score(found: Sequence[ZoneOutcomes], index: int, rule: Callable[[str], float]) -> tuple[Pooled, dict[str, Effect]]:
+    """A rule on the held-out year: pooled figures and each zone's effect (decisions judged by their block)."""
+    zones: dict[str, Effect] = {}
+    for z in found:
+        outcomes = by_zone(z.test[index])
+        strong = is_strong(outcomes)
+        parts = [
+            effect(part, rule(f"{zone}@{block}"), strong)
+            for (zone, block), part in by_block(z.zone, z.test[index]).items()
+        ]
+        zones[z.zone] = Effect(
+            math.fsum(p.kept for p in parts),
+            math.fsum(p.perfect for p in parts),
+            sum(p.waits for p in parts),
+            sum(p.harmful for p in parts),
+            strong,
+        )
+    return pooled(list(zones.values())), zones
 
 
 def _label(config: tuple[float, float]) -> str:
@@ -170,59 +271,45 @@ def _cell(e: Effect) -> str:
 
 def report(found: Sequence[ZoneOutcomes], target: float, markdown: bool) -> list[str]:
     """Per configuration: a row per zone (share of its perfect saving %; harmful waits %) for no minimum, the
-    shipped rule and the hindsight minimums, then the pooled figures of every rule."""
-    validated = {z.zone: z.validated for z in found if z.validated is not None}
-    default = bom.default_min_saving(validated)
-    shipped = {z.zone: validated.get(z.zone, default) for z in found}
+    shipped rule and the hindsight per-zone minimums, then the pooled figures of every rule."""
     lines: list[str] = []
     for index, config in enumerate(bom.THRESHOLD_CONFIGS):
-        by_zone = {z.zone: z.by_config[index] for z in found}
-        hindsight = hindsight_minimums(by_zone, target)
-        rules: dict[str, dict[str, float]] = {
-            "none": dict.fromkeys(by_zone, 0.0),
-            "per zone (shipped)": shipped,
-            **{f"uniform {100 * t:g} %": dict.fromkeys(by_zone, t) for t in UNIFORM},
-            f"hindsight to {100 * target:g} %": hindsight,
-        }
-        results = {name: pooled([effect(by_zone[z], m[z]) for z in by_zone]) for name, m in rules.items()}
-        base = results["none"].share
+        rules = rules_for_config(found, index, target)
+        results = {name: score(found, index, rule) for name, rule in rules.items()}
+        base = results["none"][0].share
+        shown = ("none", "per zone (shipped)", f"hindsight per zone, to {100 * target:g} %")
         lines += ["", f"{'### ' if markdown else '== '}{_label(config)}", ""]
-        header = ["zone", "year", "perfect %", "none", "per zone (shipped)", "min", "hindsight", "min"]
+        header = ["zone", "year", "perfect %", "none", "per zone (shipped)", "min %", "hindsight per zone", "min %"]
         rows = []
         for z in sorted(found, key=lambda z: z.zone):
-            outcomes = by_zone[z.zone]
-            none = effect(outcomes, 0.0)
+            none, shipped, seen = (results[name][1][z.zone] for name in shown)
             rows.append(
                 [
                     z.zone,
                     str(z.year),
-                    f"{100 * none.perfect / none.starts:.1f}",
+                    f"{100 * none.perfect / max(1, len(z.test[index])):.1f}",
                     _cell(none),
-                    _cell(effect(outcomes, shipped[z.zone])),
-                    f"{100 * shipped[z.zone]:g}",
-                    _cell(effect(outcomes, hindsight[z.zone])),
-                    f"{100 * hindsight[z.zone]:g}",
+                    _cell(shipped),
+                    f"{100 * rules[shown[1]](z.zone):g}",
+                    _cell(seen),
+                    f"{100 * rules[shown[2]](z.zone):g}",
                 ]
             )
         lines += _render(header, rows, markdown)
         lines.append("")
         summary = [
             [name, f"{100 * r.share:.1f}", f"{100 * (r.share - base):+.1f}", f"{100 * r.harmful:.1f}", str(r.waits)]
-            for name, r in results.items()
+            for name, (r, _) in results.items()
         ]
-        lines += _render(
-            ["rule", "share of perfect saving %", "vs none, points", "harmful waits %", "waits"], summary, markdown
-        )
+        header = ["rule", "share of perfect saving %", "vs none, points", "harmful waits %", "waits"]
+        lines += _render(header, summary, markdown)
     return lines
 
 
 def _render(header: list[str], rows: list[list[str]], markdown: bool) -> list[str]:
     if markdown:
-        lines = [
-            "| " + " | ".join(header) + " |",
-            "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|",
-        ]
-        return lines + ["| " + " | ".join(row) + " |" for row in rows]
+        rule = "|" + "|".join("---:" if i else "---" for i in range(len(header))) + "|"
+        return ["| " + " | ".join(header) + " |", rule] + ["| " + " | ".join(row) + " |" for row in rows]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
     fmt = "  ".join(f"{{:{'<' if i == 0 else '>'}{w}}}" for i, w in enumerate(widths))
     return [fmt.format(*header), *(fmt.format(*row) for row in rows)]
@@ -234,6 +321,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--every", type=int, default=bom.EVERY, help="score every n-th hour (default %(default)s)")
     parser.add_argument("--target", type=float, default=0.10, help="harmful share to reach (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
+    parser.add_argument("--kind", choices=bom.KINDS, default=bom.DEFAULT_KIND, help="profile layout")
+    parser.add_argument("--shrink", type=float, default=bom.DEFAULT_SHRINK, help="weekpart shrinkage (builder's)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
     return parser
 
@@ -242,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     zones = bom.available_zones(args.data)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        found = [z for z in pool.map(zone_outcomes, [(args.data, zone, args.every) for zone in zones]) if z]
+        work = [(args.data, zone, args.every, args.kind, args.shrink) for zone in zones]
+        found = [z for z in pool.map(zone_outcomes, work) if z]
     if not found:
         print(f"no zone under {args.data} has a year before its latest", file=sys.stderr)
         return 1
@@ -251,7 +341,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'## ' if args.markdown else ''}Minimum predicted saving: what thresholds can do (held-out latest year)",
         "",
         f"- command: python bench/thresholds.py {command}".rstrip(),
-        f"- zones scored: {len(found)}; cells: share of the zone's perfect saving %; harmful waits % of its waits",
+        f"- zones scored: {len(found)}, with a validation year: {sum(z.validation is not None for z in found)}; "
+        f"profile: {args.kind}" + (f", weekpart shrinkage {args.shrink:g}" if args.shrink else ""),
+        "- zone rows: share of the zone's perfect saving %; harmful waits, % of its waits",
     ]
     out += report(found, args.target, args.markdown)
     print("\n".join(out))

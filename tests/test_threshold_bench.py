@@ -25,9 +25,10 @@ NOISE_GOOD = (0.005, 0.004, 0.06)
 def test_an_effect_counts_waits_harm_and_saving_above_the_floor() -> None:
     outcomes = [GOOD, NOISE_HARM, NOISE_GOOD, (0.0005, 0.02, 0.06)]  # the last: under the planner's 0.1 % rule
     none = thresholds.effect(outcomes, 0.0)
-    assert (none.waits, none.harmful, none.starts) == (3, 1, 4)
+    assert (none.waits, none.harmful) == (3, 1)
     assert none.kept == pytest.approx(0.05 - 0.01 + 0.004)
     assert none.perfect == pytest.approx(0.24) and none.strong  # 6 % on average: counts in the share
+    assert not thresholds.effect(outcomes, 0.0, strong=False).strong  # a part of a zone takes the zone's
     high = thresholds.effect(outcomes, 0.01)
     assert (high.waits, high.harmful, high.kept) == (1, 0, 0.05)
 
@@ -87,6 +88,25 @@ def test_hindsight_never_adds_harm_and_stops_at_the_target_or_the_grid(
                     assert raised.harmful >= after.harmful - 1e-12
 
 
+def test_a_rule_by_block_of_the_day_judges_each_decision_by_when_it_was_planned() -> None:
+    """Zone Z: the night block (00-06 UTC) makes only harmful small waits, the rest good ones. A minimum for the
+    night block alone removes every harmful wait; the zone's share counts whole (strong from all its decisions)."""
+    night, day = datetime(2023, 1, 1, 2, tzinfo=timezone.utc), datetime(2023, 1, 1, 14, tzinfo=timezone.utc)
+    records = [(night, NOISE_HARM)] * 3 + [(day, GOOD)] * 5
+    assert thresholds.by_block("Z", records) == {
+        ("Z", 0): [NOISE_HARM] * 3,
+        ("Z", 1): [],
+        ("Z", 2): [GOOD] * 5,
+        ("Z", 3): [],
+    }
+    zone = thresholds.ZoneOutcomes("Z", 2023, (tuple(records),), None, None)
+    everywhere, _ = thresholds.score([zone], 0, lambda key: 0.0)
+    night_only, per_zone = thresholds.score([zone], 0, lambda key: 0.01 if key == "Z@0" else 0.0)
+    assert everywhere.harmful == pytest.approx(3 / 8) and night_only.harmful == 0.0
+    assert night_only.share == pytest.approx(0.25 / 0.48) and night_only.share > everywhere.share
+    assert per_zone["Z"].waits == 5 and per_zone["Z"].strong
+
+
 def test_decision_outcomes_can_be_asked_for_one_configuration() -> None:
     """A flat profile against a truth that dips at 03:00 UTC: one configuration gives one outcome per start."""
     start = datetime(2023, 1, 1, tzinfo=timezone.utc)
@@ -97,3 +117,6 @@ def test_decision_outcomes_can_be_asked_for_one_configuration() -> None:
     assert len(one) == len(range(0, 240 - 7, 5)) and len(every) > len(one)
     assert all(predicted == 0.0 and true == 0.0 for predicted, true, _ in one)  # flat: never waits
     assert any(perfect == pytest.approx(0.5) for _, _, perfect in one)  # the dip is within reach sometimes
+    records = bom.decision_records(profile, "month-hour-utc", truth, every=5, configs=((6.0, 1.0),))
+    assert [outcome for _, outcome in records] == one
+    assert [moment for moment, _ in records][:3] == [start + timedelta(hours=h) for h in (0, 5, 10)]
