@@ -221,7 +221,7 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
     return {
         "none": lambda key: 0.0,
         "per zone (shipped)": lambda key: validated.get(key.split("@")[0], default),
-        **{f"uniform {100 * t:g} %": (lambda key, t=t: t) for t in UNIFORM},
+        **{f"uniform {100 * t:g} %": _constant(t) for t in UNIFORM},
         f"per zone, to {100 * target:g} % on validation": lambda key: chosen_zone.get(key.split("@")[0], zone_default),
         f"per zone x {BLOCK_HOURS} h, to {100 * target:g} % on validation": lambda key: chosen_block.get(
             _block_key(key), block_default
@@ -229,6 +229,10 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
         f"hindsight per zone, to {100 * target:g} %": lambda key: seen_zone[key.split("@")[0]],
         f"hindsight per zone x {BLOCK_HOURS} h, to {100 * target:g} %": lambda key: seen_block[_block_key(key)],
     }
+
+
+def _constant(minimum: float) -> Callable[[str], float]:
+    return lambda key: minimum
 
 
 def _block_key(key: str) -> tuple[str, int]:
@@ -315,10 +319,19 @@ def _render(header: list[str], rows: list[list[str]], markdown: bool) -> list[st
     return [fmt.format(*header), *(fmt.format(*row) for row in rows)]
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=bom.DEFAULT_DATA, help="shared data folder (default %(default)s)")
-    parser.add_argument("--every", type=int, default=bom.EVERY, help="score every n-th hour (default %(default)s)")
+    parser.add_argument(
+        "--every", type=_positive, default=bom.EVERY, help="score every n-th hour (default %(default)s)"
+    )
     parser.add_argument("--target", type=float, default=0.10, help="harmful share to reach (default %(default)s)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
     parser.add_argument("--kind", choices=bom.KINDS, default=bom.DEFAULT_KIND, help="profile layout")

@@ -240,7 +240,7 @@ def build_profile(
 
     own, pooled_cell = mean_of(totals, weights), mean_of(pooled_totals, pooled_weights)
 
-    def value(key: tuple[int, ...]) -> float:
+    def cell_value(key: tuple[int, ...]) -> float:
         if not shrink:
             return float(own(key))
         if key not in totals:
@@ -251,7 +251,7 @@ def build_profile(
 
     def fill(prefix: tuple[int, ...]) -> list[Any]:
         if len(prefix) == len(shape) - 1:
-            return [_round(value((*prefix, last)), digits, significant) for last in range(shape[-1])]
+            return [_round(cell_value((*prefix, last)), digits, significant) for last in range(shape[-1])]
         return [fill((*prefix, i)) for i in range(shape[len(prefix)])]
 
     return fill(())
