@@ -16,6 +16,10 @@ harmful waits are pooled over every scored zone. Rules, per (window, job):
 - per zone (shipped): ``build_offline_model.choose_min_saving`` on the year before the held-out year with a profile
   of the years before that, the median for zones without such a year (bench/backtest.py's "min/zone");
 - uniform t: one minimum for every zone;
+- per zone, in units of the error's spread: wait only when the predicted saving reaches z times the spread
+  (standard deviation) of the profile's relative error between now and the planned start, measured on the
+  profile's own training years for that delay (``error_spread``); z per zone chosen like the shipped rule on the
+  year before the held-out year (fewest harmful waits within 1 % of the zone's saving);
 - to target on validation, per zone or per zone x 6 h of the day (UTC, of "now"): minimums chosen by the greedy
   search below on the year before the held-out year (profile of the years before that), per (window, job), then
   applied to the held-out year; units without a validation year get the median;
@@ -36,7 +40,7 @@ import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
@@ -52,20 +56,26 @@ GRID = (0.0, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 
 UNIFORM = (0.01, 0.02, 0.03, 0.04, 0.05)
 BLOCK_HOURS = 6  # "per zone x 6 h of the day": four blocks of UTC hours
 
-Record = tuple[datetime, bom.Outcome]
+Record = tuple[datetime, float, bom.Outcome]  # planned at, planned delay (hours), outcome
+SPREAD_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)  # z: multiples of the error's spread
+MAX_LAG = 12  # hours: the longest delay of the configurations
 Unit = TypeVar("Unit", bound=Hashable)
 
 
 @dataclass(frozen=True)
 class ZoneOutcomes:
     """One zone's decisions, one tuple per configuration: on its held-out year and (when it has one) on the year
-    before, each with a profile of the years before it; and its shipped-rule minimum."""
+    before, each with a profile of the years before it; its shipped-rule minimum; the same decisions with the
+    predicted saving in units of the error's spread, and the z chosen on them."""
 
     zone: str
     year: int
     test: tuple[tuple[Record, ...], ...]
     validation: tuple[tuple[Record, ...], ...] | None
     validated: float | None
+    test_scaled: tuple[tuple[Record, ...], ...]
+    validation_scaled: tuple[tuple[Record, ...], ...] | None
+    spread_minimum: float | None
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,31 @@ def hindsight_minimums(
     return {unit: grid[index] for unit, index in level.items()}
 
 
+def error_spread(profile: object, kind: str, rows: Sequence[bom.Row], max_lag: int = MAX_LAG) -> list[float]:
+    """For each delay d = 0..max_lag hours, the standard deviation of e(t + d) - e(t) over the rows, e being the
+    profile's relative error (truth / profile - 1): how uncertain a predicted difference between now and d hours
+    later is. Errors persist (weather lasts), so it grows with d; index 0 is 0."""
+    core = bom._core()
+    hourly = {moment: value / core.profile_value(profile, kind, moment) - 1 for moment, value in rows}
+    spread = [0.0]
+    for lag in range(1, max_lag + 1):
+        diffs = [hourly[m + timedelta(hours=lag)] - e for m, e in hourly.items() if m + timedelta(hours=lag) in hourly]
+        mean = math.fsum(diffs) / len(diffs)
+        spread.append(math.sqrt(math.fsum((x - mean) ** 2 for x in diffs) / len(diffs)))
+    return spread
+
+
+def in_spread_units(records: Sequence[Record], spread: Sequence[float]) -> tuple[Record, ...]:
+    """The records with each predicted saving divided by the spread at its planned delay (rounded up to whole
+    hours); a decision to start at once keeps predicted 0."""
+    scaled = []
+    for moment, delay, (predicted, true, perfect) in records:
+        lag = min(max(1, math.ceil(delay - 1e-9)), len(spread) - 1)
+        value = predicted / spread[lag] if predicted >= bom.NEGLIGIBLE and spread[lag] > 0 else 0.0
+        scaled.append((moment, delay, (value, true, perfect)))
+    return tuple(scaled)
+
+
 def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | None:
     """The decisions of one zone (None when it has no year before its latest), with the builder's profile of
     layout ``kind`` and weekpart shrinkage ``shrink`` (its other settings as shipped)."""
@@ -167,20 +202,28 @@ def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | Non
     smoothing, significant = bom.DEFAULT_SMOOTHING, bom.DEFAULT_SIGNIFICANT
     loaded = {year: bom.load_zone_year(data_dir, zone, year) for year in years}
 
-    def records(test: int) -> tuple[tuple[Record, ...], ...]:
+    def records(test: int) -> tuple[tuple[tuple[Record, ...], ...], tuple[tuple[Record, ...], ...]]:
         rows = [row for year in years if year < test for row in loaded[year]]
         profile = bom.build_profile(rows, kind, 1, smoothing=smoothing, significant=significant, shrink=shrink)
-        return tuple(
+        spread = error_spread(profile, kind, rows)
+        plain = tuple(
             tuple(bom.decision_records(profile, kind, loaded[test], every, configs=(config,)))
             for config in bom.THRESHOLD_CONFIGS
         )
+        return plain, tuple(in_spread_units(part, spread) for part in plain)
 
     validated = bom.validated_min_saving(data_dir, zone, years[-2], kind, smoothing, significant, shrink)
-    return ZoneOutcomes(zone, years[-1], records(years[-1]), records(years[-2]) if len(years) > 2 else None, validated)
+    test, test_scaled = records(years[-1])
+    validation, validation_scaled, spread_minimum = None, None, None
+    if len(years) > 2:
+        validation, validation_scaled = records(years[-2])
+        pooled_configs = [outcome for part in validation_scaled for _, _, outcome in part]
+        spread_minimum = bom.choose_min_saving(pooled_configs, grid=SPREAD_GRID)
+    return ZoneOutcomes(zone, years[-1], test, validation, validated, test_scaled, validation_scaled, spread_minimum)
 
 
 def by_zone(records: Sequence[Record]) -> list[bom.Outcome]:
-    return [outcome for _, outcome in records]
+    return [outcome for _, _, outcome in records]
 
 
 def block_of(moment: datetime) -> int:
@@ -190,7 +233,7 @@ def block_of(moment: datetime) -> int:
 def by_block(zone: str, records: Sequence[Record]) -> dict[tuple[str, int], list[bom.Outcome]]:
     """A zone's decisions split by the block of the day (UTC) of the moment they were planned at."""
     split: dict[tuple[str, int], list[bom.Outcome]] = {(zone, b): [] for b in range(24 // BLOCK_HOURS)}
-    for moment, outcome in records:
+    for moment, _, outcome in records:
         split[(zone, block_of(moment))].append(outcome)
     return split
 
@@ -200,8 +243,12 @@ def _median(values: Sequence[float]) -> float:
     return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
 
 
-def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -> dict[str, Callable[[str], float]]:
-    """Every rule as a function (zone, block) -> minimum for one configuration; zones as keys, blocks too."""
+Rule = tuple[Callable[[str], float], bool]  # key "zone@block" -> minimum; whether on the spread-scaled decisions
+
+
+def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -> dict[str, Rule]:
+    """Every rule for one configuration: a function of "zone@block" giving the minimum, and whether it applies to
+    the predicted saving in units of the error's spread."""
     validated = {z.zone: z.validated for z in found if z.validated is not None}
     default = bom.default_min_saving(validated)
     test = {z.zone: by_zone(z.test[index]) for z in found}
@@ -218,16 +265,26 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
     seen_zone = hindsight_minimums(test, target, strong=strong)
     seen_block = hindsight_minimums(test_blocks, target, strong={k: strong[k[0]] for k in test_blocks})
     zone_default, block_default = _median(list(chosen_zone.values())), _median(list(chosen_block.values()))
+    spread = {z.zone: z.spread_minimum for z in found if z.spread_minimum is not None}
+    spread_default = bom.default_min_saving(spread)
     return {
-        "none": lambda key: 0.0,
-        "per zone (shipped)": lambda key: validated.get(key.split("@")[0], default),
-        **{f"uniform {100 * t:g} %": _constant(t) for t in UNIFORM},
-        f"per zone, to {100 * target:g} % on validation": lambda key: chosen_zone.get(key.split("@")[0], zone_default),
-        f"per zone x {BLOCK_HOURS} h, to {100 * target:g} % on validation": lambda key: chosen_block.get(
-            _block_key(key), block_default
+        "none": (_constant(0.0), False),
+        "per zone (shipped)": (lambda key: validated.get(key.split("@")[0], default), False),
+        **{f"uniform {100 * t:g} %": (_constant(t), False) for t in UNIFORM},
+        "per zone, in units of the error's spread": (lambda key: spread.get(key.split("@")[0], spread_default), True),
+        f"per zone, to {100 * target:g} % on validation": (
+            lambda key: chosen_zone.get(key.split("@")[0], zone_default),
+            False,
         ),
-        f"hindsight per zone, to {100 * target:g} %": lambda key: seen_zone[key.split("@")[0]],
-        f"hindsight per zone x {BLOCK_HOURS} h, to {100 * target:g} %": lambda key: seen_block[_block_key(key)],
+        f"per zone x {BLOCK_HOURS} h, to {100 * target:g} % on validation": (
+            lambda key: chosen_block.get(_block_key(key), block_default),
+            False,
+        ),
+        f"hindsight per zone, to {100 * target:g} %": (lambda key: seen_zone[key.split("@")[0]], False),
+        f"hindsight per zone x {BLOCK_HOURS} h, to {100 * target:g} %": (
+            lambda key: seen_block[_block_key(key)],
+            False,
+        ),
     }
 
 
@@ -240,15 +297,17 @@ def _block_key(key: str) -> tuple[str, int]:
     return zone, int(block)
 
 
-def score(found: Sequence[ZoneOutcomes], index: int, rule: Callable[[str], float]) -> tuple[Pooled, dict[str, Effect]]:
+def score(found: Sequence[ZoneOutcomes], index: int, rule: Rule) -> tuple[Pooled, dict[str, Effect]]:
     """A rule on the held-out year: pooled figures and each zone's effect (decisions judged by their block)."""
+    minimum, scaled = rule
     zones: dict[str, Effect] = {}
     for z in found:
         outcomes = by_zone(z.test[index])
         strong = is_strong(outcomes)
+        records = z.test_scaled[index] if scaled else z.test[index]
         parts = [
-            effect(part, rule(f"{zone}@{block}"), strong)
-            for (zone, block), part in by_block(z.zone, z.test[index]).items()
+            effect(part, minimum(f"{zone}@{block}"), strong)
+            for (zone, block), part in by_block(z.zone, records).items()
         ]
         zones[z.zone] = Effect(
             math.fsum(p.kept for p in parts),
@@ -294,9 +353,9 @@ def report(found: Sequence[ZoneOutcomes], target: float, markdown: bool) -> list
                     f"{100 * none.perfect / max(1, len(z.test[index])):.1f}",
                     _cell(none),
                     _cell(shipped),
-                    f"{100 * rules[shown[1]](z.zone):g}",
+                    f"{100 * rules[shown[1]][0](z.zone):g}",
                     _cell(seen),
-                    f"{100 * rules[shown[2]](z.zone):g}",
+                    f"{100 * rules[shown[2]][0](z.zone):g}",
                 ]
             )
         lines += _render(header, rows, markdown)

@@ -305,7 +305,7 @@ def decision_outcomes(
     for each (window, job) of ``configs`` (in hours), and score the choice on the true series. Hours whose horizon
     meets a gap are skipped. The perfect-forecast saving is the planner's own answer on the true series (exact: the
     planner finds the lowest mean of a step series, tested against brute force in bench/backtest.py)."""
-    return [outcome for _, outcome in decision_records(profile, kind, truth, every, configs)]
+    return [outcome for _, _, outcome in decision_records(profile, kind, truth, every, configs)]
 
 
 def decision_records(
@@ -314,8 +314,9 @@ def decision_records(
     truth: Sequence[Row],
     every: int = EVERY,
     configs: Sequence[tuple[float, float]] = THRESHOLD_CONFIGS,
-) -> list[tuple[datetime, Outcome]]:
-    """``decision_outcomes``, each with the moment it was planned at (a rule may depend on the hour of day)."""
+) -> list[tuple[datetime, float, Outcome]]:
+    """``decision_outcomes``, each with the moment it was planned at and the planned delay in hours (0 when it
+    starts at once): a rule may depend on the hour of day or on how far ahead the forecast had to look."""
     core = _core()
     if not truth:
         return []
@@ -333,7 +334,7 @@ def decision_records(
     hours = [float(k) for k in range(count)]
     ends = [k + 1.0 for k in range(count)]
     step = truth[1][0] - truth[0][0] if len(truth) > 1 else timedelta(hours=1)
-    outcomes: list[tuple[datetime, Outcome]] = []
+    outcomes: list[tuple[datetime, float, Outcome]] = []
     for window, job in configs:
         span = math.ceil(window + job)
         for now in range(0, count - span, every):
@@ -347,7 +348,7 @@ def decision_records(
             start = planned[0] if predicted >= NEGLIGIBLE else float(now)
             chosen = _job_mean(true_prefix, start, job)
             outcome = (predicted, (at_once - chosen) / at_once, (at_once - perfect[1]) / at_once)
-            outcomes.append((origin + now * step, outcome))
+            outcomes.append((origin + now * step, start - now, outcome))
     return outcomes
 
 
@@ -362,14 +363,16 @@ def threshold_effect(outcomes: Sequence[Outcome], threshold: float) -> tuple[flo
     return kept, harmful, len(waits)
 
 
-def choose_min_saving(outcomes: Sequence[Outcome], budget: float = SAVING_BUDGET) -> float:
-    """The threshold on THRESHOLD_GRID with the fewest harmful waits (share of waits ending dirtier) among those
+def choose_min_saving(
+    outcomes: Sequence[Outcome], budget: float = SAVING_BUDGET, grid: Sequence[float] = THRESHOLD_GRID
+) -> float:
+    """The threshold on ``grid`` with the fewest harmful waits (share of waits ending dirtier) among those
     giving up at most ``budget`` of the perfect-forecast saving against no threshold; ties keep the lowest. Chosen
     per zone because forecast error differs per zone: where a typical day predicts well, a threshold costs saving
     and buys little; where it predicts badly, small predicted savings are mostly noise."""
     base = threshold_effect(outcomes, 0.0)[0]
     best, best_harm = 0.0, math.inf
-    for threshold in THRESHOLD_GRID:
+    for threshold in grid:
         kept, harmful, _ = threshold_effect(outcomes, threshold)
         if base - kept <= budget + 1e-12 and harmful < best_harm - 1e-12:
             best, best_harm = threshold, harmful

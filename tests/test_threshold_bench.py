@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -92,19 +94,43 @@ def test_a_rule_by_block_of_the_day_judges_each_decision_by_when_it_was_planned(
     """Zone Z: the night block (00-06 UTC) makes only harmful small waits, the rest good ones. A minimum for the
     night block alone removes every harmful wait; the zone's share counts whole (strong from all its decisions)."""
     night, day = datetime(2023, 1, 1, 2, tzinfo=timezone.utc), datetime(2023, 1, 1, 14, tzinfo=timezone.utc)
-    records = [(night, NOISE_HARM)] * 3 + [(day, GOOD)] * 5
+    records = [(night, 1.0, NOISE_HARM)] * 3 + [(day, 2.0, GOOD)] * 5
     assert thresholds.by_block("Z", records) == {
         ("Z", 0): [NOISE_HARM] * 3,
         ("Z", 1): [],
         ("Z", 2): [GOOD] * 5,
         ("Z", 3): [],
     }
-    zone = thresholds.ZoneOutcomes("Z", 2023, (tuple(records),), None, None)
-    everywhere, _ = thresholds.score([zone], 0, lambda key: 0.0)
-    night_only, per_zone = thresholds.score([zone], 0, lambda key: 0.01 if key == "Z@0" else 0.0)
+    zone = thresholds.ZoneOutcomes("Z", 2023, (tuple(records),), None, None, (tuple(records),), None, None)
+    everywhere, _ = thresholds.score([zone], 0, (lambda key: 0.0, False))
+    night_only, per_zone = thresholds.score([zone], 0, (lambda key: 0.01 if key == "Z@0" else 0.0, False))
     assert everywhere.harmful == pytest.approx(3 / 8) and night_only.harmful == 0.0
     assert night_only.share == pytest.approx(0.25 / 0.48) and night_only.share > everywhere.share
     assert per_zone["Z"].waits == 5 and per_zone["Z"].strong
+
+
+def test_the_error_spread_grows_with_the_delay_when_errors_persist() -> None:
+    """Truth = profile x (1 + e), e a slow wave (period 48 h, amplitude 0.1): the spread of e(t + d) - e(t) is
+    0 at d = 0 and grows with d over the first hours (2 x 0.1 x |sin(pi d / 48)| / sqrt 2 for a sine)."""
+    start = datetime(2023, 1, 1, tzinfo=timezone.utc)
+    profile = [[100.0 + h for h in range(24)] for _ in range(12)]
+    rows = []
+    for k in range(24 * 60):
+        moment = start + timedelta(hours=k)
+        rows.append((moment, (100.0 + moment.hour) * (1 + 0.1 * math.sin(2 * math.pi * k / 48))))
+    spread = thresholds.error_spread(profile, "month-hour-utc", rows, max_lag=6)
+    assert spread[0] == 0.0 and all(a < b for a, b in itertools.pairwise(spread))
+    for lag in (1, 6):
+        assert spread[lag] == pytest.approx(0.2 * math.sin(math.pi * lag / 48) / math.sqrt(2), rel=0.02)
+
+
+def test_spread_units_divide_by_the_spread_at_the_planned_delay() -> None:
+    moment = datetime(2023, 1, 1, tzinfo=timezone.utc)
+    spread = [0.0, 0.01, 0.02, 0.04]
+    records = [(moment, 0.5, (0.02, 0.01, 0.05)), (moment, 3.0, (0.02, 0.01, 0.05)), (moment, 9.0, (0.04, 0, 0.05))]
+    scaled = thresholds.in_spread_units([*records, (moment, 0.0, (0.0005, 0.0, 0.05))], spread)
+    assert [outcome[0] for _, _, outcome in scaled] == [2.0, 0.5, 1.0, 0.0]  # half an hour counts as one
+    assert [outcome[1:] for _, _, outcome in scaled[:3]] == [o[1:] for _, _, o in records]
 
 
 def test_decision_outcomes_can_be_asked_for_one_configuration() -> None:
@@ -118,5 +144,6 @@ def test_decision_outcomes_can_be_asked_for_one_configuration() -> None:
     assert all(predicted == 0.0 and true == 0.0 for predicted, true, _ in one)  # flat: never waits
     assert any(perfect == pytest.approx(0.5) for _, _, perfect in one)  # the dip is within reach sometimes
     records = bom.decision_records(profile, "month-hour-utc", truth, every=5, configs=((6.0, 1.0),))
-    assert [outcome for _, outcome in records] == one
-    assert [moment for moment, _ in records][:3] == [start + timedelta(hours=h) for h in (0, 5, 10)]
+    assert [outcome for _, _, outcome in records] == one
+    assert [moment for moment, _, _ in records][:3] == [start + timedelta(hours=h) for h in (0, 5, 10)]
+    assert {delay for _, delay, _ in records} == {0.0}  # a flat forecast never plans a wait
