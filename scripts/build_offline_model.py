@@ -23,8 +23,9 @@ the median: the planner minimises the *expected* mean intensity over the job, an
 expectation. Each zone also gets a minimum predicted saving below which the core does not wait (``min_savings``,
 chosen by ``choose_min_saving`` on the zone's latest year with a profile of its earlier years), because a typical
 day's small predicted savings often end dirtier than starting at once. The defaults (layout, smoothing, rounding)
-are the ones bench/backtest.py found best on held-out years (docs/backtest.md). The file is derived from ODbL data
-and must ship with DATA-LICENSE.md.
+are the ones bench/backtest.py found best on held-out years (docs/backtest.md); ``--kind month-weekpart-hour-utc
+--shrink 10`` builds the weekday/weekend model measured there (a little more saving, more waits ending dirtier, twice
+the file: not the default). The file is derived from ODbL data and must ship with DATA-LICENSE.md.
 
 The building blocks are importable (the backtest trains its held-out models with them):
 ``load_zone_year``, ``build_profile``, ``build_model``, ``dump_model``.
