@@ -93,7 +93,7 @@ class Variant:
     smoothing: float = 0.0  # weight of each neighbouring month
     digits: int = 1
     significant: int | None = None  # significant figures instead of digits (the shipped file's rounding)
-    shrink: float = 0.0  # weekpart layout: each weekday/weekend cell shrunk toward the pooled cell, n / (n + shrink)
+    shrink: float = 0.0  # weekpart layout: each weekday/weekend cell shrunk toward the pooled cell (build_profile)
 
 
 MH, MWH = "month-hour-utc", "month-weekpart-hour-utc"
@@ -110,6 +110,7 @@ VARIANTS = (
     Variant("mh-s-rw", MH, recency=True, smoothing=0.25),
     Variant("mwh-s-k10", MWH, smoothing=0.25, shrink=10),
     Variant("mwh-s-rw-k10", MWH, recency=True, smoothing=0.25, shrink=10),
+    Variant("mwh-s-3sf-k10", MWH, smoothing=0.25, significant=3, shrink=10),  # build_offline_model --shrink 10
 )
 SHIPPED = "mh-s-3sf"  # the variant the shipped file is built like (all years); grid60 searches this forecast
 
@@ -302,38 +303,16 @@ def train_profiles(data_dir: Path, zone: str, test_year: int) -> dict[str, tuple
         rows = [row for y in used for row in rows_by_year[y]]
         weights = bom.recency_weights(used) if variant.recency else None
         profile = bom.build_profile(
-            rows, variant.kind, variant.digits, weights, smoothing=variant.smoothing, significant=variant.significant
+            rows,
+            variant.kind,
+            variant.digits,
+            weights,
+            smoothing=variant.smoothing,
+            significant=variant.significant,
+            shrink=variant.shrink,
         )
-        if variant.shrink:
-            pooled = bom.build_profile(rows, MH, 3, weights, smoothing=variant.smoothing)
-            profile = shrink_toward_pooled(profile, pooled, weekpart_counts(rows, weights), variant.shrink)
         profiles[variant.name] = (variant.kind, profile)
     return profiles
-
-
-def weekpart_counts(rows: Sequence[bom.Row], weights: dict[int, float] | None) -> dict[tuple[int, ...], int]:
-    """Hours per (month, weekpart, hour) cell that enter the profile."""
-    counts: dict[tuple[int, ...], int] = {}
-    for moment, _ in rows:
-        if weights is None or weights.get(moment.year, 0.0) > 0:
-            key = bom.cell_of(MWH, moment)
-            counts[key] = counts.get(key, 0) + 1
-    return counts
-
-
-def shrink_toward_pooled(split: Any, pooled: Any, counts: dict[tuple[int, ...], int], k: float) -> Any:
-    """Each weekday/weekend cell moved toward the pooled month x hour cell: pooled + n / (n + k) * (own - pooled),
-    n the cell's hours; the weekend cells (fewer hours) borrow more. One decimal, as the other variants."""
-    return [
-        [
-            [
-                round(pooled[m][h] + counts[(m, p, h)] / (counts[(m, p, h)] + k) * (split[m][p][h] - pooled[m][h]), 1)
-                for h in range(24)
-            ]
-            for p in (0, 1)
-        ]
-        for m in range(12)
-    ]
 
 
 def load_truth(data_dir: Path, zone: str, test_year: int) -> tuple[Series, int]:

@@ -4,7 +4,7 @@ Run from the repository root (stdlib only):
 
     python scripts/build_offline_model.py [--data ../shared/data] [--years 2021 2022 2023]
         [--kind month-hour-utc|month-weekpart-hour-utc] [--significant 3 | --digits 1] [--smoothing 0.25]
-        [--out carbonaware_offline.json]
+        [--shrink 10] [--out carbonaware_offline.json]
 
 Without ``--years`` each zone is built from every year it has (2021-2023 for the first 19 zones, one year for most
 of the others: see ../shared/data/README.md); with it, from the listed years it has.
@@ -23,8 +23,9 @@ the median: the planner minimises the *expected* mean intensity over the job, an
 expectation. Each zone also gets a minimum predicted saving below which the core does not wait (``min_savings``,
 chosen by ``choose_min_saving`` on the zone's latest year with a profile of its earlier years), because a typical
 day's small predicted savings often end dirtier than starting at once. The defaults (layout, smoothing, rounding)
-are the ones bench/backtest.py found best on held-out years (docs/backtest.md). The file is derived from ODbL data
-and must ship with DATA-LICENSE.md.
+are the ones bench/backtest.py found best on held-out years (docs/backtest.md); ``--kind month-weekpart-hour-utc
+--shrink 10`` builds the weekday/weekend model measured there (a little more saving, more waits ending dirtier, twice
+the file: not the default). The file is derived from ODbL data and must ship with DATA-LICENSE.md.
 
 The building blocks are importable (the backtest trains its held-out models with them):
 ``load_zone_year``, ``build_profile``, ``build_model``, ``dump_model``.
@@ -41,7 +42,7 @@ import math
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +57,8 @@ MOSTLY_ESTIMATED = 0.5  # a zone whose training hours are more than half model e
 KINDS = ("month-hour-utc", "month-weekpart-hour-utc")
 DEFAULT_KIND = "month-hour-utc"  # chosen by bench/backtest.py: see docs/backtest.md
 DEFAULT_SMOOTHING = 0.25  # weight of each neighbouring month; chosen by bench/backtest.py
+# weekpart layout only (``--kind month-weekpart-hour-utc --shrink 10``): measured, not the default (docs/backtest.md)
+DEFAULT_SHRINK = 0.0
 DEFAULT_SIGNIFICANT = 3  # significant figures kept: 53 KB for 40 zones instead of 72 KB at one decimal
 UNIT = "gCO2eq/kWh"
 LICENSE = "ODbL-1.0"
@@ -186,6 +189,7 @@ def build_profile(
     year_weights: Mapping[int, float] | None = None,
     smoothing: float = 0.0,
     significant: int | None = None,
+    shrink: float = 0.0,
 ) -> list[Any]:
     """Nested lists (12 x 24, or 12 x 2 x 24) of the weighted mean intensity per cell.
 
@@ -193,14 +197,21 @@ def build_profile(
     missing from it gets weight 0. ``smoothing`` is the weight given to each neighbouring month (December and
     January are neighbours), the cell's own month keeping 1 - 2 * smoothing: month edges are arbitrary and the
     daily pattern drifts smoothly with the season, so borrowing from neighbours trades a little seasonal bias for
-    less noise (the backtest shows the gain). Every cell must receive data, otherwise the lookup would answer a
-    made-up number: a missing cell raises ValueError.
+    less noise (the backtest shows the gain). ``shrink`` (weekpart layout only) moves each weekday or weekend cell
+    toward the pooled month x hour cell, keeping n / (n + shrink) of its difference, n the cell's hours: a weekend
+    cell has only eight or nine hours a year, so its own mean is noisy and it borrows most (both smoothed alike
+    first). Every cell must receive data, otherwise the lookup would answer a made-up number: a missing cell
+    raises ValueError.
     """
     if not 0 <= smoothing < 0.5:
         raise ValueError(f"smoothing must be in [0, 0.5), got {smoothing!r}")
+    if not (math.isfinite(shrink) and shrink >= 0) or (shrink and kind != "month-weekpart-hour-utc"):
+        raise ValueError(f"shrink must be a finite number >= 0, for the weekpart layout only; got {shrink!r}")
     shape = _shape(kind)
     totals: dict[tuple[int, ...], list[float]] = {}
     weights: dict[tuple[int, ...], list[float]] = {}
+    pooled_totals: dict[tuple[int, ...], list[float]] = {}
+    pooled_weights: dict[tuple[int, ...], list[float]] = {}
     for moment, value in rows:
         weight = 1.0 if year_weights is None else float(year_weights.get(moment.astimezone(timezone.utc).year, 0.0))
         if weight <= 0:
@@ -208,22 +219,40 @@ def build_profile(
         key = cell_of(kind, moment)
         totals.setdefault(key, []).append(weight * value)
         weights.setdefault(key, []).append(weight)
+        if shrink:
+            pooled = (key[0], key[-1])
+            pooled_totals.setdefault(pooled, []).append(weight * value)
+            pooled_weights.setdefault(pooled, []).append(weight)
 
-    def mean(key: tuple[int, ...]) -> float:
+    def mean_of(sums: dict[tuple[int, ...], list[float]], counts: dict[tuple[int, ...], list[float]]) -> Any:
+        def mean(key: tuple[int, ...]) -> float:
+            if key not in sums:
+                raise ValueError(f"profile cell {key} of {kind} has no data")
+            return math.fsum(sums[key]) / math.fsum(counts[key])
+
+        def smoothed(key: tuple[int, ...]) -> float:
+            if smoothing == 0:
+                return mean(key)
+            month, rest = key[0], key[1:]
+            before, after = mean(((month - 1) % 12, *rest)), mean(((month + 1) % 12, *rest))
+            return (1 - 2 * smoothing) * mean(key) + smoothing * (before + after)
+
+        return smoothed
+
+    own, pooled_cell = mean_of(totals, weights), mean_of(pooled_totals, pooled_weights)
+
+    def cell_value(key: tuple[int, ...]) -> float:
+        if not shrink:
+            return float(own(key))
         if key not in totals:
             raise ValueError(f"profile cell {key} of {kind} has no data")
-        return math.fsum(totals[key]) / math.fsum(weights[key])
-
-    def smoothed(key: tuple[int, ...]) -> float:
-        if smoothing == 0:
-            return mean(key)
-        month, rest = key[0], key[1:]
-        before, after = mean(((month - 1) % 12, *rest)), mean(((month + 1) % 12, *rest))
-        return (1 - 2 * smoothing) * mean(key) + smoothing * (before + after)
+        hours = len(totals[key])
+        centre = float(pooled_cell((key[0], key[-1])))
+        return centre + hours / (hours + shrink) * (float(own(key)) - centre)
 
     def fill(prefix: tuple[int, ...]) -> list[Any]:
         if len(prefix) == len(shape) - 1:
-            return [_round(smoothed((*prefix, last)), digits, significant) for last in range(shape[-1])]
+            return [_round(cell_value((*prefix, last)), digits, significant) for last in range(shape[-1])]
         return [fill((*prefix, i)) for i in range(shape[len(prefix)])]
 
     return fill(())
@@ -266,11 +295,29 @@ def _job_mean(prefix: Sequence[float], start: float, length: float) -> float:
     return (integral(start + length) - integral(start)) / length
 
 
-def decision_outcomes(profile: Any, kind: str, truth: Sequence[Row], every: int = EVERY) -> list[Outcome]:
+def decision_outcomes(
+    profile: Any,
+    kind: str,
+    truth: Sequence[Row],
+    every: int = EVERY,
+    configs: Sequence[tuple[float, float]] = THRESHOLD_CONFIGS,
+) -> list[Outcome]:
     """Plan every ``every``-th hour of ``truth`` on ``profile`` (the offline forecast) with the library's planner,
-    for each of THRESHOLD_CONFIGS, and score the choice on the true series. Hours whose horizon meets a gap are
-    skipped. The perfect-forecast saving is the planner's own answer on the true series (exact: the planner finds the
-    lowest mean of a step series, tested against brute force in bench/backtest.py)."""
+    for each (window, job) of ``configs`` (in hours), and score the choice on the true series. Hours whose horizon
+    meets a gap are skipped. The perfect-forecast saving is the planner's own answer on the true series (exact: the
+    planner finds the lowest mean of a step series, tested against brute force in bench/backtest.py)."""
+    return [outcome for _, _, outcome in decision_records(profile, kind, truth, every, configs)]
+
+
+def decision_records(
+    profile: Any,
+    kind: str,
+    truth: Sequence[Row],
+    every: int = EVERY,
+    configs: Sequence[tuple[float, float]] = THRESHOLD_CONFIGS,
+) -> list[tuple[datetime, float, Outcome]]:
+    """``decision_outcomes``, each with the moment it was planned at and the planned delay in hours (0 when it
+    starts at once): a rule may depend on the hour of day or on how far ahead the forecast had to look."""
     core = _core()
     if not truth:
         return []
@@ -287,8 +334,9 @@ def decision_outcomes(profile: Any, kind: str, truth: Sequence[Row], every: int 
         forecast_prefix.append(forecast_prefix[-1] + b)
     hours = [float(k) for k in range(count)]
     ends = [k + 1.0 for k in range(count)]
-    outcomes: list[Outcome] = []
-    for window, job in THRESHOLD_CONFIGS:
+    step = truth[1][0] - truth[0][0] if len(truth) > 1 else timedelta(hours=1)
+    outcomes: list[tuple[datetime, float, Outcome]] = []
+    for window, job in configs:
         span = math.ceil(window + job)
         for now in range(0, count - span, every):
             if any(now <= g < now + span for g in gaps):
@@ -300,7 +348,8 @@ def decision_outcomes(profile: Any, kind: str, truth: Sequence[Row], every: int 
             predicted = (predicted_at_once - planned[1]) / predicted_at_once
             start = planned[0] if predicted >= NEGLIGIBLE else float(now)
             chosen = _job_mean(true_prefix, start, job)
-            outcomes.append((predicted, (at_once - chosen) / at_once, (at_once - perfect[1]) / at_once))
+            outcome = (predicted, (at_once - chosen) / at_once, (at_once - perfect[1]) / at_once)
+            outcomes.append((origin + now * step, start - now, outcome))
     return outcomes
 
 
@@ -315,14 +364,16 @@ def threshold_effect(outcomes: Sequence[Outcome], threshold: float) -> tuple[flo
     return kept, harmful, len(waits)
 
 
-def choose_min_saving(outcomes: Sequence[Outcome], budget: float = SAVING_BUDGET) -> float:
-    """The threshold on THRESHOLD_GRID with the fewest harmful waits (share of waits ending dirtier) among those
+def choose_min_saving(
+    outcomes: Sequence[Outcome], budget: float = SAVING_BUDGET, grid: Sequence[float] = THRESHOLD_GRID
+) -> float:
+    """The threshold on ``grid`` with the fewest harmful waits (share of waits ending dirtier) among those
     giving up at most ``budget`` of the perfect-forecast saving against no threshold; ties keep the lowest. Chosen
     per zone because forecast error differs per zone: where a typical day predicts well, a threshold costs saving
     and buys little; where it predicts badly, small predicted savings are mostly noise."""
     base = threshold_effect(outcomes, 0.0)[0]
     best, best_harm = 0.0, math.inf
-    for threshold in THRESHOLD_GRID:
+    for threshold in grid:
         kept, harmful, _ = threshold_effect(outcomes, threshold)
         if base - kept <= budget + 1e-12 and harmful < best_harm - 1e-12:
             best, best_harm = threshold, harmful
@@ -330,7 +381,13 @@ def choose_min_saving(outcomes: Sequence[Outcome], budget: float = SAVING_BUDGET
 
 
 def validated_min_saving(
-    data_dir: Path, zone: str, validation_year: int, kind: str, smoothing: float, significant: int | None
+    data_dir: Path,
+    zone: str,
+    validation_year: int,
+    kind: str,
+    smoothing: float,
+    significant: int | None,
+    shrink: float = DEFAULT_SHRINK,
 ) -> float | None:
     """A zone's threshold chosen on ``validation_year`` with a profile trained only on the zone's earlier years
     (never the other way); None when the zone has no earlier year."""
@@ -338,7 +395,7 @@ def validated_min_saving(
     if not earlier:
         return None
     rows = [row for year in earlier for row in load_zone_year(data_dir, zone, year)]
-    profile = build_profile(rows, kind, 1, smoothing=smoothing, significant=significant)
+    profile = build_profile(rows, kind, 1, smoothing=smoothing, significant=significant, shrink=shrink)
     return choose_min_saving(decision_outcomes(profile, kind, load_zone_year(data_dir, zone, validation_year)))
 
 
@@ -373,6 +430,7 @@ def build_model(
     smoothing: float = DEFAULT_SMOOTHING,
     significant: int | None = DEFAULT_SIGNIFICANT,
     min_savings: bool = True,
+    shrink: float = DEFAULT_SHRINK,
 ) -> dict[str, Any]:
     """The whole document the core reads (``carbonaware_core.offline_model``), one profile per zone.
 
@@ -391,19 +449,21 @@ def build_model(
             raise ValueError(f"{zone}: no hourly file for the years {sorted(set(years or ()))}")
         read = [read_zone_year(data_dir, zone, year) for year in chosen]
         rows = [row for part in read for row in part.rows]
-        profiles[zone] = build_profile(rows, kind, digits, smoothing=smoothing, significant=significant)
+        profiles[zone] = build_profile(rows, kind, digits, smoothing=smoothing, significant=significant, shrink=shrink)
         estimated = sum(part.estimated for part in read) / len(rows)
         info[zone] = {"years": chosen, "estimated_share": round(estimated, 3), "gap_hours": sum(p.gaps for p in read)}
     used = sorted({year for zone_info in info.values() for year in zone_info["years"]})
     validated = {}
     if min_savings:
         for zone, zone_info in info.items():
-            found = validated_min_saving(data_dir, zone, zone_info["years"][-1], kind, smoothing, significant)
+            found = validated_min_saving(data_dir, zone, zone_info["years"][-1], kind, smoothing, significant, shrink)
             if found is not None:
                 validated[zone] = found
     statistic = "mean of each UTC cell over the zone's training years"
     if smoothing:
         statistic += f", blended with the same cell of each neighbouring month at weight {smoothing:g}"
+    if shrink:
+        statistic += f", each weekday/weekend cell shrunk toward the pooled cell by n/(n+{shrink:g}), n its hours"
     document: dict[str, Any] = {
         "format": 1,
         "kind": kind,
@@ -457,6 +517,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--smoothing", type=float, default=DEFAULT_SMOOTHING, help="weight of each neighbouring month (default 0.25)"
     )
+    parser.add_argument(
+        "--shrink", type=float, default=DEFAULT_SHRINK, help="weekpart layout: shrinkage toward the pooled cell"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output file (default %(default)s)")
     return parser
 
@@ -470,7 +533,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         significant = None if args.digits is not None else args.significant
         digits = 1 if args.digits is None else args.digits
-        model = build_model(args.data, zones, args.years, args.kind, digits, args.smoothing, significant)
+        model = build_model(
+            args.data, zones, args.years, args.kind, digits, args.smoothing, significant, shrink=args.shrink
+        )
     except (OSError, ValueError) as exc:
         print(f"build failed: {exc}", file=sys.stderr)
         return 1

@@ -189,6 +189,34 @@ def test_a_known_daily_shape_is_recovered(shape: list[float], months: list[float
             assert smooth[month][hour] == pytest.approx(blended, abs=5e-4 + 1e-9)
 
 
+def test_a_shrunk_weekpart_cell_keeps_n_over_n_plus_k_of_its_difference() -> None:
+    """Weekdays 300, weekends 100 at every hour of 2023: each pooled cell is the hour-weighted mean; a cell with n
+    hours keeps n / (n + 10) of its distance from it. January 2023 has 22 weekdays and 9 weekend days."""
+    rows = [(m, 100.0 if m.weekday() >= 5 else 300.0) for m in hours_of(2023)]
+    shrunk = bom.build_profile(rows, "month-weekpart-hour-utc", digits=6, shrink=10)
+    pooled = (22 * 300 + 9 * 100) / 31
+    assert shrunk[0][0][5] == pytest.approx(pooled + 22 / 32 * (300 - pooled), abs=1e-6)
+    assert shrunk[0][1][5] == pytest.approx(pooled + 9 / 19 * (100 - pooled), abs=1e-6)
+    assert bom.build_profile(rows, "month-weekpart-hour-utc", digits=6, shrink=0)[0] == [[300.0] * 24, [100.0] * 24]
+    for bad in (-1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match="shrink"):
+            bom.build_profile(rows, "month-weekpart-hour-utc", shrink=bad)
+    with pytest.raises(ValueError, match="weekpart layout only"):
+        bom.build_profile(rows, "month-hour-utc", shrink=10)
+
+
+def test_the_builder_ships_a_shrunk_weekpart_model_on_request(synthetic_data: Path, tmp_path: Path) -> None:
+    out = tmp_path / "k.json"
+    args = ["--data", str(synthetic_data), "--kind", "month-weekpart-hour-utc", "--shrink", "10", "--out", str(out)]
+    assert bom.main(args) == 0
+    document = json.loads(out.read_text())
+    assert document["kind"] == "month-weekpart-hour-utc" and "n/(n+10)" in document["statistic"]
+    assert len(document["zones"]["ZZ-A"][0]) == 2
+    second = tmp_path / "k2.json"
+    assert bom.main([*args[:-1], str(second)]) == 0
+    assert out.read_bytes() == second.read_bytes()
+
+
 def test_recency_weights_double_per_year() -> None:
     assert bom.recency_weights([2023, 2021, 2022]) == {2021: 1.0, 2022: 2.0, 2023: 4.0}
     rows = [(m, 100.0) for m in hours_of(2021)] + [(m, 400.0) for m in hours_of(2022)]
