@@ -572,16 +572,20 @@ def _utc(seconds: float) -> datetime:
 # --------------------------------------------------------------------------------------------------------------
 # Forecast arithmetic: live correction
 # --------------------------------------------------------------------------------------------------------------
-# A typical-day profile says what an hour usually looks like; the latest measured hours say how today differs.
-# The live correction adds today's anomaly (measured minus typical, averaged over the latest LIVE_SPAN of
-# measurements) to the profile, fading it by half every LIVE_HALF_LIFE ahead: the next hours follow today, later
-# ones the profile. Both settings were chosen on validation years, never on a year they are scored on
-# (``python bench/backtest.py --choose-live``).
+# A typical-day profile says what an hour usually looks like; the last day's measurements say how today differs.
+# Two corrections, in this order: (1) blend into each hour of the profile the same hour yesterday, where it was
+# measured (LIVE_YESTERDAY_WEIGHT of it); (2) add today's anomaly -- measured minus that blend, averaged over the
+# latest LIVE_SPAN of measurements -- fading it by half every LIVE_HALF_LIFE ahead. The settings were chosen on
+# validation years, never on a year they are scored on (``python bench/backtest.py --live-only`` shows the choice
+# and the scores): the recent level persists for longer than any window (a long half-life), and the day before
+# says more about the next hours' shape than the level does.
 
-LIVE_HALF_LIFE = timedelta(hours=6)
-LIVE_SPAN = timedelta(hours=3)
+LIVE_YESTERDAY_WEIGHT = 0.25
+LIVE_HALF_LIFE = timedelta(hours=96)
+LIVE_SPAN = timedelta(hours=1)
 LIVE_MAX_AGE = timedelta(hours=6)  # measurements older than this say nothing about today
-LIVE_HISTORY = timedelta(hours=24)  # what the free tiers serve, and more than any anomaly needs
+LIVE_HISTORY = timedelta(hours=24)  # what the free tiers serve, and all the corrections read
+_DAY = timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -612,14 +616,10 @@ def recent_anomaly(
 ) -> Anomaly:
     """Measured minus typical, time-weighted over the latest ``span`` of valid measurements before ``now``.
 
-    Measurements are cut at ``now`` (a point dated in the future is not a measurement); NaN, negative or absurd
-    values are ignored. A SourceError when nothing valid remains or the latest measurement ends over ``max_age``
-    before now: a stale anomaly would pass yesterday off as today."""
-    measured = [
-        ForecastPoint(p.start, min(p.end, now), float(p.value))
-        for p in (_aware(point) for point in actuals)
-        if _valid_intensity(p.value) and p.start < min(p.end, now)
-    ]
+    Only intervals over by ``now`` count: a value for the hour under way is a nowcast, and one dated ahead is no
+    measurement at all. NaN, negative or absurd values are ignored. A SourceError when nothing valid remains or
+    the latest measurement ends over ``max_age`` before now: a stale anomaly would pass yesterday off as today."""
+    measured = measured_by(actuals, now)
     if not measured:
         raise SourceError("no valid measurement before now")
     until = max(p.end for p in measured)
@@ -637,6 +637,40 @@ def recent_anomaly(
     if weight <= 0:
         raise SourceError("the profile does not cover the latest measurements")
     return Anomaly(total / weight, until)
+
+
+def measured_by(actuals: Iterable[ForecastPoint], now: datetime) -> list[ForecastPoint]:
+    """The valid measurements whose interval is over by ``now`` (the hour under way is a nowcast, and a point
+    dated ahead is no measurement), in time order."""
+    kept = [p for p in (_aware(point) for point in actuals) if _valid_intensity(p.value) and p.start < p.end <= now]
+    return sorted(kept, key=lambda p: p.start)
+
+
+def blended_with_yesterday(
+    profile: Iterable[ForecastPoint], measured: Sequence[ForecastPoint], weight: float = LIVE_YESTERDAY_WEIGHT
+) -> tuple[ForecastPoint, ...]:
+    """Each profile point moved ``weight`` of the way to what was measured over the same interval a day earlier;
+    points whose day-earlier interval was not (fully) measured keep the profile's value."""
+    if weight <= 0 or not measured:
+        return tuple(profile)
+    first, last = measured[0].start + _DAY, measured[-1].end + _DAY
+    points = []
+    for point in profile:
+        value = point.value
+        if first <= point.start and point.end <= last and _valid_intensity(value):
+            past = _covered_mean(measured, point.start - _DAY, point.end - _DAY)
+            if past is not None:
+                value = (1 - weight) * value + weight * past
+        points.append(ForecastPoint(point.start, point.end, value))
+    return tuple(points)
+
+
+def _covered_mean(points: Sequence[ForecastPoint], start: datetime, end: datetime) -> float | None:
+    """``mean_over`` when the points cover all of [start, end), else None."""
+    covered = sum(max(0.0, (min(p.end, end) - max(p.start, start)).total_seconds()) for p in points)
+    if covered < (end - start).total_seconds() - 1e-6:
+        return None
+    return mean_over(points, start, end)
 
 
 def anomaly_weight(hours_ahead: float, half_life_hours: float) -> float:
@@ -2196,7 +2230,7 @@ def _electricitymaps_actuals(query: Query, start: datetime, end: datetime) -> tu
     base = base_url("ELECTRICITYMAPS_API_URL", ELECTRICITYMAPS_BASE_URL).removesuffix("/v3")
     params = _electricitymaps_where(query)
     params["emissionFactorType"] = os.environ.get("ELECTRICITYMAPS_EMISSION_FACTOR", "lifecycle")
-    if start >= CLOCK.now() - LIVE_HISTORY + timedelta(minutes=5):  # /history reaches about 24 h back
+    if start >= CLOCK.now() - LIVE_HISTORY - timedelta(minutes=5):  # /history: about the last 24 hours
         url, list_keys = f"{base}/v3/carbon-intensity/history?{_query_string(params)}", ("history", "data")
     else:
         params.update(start=_iso(start), end=_iso(end))
@@ -2692,14 +2726,17 @@ def _live_forecast(name: str, query: Query) -> Forecast:
     key = ("live-actuals", name, query.arg, where, math.floor(query.now.timestamp() / 900))
     fetch = _shared_fetch(query, lambda: _measured(name, query, past, query.now))
     actuals: tuple[ForecastPoint, ...] = CACHE.get(key, fetch, ttl=900.0, wait=query.budget())
-    anomaly = recent_anomaly(actuals, typical.points, query.now)
+    measured = measured_by(actuals, query.now)
+    blended = blended_with_yesterday(typical.points, measured)
+    anomaly = recent_anomaly(measured, blended, query.now)
     label = f"{name}+offline (live-corrected)"
     note = (
-        f"live-corrected: {name} measured {anomaly.value:+.0f} vs the typical day until "
-        f"{_iso(anomaly.measured_until)}, the difference fading by half every {_human(LIVE_HALF_LIFE)}"
+        f"live-corrected: the typical day blended {LIVE_YESTERDAY_WEIGHT:.0%} with {name}'s measurements a day "
+        f"earlier, then moved by the latest measured difference ({anomaly.value:+.0f} until "
+        f"{_iso(anomaly.measured_until)}), fading by half every {_human(LIVE_HALF_LIFE)}"
     )
     attribution = f"{note}; {typical.attribution}" if typical.attribution else note
-    points = live_corrected(typical.points, anomaly)
+    points = live_corrected(blended, anomaly)
     return Forecast(points, unit=G_PER_KWH, grid_zone=typical.grid_zone, attribution=attribution, label=label)
 
 
