@@ -2737,7 +2737,16 @@ def _live_forecast(name: str, query: Query) -> Forecast:
     )
     attribution = f"{note}; {typical.attribution}" if typical.attribution else note
     points = live_corrected(blended, anomaly)
-    return Forecast(points, unit=G_PER_KWH, grid_zone=typical.grid_zone, attribution=attribution, label=label)
+    # the profile's per-zone floor stays: in the backtest it keeps the live forecast's waits that end dirtier below
+    # the offline model's, at a small cost in saving (bench/backtest.py --live-only: "live, no minimum")
+    return Forecast(
+        points,
+        unit=G_PER_KWH,
+        grid_zone=typical.grid_zone,
+        attribution=attribution,
+        min_savings=typical.min_savings,
+        label=label,
+    )
 
 
 register_source(Source("live", _fetch_live, cache_key=None, needs_zone=False, horizon=timedelta(days=366)))
@@ -3110,8 +3119,8 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
     if isinstance(own, (int, float)) and not isinstance(own, bool) and min_savings < own < 1:
         floor = float(own)
         floor_name = (
-            f"the {label} model's minimum for {result.grid_zone or 'this zone'}, {{:.1%}} (in its backtest, smaller "
-            "predicted savings too often ended dirtier than starting at once)"
+            f"the {result.label or label} model's minimum for {result.grid_zone or 'this zone'}, {{:.1%}} (in its "
+            "backtest, smaller predicted savings too often ended dirtier than starting at once)"
         )
     return _decide(
         query,

@@ -481,7 +481,7 @@ LIVE_GRID = tuple(
     LiveSetting(h, s, y) for h in (12, 24, 48, 96, math.inf) for y in (0.0, 0.15, 0.25, 0.35) for s in (1, 3)
 )
 LIVE_EVERY = 10  # validation scores every 10th hour: the grid has 40 settings
-LIVE_METHODS = ("offline", "live-corrected", "yesterday")
+LIVE_METHODS = ("offline", "live-corrected", "live, no minimum", "yesterday")
 
 
 def live_series(offline: Series, truth: Series, now_h: float, config: Config, setting: LiveSetting) -> Series:
@@ -514,6 +514,16 @@ def live_decision(offline: Series, truth: Series, now_h: float, config: Config, 
     forecast = live_series(offline, truth, now_h, config, setting)
     first = math.floor(now_h)
     return first + library_decision(forecast, now_h - first, config)
+
+
+def live_thresholded(
+    offline: Series, truth: Series, now_h: float, config: Config, setting: LiveSetting, minimum: float
+) -> float:
+    """``live_decision`` with the offline model's per-zone minimum predicted saving, as the library applies it to
+    the live forecast (``Forecast.min_savings`` of the profile it corrects)."""
+    forecast = live_series(offline, truth, now_h, config, setting)
+    first = math.floor(now_h)
+    return first + thresholded_decision(forecast, now_h - first, config, minimum)
 
 
 def check_live_path(offline: Series, truth: Series, first_test: int, setting: LiveSetting, every: int = 173) -> int:
@@ -575,7 +585,10 @@ def run_zone_live(
         methods: dict[str, Callable[[float], float]] = {}
         if mode == "test":
             methods["offline"] = partial(thresholded_decision, offline, config=config, minimum=zone_minimum)
-            methods["live-corrected"] = partial(live_decision, offline, truth, config=config, setting=settings[0])
+            methods["live-corrected"] = partial(
+                live_thresholded, offline, truth, config=config, setting=settings[0], minimum=zone_minimum
+            )
+            methods["live, no minimum"] = partial(live_decision, offline, truth, config=config, setting=settings[0])
             methods["yesterday"] = partial(library_decision, yesterday_series(truth), config=config)
         else:
             for setting in settings:
@@ -817,8 +830,9 @@ def live_report(
     )
     out.append(
         "- offline: the shipped profile variant with its per-zone minimum predicted saving (as the library plans); "
-        "live-corrected: that profile corrected by the hours measured before now; yesterday: the true values 24 h "
-        "earlier; cells: share of the perfect-forecast saving, % (harmful waits, % of waits)"
+        "live-corrected: that profile corrected by the hours measured before now, with the same per-zone minimum "
+        "(as the library plans it); live, no minimum: without it; yesterday: the true values 24 h earlier; "
+        "cells: share of the perfect-forecast saving, % (harmful waits, % of waits)"
     )
     out.append("")
     return out + live_table(results, md)

@@ -373,3 +373,49 @@ def test_the_anomaly_refuses_nothing_valid_or_stale() -> None:
     old = hourly_points(HOUR0 - 10 * HOUR, [100.0, 100.0])
     with pytest.raises(carbonaware_core.SourceError, match="stale"):
         carbonaware_core.recent_anomaly(old, profile, NOW)
+
+
+# ---- the label reaches the Prefect artifact ---------------------------------------------------------------------
+
+
+def test_the_prefect_artifact_names_the_live_correction(em: FakeElectricityMaps, history: EmActuals) -> None:
+    from prefect import flow, task
+    from prefect.artifacts import Artifact
+
+    import carbonaware_prefect as cp
+    from tests import prefect_helpers
+
+    @task(name="Live Probe")
+    @cp.carbonaware_delay_decorator(window=WINDOW, duration=DURATION, source="electricitymaps", now=NOW, **DE)
+    def probe() -> str:
+        return "ran"
+
+    @flow
+    def pipeline() -> str:
+        return probe()
+
+    with prefect_helpers.prefect_server():
+        assert pipeline() == "ran"
+        artifact = Artifact.get("carbonaware-live-probe")
+    assert artifact is not None
+    text = str(artifact.data)
+    (source_row,) = [line for line in text.splitlines() if line.startswith("| Source |")]
+    assert source_row.replace("\\", "") == "| Source | electricitymaps+offline (live-corrected) |"  # markdown-escaped
+    assert "its forecast was refused" in text and "live-corrected" in text
+    assert_no_secrets(text, str(artifact.description))
+
+
+def test_the_profile_floor_applies_to_the_live_forecast(
+    em: FakeElectricityMaps, history: EmActuals, model: Path
+) -> None:
+    """The offline model's per-zone minimum predicted saving is kept by the live forecast built on its profile."""
+    document = json.loads(model.read_text(encoding="utf-8"))
+    document["min_savings"] = {"default": 0.0, "by_zone": {"DE": 0.6}}
+    floored = model.with_name("floored.json")
+    floored.write_text(json.dumps(document), encoding="utf-8")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CARBONAWARE_OFFLINE_DATA", str(floored))
+        result = plan()
+    assert result.source == "electricitymaps+offline (live-corrected)"
+    assert result.reason == "below-threshold" and result.delay == timedelta(0)
+    assert "model's minimum for DE, 60.0%" in result.detail
