@@ -626,6 +626,7 @@ def recent_anomaly(
     if now - until > max_age:
         raise SourceError(f"the latest measurement ends {_human(now - until)} before now (stale)")
     since = until - span
+    profile = [p for p in profile if p.end > since and p.start < until]  # a year of profile: look at hours only
     total = weight = 0.0
     for point in measured:
         start, end = max(point.start, since), point.end
@@ -2719,7 +2720,14 @@ def _fetch_live(query: Query) -> Forecast:
     return _live_forecast(name, replace(query, arg=arg))
 
 
+MARGINAL_SOURCES = frozenset({"carbonaware", "watttime"})  # they measure what an extra kWh emits, not the mean
+
+
 def _live_forecast(name: str, query: Query) -> Forecast:
+    if name in MARGINAL_SOURCES:
+        raise SourceError(
+            f"{name} measures marginal emissions; the live correction needs average intensity like the profile's"
+        )
     past = query.now - LIVE_HISTORY
     typical = _fetch_offline(replace(query, now=past, window=query.window + LIVE_HISTORY))
     where = grid_zone_for(query) or query.zone

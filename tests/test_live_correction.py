@@ -338,7 +338,7 @@ def test_correction_fades_toward_the_profile_and_stays_valid(numbers: list[float
             previous = moved
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(st.lists(values, min_size=48, max_size=48), st.lists(values, min_size=48, max_size=48))
 def test_anomaly_ignores_what_is_not_yet_measured(measured: list[float], later: list[float]) -> None:
     profile = hourly_points(HOUR0 - 24 * HOUR, [300.0] * 72)
@@ -419,3 +419,19 @@ def test_the_profile_floor_applies_to_the_live_forecast(
     assert result.source == "electricitymaps+offline (live-corrected)"
     assert result.reason == "below-threshold" and result.delay == timedelta(0)
     assert "model's minimum for DE, 60.0%" in result.detail
+
+
+@pytest.mark.parametrize("name", ["watttime", "carbonaware"])
+def test_marginal_signals_are_not_mixed_into_an_average_profile(name: str) -> None:
+    result = plan(source=f"live:{name}")
+    assert result.reason == "source-failed"
+    assert "measures marginal emissions" in result.detail
+
+
+def test_a_year_long_window_stays_quick(em: FakeElectricityMaps, history: EmActuals) -> None:
+    import time
+
+    began = time.perf_counter()
+    result = plan(source="live:electricitymaps", window=timedelta(days=365))
+    assert result.source == "electricitymaps+offline (live-corrected)"
+    assert time.perf_counter() - began < 5.0  # a generous bound on a loaded 2-core machine; typically ~0.2 s
