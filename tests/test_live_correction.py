@@ -435,3 +435,15 @@ def test_a_year_long_window_stays_quick(em: FakeElectricityMaps, history: EmActu
     result = plan(source="live:electricitymaps", window=timedelta(days=365))
     assert result.source == "electricitymaps+offline (live-corrected)"
     assert time.perf_counter() - began < 5.0  # a generous bound on a loaded 2-core machine; typically ~0.2 s
+
+
+def test_a_hanging_history_costs_one_timeout_then_offline(em: FakeElectricityMaps, history: EmActuals) -> None:
+    import time
+
+    history.fault = Reply(200, {"zone": "DE", "history": []}, delay=3.0)
+    began = time.monotonic()
+    result = plan(timeout=0.5)
+    elapsed = time.monotonic() - began
+    assert result.source == "offline"
+    assert "failed too" in result.fallbacks[0]
+    assert elapsed < 2.5  # one bounded request, not the server's 3 s
