@@ -2133,7 +2133,7 @@ register_source(
     )
 )
 register_source(Source("url", _fetch_url, cache_key=lambda q: q.arg, ttl=900.0, needs_zone=False, uses_zone=False))
-# (re-registered with its actuals reader in the live-corrected block)
+# (its actuals reader is added in the live-corrected block)
 
 
 # ---- Electricity Maps v3 -----------------------------------------------------------------------------------------
@@ -2702,9 +2702,7 @@ def _url_actuals(query: Query, start: datetime, end: datetime) -> tuple[Forecast
     return _fetch_url(query).points
 
 
-register_source(
-    Source("url", _fetch_url, cache_key=lambda q: q.arg, needs_zone=False, uses_zone=False, actuals=_url_actuals)
-)
+register_source(replace(SOURCES["url"], actuals=_url_actuals))
 
 
 def _live_inner(query: Query) -> tuple[str, str | None]:
