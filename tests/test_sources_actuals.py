@@ -114,6 +114,20 @@ def test_garbage_answers_are_source_errors(em: EmActuals, reply: Reply) -> None:
         fetch_actuals("electricitymaps", DE, NOW - timedelta(hours=2), NOW)
 
 
+def _huge(size: int) -> Iterator[bytes]:
+    chunk = b'{"zone":"DE","history":[' + b" " * 65536
+    for _ in range(size // len(chunk) + 1):
+        yield chunk
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["declared", "chunked"])
+def test_a_huge_history_is_refused_unread(em: EmActuals, declared: bool) -> None:
+    size = 50 * 2**20
+    em.fault = Reply(200, stream=lambda: _huge(size), length=size if declared else None)
+    with pytest.raises(SourceError, match="larger than"):
+        fetch_actuals("electricitymaps", DE, NOW - timedelta(hours=2), NOW)
+
+
 @pytest.mark.parametrize("values", [[], [None, None]], ids=["empty", "all-null"])
 def test_nothing_measured_is_a_source_error(em: EmActuals, values: list[float | None]) -> None:
     em.values = hourly(HOUR0 - len(values) * HOUR, values)
