@@ -436,6 +436,204 @@ def _sweep(
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Live correction (issue 9 item 7): the offline profile corrected by the hours measured before now
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LiveSetting:
+    """The library's ``LIVE_YESTERDAY_WEIGHT`` (share of the same hour yesterday blended into the profile),
+    ``LIVE_HALF_LIFE`` (the recent anomaly halves every that many hours ahead) and ``LIVE_SPAN`` (the anomaly is
+    the mean over the last that many measured hours)."""
+
+    half_life_h: float
+    span_h: float
+    yesterday: float
+
+    @property
+    def label(self) -> str:
+        fading = "no fading" if math.isinf(self.half_life_h) else f"half-life {_hours(self.half_life_h)}"
+        return f"yesterday {self.yesterday:g}, {fading}, span {_hours(self.span_h)}"
+
+
+LIVE_GRID = tuple(
+    LiveSetting(h, s, y) for h in (12, 24, 48, 96, math.inf) for y in (0.0, 0.15, 0.25, 0.35) for s in (1, 3)
+)
+LIVE_EVERY = 10  # validation scores every 10th hour: the grid has 40 settings
+LIVE_METHODS = ("offline", "live-corrected", "live, no minimum", "yesterday")
+
+
+def live_series(offline: Series, truth: Series, now_h: float, config: Config, setting: LiveSetting) -> Series:
+    """The live-corrected forecast made at ``now_h``, as a short series from the hour holding now.
+
+    Measured: the hours that are over by now (the hour under way is a nowcast, not a measurement), i.e. up to
+    floor(now) -- and, as the library fetches, only the last 24 of them. Each profile hour whose hour a day earlier
+    was measured is blended with it (weight ``yesterday``); the anomaly is the mean of truth - blend over the last
+    ``span_h`` measured hours, added with weight 0.5 ** (hours from the end of the measurements to each hour's
+    midpoint / half-life), floored at 0 -- ``carbonaware_core.blended_with_yesterday``, ``recent_anomaly`` and
+    ``live_corrected`` (``check_live_path`` compares them)."""
+    first, last = math.floor(now_h), math.ceil(now_h + config.window_h + config.job_h)
+    span, w = round(setting.span_h), setting.yesterday
+
+    def blend(k: int) -> float:
+        measured = first - 24 <= k - 24 < first
+        return (1 - w) * offline.values[k] + w * truth.values[k - 24] if measured and w else offline.values[k]
+
+    anomaly = sum(truth.values[k] - blend(k) for k in range(first - span, first)) / span
+    values = [
+        max(0.0, blend(k) + anomaly * core.anomaly_weight(k + 0.5 - first, setting.half_life_h))
+        for k in range(first, last)
+    ]
+    return Series.of(offline.origin + first * HOUR, values)
+
+
+def live_decision(offline: Series, truth: Series, now_h: float, config: Config, setting: LiveSetting) -> float:
+    """What the library decides on the live-corrected forecast (planner + negligible-saving rule), in timeline
+    hours."""
+    forecast = live_series(offline, truth, now_h, config, setting)
+    first = math.floor(now_h)
+    return first + library_decision(forecast, now_h - first, config)
+
+
+def live_thresholded(
+    offline: Series, truth: Series, now_h: float, config: Config, setting: LiveSetting, minimum: float
+) -> float:
+    """``live_decision`` with the offline model's per-zone minimum predicted saving, as the library applies it to
+    the live forecast (``Forecast.min_savings`` of the profile it corrects)."""
+    forecast = live_series(offline, truth, now_h, config, setting)
+    first = math.floor(now_h)
+    return first + thresholded_decision(forecast, now_h - first, config, minimum)
+
+
+def check_live_path(offline: Series, truth: Series, first_test: int, setting: LiveSetting, every: int = 173) -> int:
+    """The fast path above must decide what the core's ``recent_anomaly`` + ``live_corrected`` + ``choose_start``
+    decide on the same measurements and profile. Returns the number of decisions compared."""
+    compared = 0
+
+    def points(series: Series, lo: int, hi: int) -> list[core.ForecastPoint]:
+        at = partial(datetime.fromtimestamp, tz=timezone.utc)
+        return [
+            core.ForecastPoint(at(series.origin + k * HOUR), at(series.origin + (k + 1) * HOUR), series.values[k])
+            for k in range(lo, hi)
+        ]
+
+    for i in range(first_test + 24, len(truth.values) - 24, every):
+        for config in CONFIGS:
+            for offset in (0.0, 0.4):
+                now_h = i + offset
+                now = datetime.fromtimestamp(truth.origin + now_h * HOUR, timezone.utc)
+                window, job = timedelta(hours=config.window_h), timedelta(hours=config.job_h)
+                horizon = math.ceil(now_h + config.window_h + config.job_h)
+                profile = points(offline, i - 24, horizon)
+                measured = core.measured_by(points(truth, i - 24, i + 1), now)
+                blended = core.blended_with_yesterday(profile, measured, setting.yesterday)
+                anomaly = core.recent_anomaly(measured, blended, now, span=timedelta(hours=setting.span_h))
+                fading = timedelta(hours=setting.half_life_h) if math.isfinite(setting.half_life_h) else timedelta.max
+                corrected = core.live_corrected(blended, anomaly, fading)
+                choice = core.choose_start(corrected, now, window, job)
+                waits = not _negligible(choice.now_value, choice.expected)
+                slow = (choice.start - truth.origin) / HOUR if waits else now_h
+                fast = live_decision(offline, truth, now_h, config, setting)
+                if abs(fast - slow) > 1e-6:
+                    raise AssertionError(f"hour {i}+{offset}: live fast path {fast} h, library {slow} h")
+                compared += 1
+    return compared
+
+
+def yesterday_series(truth: Series) -> Series:
+    """Yesterday as the forecast: each hour's value is the true value 24 h earlier."""
+    return Series.of(truth.origin, [math.nan] * 24 + truth.values[:-24])
+
+
+def run_zone_live(
+    args: tuple[Path, str, int, float, int, tuple[LiveSetting, ...], str],
+) -> list[ZoneResult]:
+    """Offline (the shipped variant with its per-zone minimum, as the library plans), live-corrected and
+    yesterday-as-forecast for one zone, every configuration, "now" on the hour. ``mode`` "test": the held-out year
+    with the profile of the years before it and ``settings[0]``; "validate": the year before the held-out year with
+    the profile of the years before that, one method per setting (the held-out year is never read)."""
+    data_dir, zone, test_year, zone_minimum, every, settings, mode = args
+    truth, first_test = load_truth(data_dir, zone, test_year)
+    kind, profile = train_profiles(data_dir, zone, test_year)[SHIPPED]
+    offline = offline_series(profile, kind, truth)
+    offsets = now_offsets("on-the-hour", len(truth.values), zone)
+    if mode == "test":
+        check_live_path(offline, truth, first_test, settings[0])
+    results = []
+    for config in CONFIGS:
+        methods: dict[str, Callable[[float], float]] = {}
+        if mode == "test":
+            methods["offline"] = partial(thresholded_decision, offline, config=config, minimum=zone_minimum)
+            methods["live-corrected"] = partial(
+                live_thresholded, offline, truth, config=config, setting=settings[0], minimum=zone_minimum
+            )
+            methods["live, no minimum"] = partial(live_decision, offline, truth, config=config, setting=settings[0])
+            methods["yesterday"] = partial(library_decision, yesterday_series(truth), config=config)
+        else:
+            for setting in settings:
+                methods[setting.label] = partial(live_decision, offline, truth, config=config, setting=setting)
+        results.append(_sweep(zone, "on-the-hour", config, truth, first_test, offsets, methods, every))
+    return results
+
+
+def validation_years(data_dir: Path, zones: Sequence[str], tests: dict[str, int | None]) -> dict[str, int]:
+    """Per zone, the year the live setting is chosen on: the one before its held-out year, if that one has an
+    earlier year to train its profile on (zones with fewer than three years have none)."""
+    chosen = {}
+    for zone in zones:
+        test = tests.get(zone)
+        if test is not None and held_out_year(data_dir, zone, test - 1) is not None:
+            chosen[zone] = test - 1
+    return chosen
+
+
+def choose_live_setting(results: Sequence[ZoneResult]) -> tuple[LiveSetting, list[tuple[LiveSetting, float]]]:
+    """The setting with the largest share of the summed perfect saving over every validation zone and
+    configuration (ties: the earlier in LIVE_GRID). Returns it and every setting's share."""
+    oracle = sum(r.tallies["oracle"].total for r in results)
+    shares = [(s, sum(r.tallies[s.label].total for r in results) / oracle) for s in LIVE_GRID]
+    best = max(shares, key=lambda pair: pair[1])
+    return best[0], shares
+
+
+def live_table(results: Sequence[ZoneResult], markdown: bool) -> list[str]:
+    """Per zone and configuration: each method's share of the perfect-forecast saving and its harmful waits; then
+    the pooled share over the zones where the oracle saves > 5 %, their mean share, and harmful waits pooled."""
+    header = ["zone", "test year"]
+    for config in CONFIGS:
+        header += [f"{_hours(config.window_h)}/{_hours(config.job_h)} oracle %"]
+        header += [f"{m} share (harm)" for m in LIVE_METHODS]
+    by_zone: dict[str, dict[Config, ZoneResult]] = {}
+    for r in results:
+        by_zone.setdefault(r.zone, {})[r.config] = r
+    rows = []
+    for zone in sorted(by_zone):
+        row = [zone, str(next(iter(by_zone[zone].values())).year)]
+        for config in CONFIGS:
+            r = by_zone[zone][config]
+            oracle = r.saving("oracle")
+            row.append(f"{100 * oracle:.1f}")
+            for m in LIVE_METHODS:
+                share = f"{100 * r.saving(m) / oracle:.1f}" if oracle > 0 else "-"
+                row.append(f"{share} ({100 * r.harmful(m):.0f})")
+        rows.append(row)
+    for name, value in (("share of summed saving", share_of_mean), ("mean of zone shares", mean_share)):
+        row = [f"{name}, oracle > 5 %", ""]
+        for config in CONFIGS:
+            strong = _strong([r for r in results if r.config == config])
+            row.append(f"n={len(strong)}")
+            row += [f"{100 * value(strong, m):.1f}" if strong else "-" for m in LIVE_METHODS]
+        rows.append(row)
+    row = ["harmful waits %, all zones", ""]
+    for config in CONFIGS:
+        group = [r for r in results if r.config == config]
+        row.append(f"n={len(group)}")
+        row += [f"{100 * harmful_share(group, m):.1f}" for m in LIVE_METHODS]
+    rows.append(row)
+    return _render(header, rows, markdown)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # Cross-check: the fast path above is what the public API decides
 # --------------------------------------------------------------------------------------------------------------
 
@@ -573,6 +771,67 @@ def summary(results: Sequence[ZoneResult], protocols: Sequence[str]) -> list[str
     return lines
 
 
+def evaluate_live(
+    pool: ProcessPoolExecutor,
+    data_dir: Path,
+    scored: Sequence[str],
+    tests: dict[str, int | None],
+    minimums: dict[str, float],
+    every: int,
+) -> tuple[LiveSetting, list[tuple[LiveSetting, float]], list[ZoneResult]]:
+    """Choose the live setting on validation years (every zone's year before its held-out year), then score
+    offline, live-corrected and yesterday on the held-out years with it."""
+    years = validation_years(data_dir, scored, tests)
+    work = [(data_dir, zone, year, 0.0, LIVE_EVERY, LIVE_GRID, "validate") for zone, year in years.items()]
+    validation = [r for rs in pool.map(run_zone_live, work) for r in rs]
+    setting, shares = choose_live_setting(validation)
+    work = [(data_dir, zone, tests[zone] or 0, minimums[zone], every, (setting,), "test") for zone in scored]
+    return setting, shares, [r for rs in pool.map(run_zone_live, work) for r in rs]
+
+
+def live_report(
+    setting: LiveSetting, shares: Sequence[tuple[LiveSetting, float]], results: Sequence[ZoneResult], h: str, md: bool
+) -> list[str]:
+    shipped = LiveSetting(
+        core.LIVE_HALF_LIFE.total_seconds() / 3600, core.LIVE_SPAN.total_seconds() / 3600, core.LIVE_YESTERDAY_WEIGHT
+    )
+    ranked = sorted(shares, key=lambda pair: -pair[1])
+    out = ["", f"{h}Offline vs live-corrected vs yesterday (now on the hour)", ""]
+    out.append(
+        f"- live setting chosen on validation years (each zone's year before its held-out year, profile of the "
+        f"years before that, every {LIVE_EVERY}th hour, all three configurations pooled): {setting.label}; "
+        f"the library ships {shipped.label}" + (" (the same)" if shipped == setting else " (DIFFERENT: update it)")
+    )
+    out.append(
+        "- validation share of the perfect saving, best five: "
+        + ", ".join(f"{s.label} {100 * v:.1f}" for s, v in ranked[:5])
+        + f"; worst: {ranked[-1][0].label} {100 * ranked[-1][1]:.1f}"
+    )
+    out.append(
+        "- offline: the shipped profile variant with its per-zone minimum predicted saving (as the library plans); "
+        "live-corrected: that profile corrected by the hours measured before now, with the same per-zone minimum "
+        "(as the library plans it); live, no minimum: without it; yesterday: the true values 24 h earlier; "
+        "cells: share of the perfect-forecast saving, % (harmful waits, % of waits)"
+    )
+    out.append("")
+    return out + live_table(results, md)
+
+
+def live_summary(results: Sequence[ZoneResult]) -> list[str]:
+    lines = []
+    for config in CONFIGS:
+        group = [r for r in results if r.config == config]
+        strong = _strong(group)
+        if not strong:
+            continue
+        parts = [
+            f"{m} {100 * share_of_mean(strong, m):.1f} (harmful {100 * harmful_share(group, m):.1f})"
+            for m in LIVE_METHODS
+        ]
+        lines.append(f"{config.label} ({len(strong)} of {len(group)} zones), now on the hour: " + ", ".join(parts))
+    return lines
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -596,6 +855,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="worker processes (default 2)")
     parser.add_argument("--markdown", action="store_true", help="print Markdown tables")
+    parser.add_argument(
+        "--live-only", action="store_true", help="only the offline / live-corrected / yesterday comparison"
+    )
     return parser
 
 
@@ -637,9 +899,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for zone in scored
             if tests[zone] is not None
         ]
-        results = [r for rs in pool.map(run_zone, work) for r in rs]
+        results = [r for rs in pool.map(run_zone, work) for r in rs] if not args.live_only else []
+        live_setting, live_shares, live_results = evaluate_live(pool, args.data, scored, tests, minimums, args.every)
     first = scored[0]
-    api_checked = check_public_api(args.data, first, tests[first] or 0)
+    api_checked = check_public_api(args.data, first, tests[first] or 0) if not args.live_only else 0
     elapsed = time.perf_counter() - started
 
     out: list[str] = []
@@ -660,17 +923,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"- min/zone (%), chosen on the year before the held-out year: {shown}; default for zones without one "
         f"(median of the others): {100 * default:g}"
     )
-    out.append(f"- public-API cross-check: {api_checked} plan_delay(source='offline') decisions match the fast path")
+    if not args.live_only:
+        checked = f"{api_checked} plan_delay(source='offline') decisions match the fast path"
+        out.append(f"- public-API cross-check: {checked}")
     out.append(
         "- cells: mean saving % vs starting at once (share of the oracle's saving, %; harmful waits, % of waits)"
     )
-    for protocol in args.protocols:
+    for protocol in args.protocols if results else ():
         for config in CONFIGS:
             group = [r for r in results if r.protocol == protocol and r.config == config]
             out.append("")
             out.append(f"{h}{config.label}, now {protocol.replace('-', ' ')}")
             out.append("")
             out.extend(table(group, args.markdown))
+    out.extend(live_report(live_setting, live_shares, live_results, h, args.markdown))
     misses = [r for r in results if r.tallies["planner/true"].below_oracle]
     out.append("")
     out.append(f"{h}Summary")
@@ -680,7 +946,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.append(f"- PLANNER BUG: planner/true fell short of the oracle {count} times, e.g. {misses[0].example_miss}")
     else:
         out.append("- planner/true equals the oracle at every start hour, every zone, every configuration")
-    out.extend(f"- {line}" for line in summary(results, args.protocols))
+    out.extend(f"- {line}" for line in summary(results, args.protocols) if results)
+    out.extend(f"- {line}" for line in live_summary(live_results))
     print("\n".join(out))
     return 1 if misses else 0
 
