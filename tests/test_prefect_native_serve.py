@@ -55,18 +55,22 @@ class Scheduler:
 
 
 @pytest.fixture(scope="module")
-def scheduler() -> Iterator[Scheduler]:
+def scheduler_server() -> Iterator[Scheduler]:
     with serving() as server:
         answer = Scheduler(server)
         server.route("POST", "/v0/schedule/", answer)
-        patch = pytest.MonkeyPatch()
-        patch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", server.url)  # the runner's subprocesses inherit it
         yield answer
-        patch.undo()
+
+
+@pytest.fixture
+def scheduler(scheduler_server: Scheduler, monkeypatch: pytest.MonkeyPatch) -> Scheduler:
+    """Each test's environment (conftest isolates it per test) points the runs' subprocesses at the scheduler."""
+    monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", scheduler_server.server.url)
+    return scheduler_server
 
 
 @pytest.fixture(scope="module")
-def served(scheduler: Scheduler) -> Iterator[dict[str, Any]]:
+def served(scheduler_server: Scheduler) -> Iterator[dict[str, Any]]:
     """One runner serving the three recurring flows (each deployment with a yearly cron schedule, so that the
     scheduler service creates no run near now); deployment ids by flow name."""
     loop = asyncio.new_event_loop()
@@ -152,7 +156,7 @@ def test_a_cron_run_hands_over_and_the_successor_runs_at_the_planned_start(
     assert any("handed over to flow run" in line for line in logs_of(cron.id))
 
 
-def test_every_source_failing_runs_the_cron_run_at_once(served: dict[str, Any]) -> None:
+def test_every_source_failing_runs_the_cron_run_at_once(served: dict[str, Any], scheduler: Scheduler) -> None:
     deployment = served["carbonaware-nightly-no-source"]
     cron_run(deployment, "down", datetime.now(UTC))
     (only,) = wait_for(finished(deployment, "down", 1), 90, "the cron run")
