@@ -32,7 +32,7 @@ from prefect.deployments import arun_deployment, run_deployment
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.states import Completed
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 
 import carbonaware_core as core
 from carbonaware_core import (
@@ -687,9 +687,18 @@ def _with_block(
             provider, region = block_provider, block_region
         core.validate_arguments(timedelta(1), timedelta(1), provider, region, merged)
     except Exception as exc:  # noqa: BLE001 - fail open, like a source failure
-        logger.warning("carbonaware: settings block %r not used (%s: %s)", name, type(exc).__name__, exc)
+        logger.warning("carbonaware: settings block %r not used (%s: %s)", name, type(exc).__name__, _why(exc))
         return given
     return _Configured(provider, region, merged)
+
+
+def _why(exc: Exception) -> str:
+    """An error's message without the values it may quote: pydantic's validation errors print their input, which
+    for a credentials block would be the key."""
+    if isinstance(exc, ValidationError):
+        fields = ", ".join(".".join(map(str, error["loc"])) or "-" for error in exc.errors())
+        return f"{exc.error_count()} invalid field(s): {fields}"
+    return str(exc)
 
 
 def _variable(name: str) -> Any:

@@ -24,7 +24,7 @@ from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from prefect.variables import Variable
-from pydantic import SecretStr
+from pydantic import SecretStr, ValidationError
 
 import carbonaware_core as core
 import carbonaware_prefect as cp
@@ -519,3 +519,20 @@ def test_credentials_option_is_checked_and_kept_out_of_reprs() -> None:
     assert "KEY-1" not in repr(request)
     query = core.Query(None, "DE", START, WINDOW, DURATION, 5.0, credentials=request.credentials)
     assert "KEY-1" not in repr(query) and query.setting("ELECTRICITYMAPS_API_KEY") == "KEY-1"
+
+
+def test_a_block_that_fails_validation_is_named_without_quoting_its_key(caplog: pytest.LogCaptureFixture) -> None:
+    from prefect.client.schemas.actions import BlockDocumentUpdate
+
+    block_id = cp.ElectricityMapsCredentials(api_key=SecretStr("placeholder")).save("em-broken", overwrite=True)
+    with get_client(sync_client=True) as client:  # stored data the model refuses: pydantic would quote the input
+        client.update_block_document(block_id, BlockDocumentUpdate(data={"api_key": [EM_KEY]}))
+    with caplog.at_level(logging.WARNING):
+        plan = decide_in_a_flow(settings="electricity-maps-credentials/em-broken", source=valley)
+    assert plan.reason == "optimal"
+    lines = [r.getMessage() for r in caplog.records if "settings block" in r.getMessage()]
+    assert len(lines) == 1 and "'electricity-maps-credentials/em-broken'" in lines[0] and "validation" in lines[0]
+    assert_no_secrets(*(r.getMessage() for r in caplog.records))
+    with pytest.raises(ValidationError) as raised:  # pydantic's own message quotes the input: ours does not
+        cp.ElectricityMapsCredentials(api_key=[EM_KEY])  # type: ignore[arg-type]
+    assert EM_KEY in str(raised.value) and cp._why(raised.value) == "1 invalid field(s): api_key"

@@ -55,7 +55,8 @@ def electricitymaps(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeElectricity
 
 
 def test_decorated_tasks_and_the_delay_task_run_on_dask_worker_processes(electricitymaps: FakeElectricityMaps) -> None:
-    runner = DaskTaskRunner(cluster_kwargs={"n_workers": 2, "threads_per_worker": 1, "processes": True})
+    cluster = {"n_workers": 2, "threads_per_worker": 1, "processes": True, "host": "127.0.0.1"}
+    runner = DaskTaskRunner(cluster_kwargs={**cluster, "dashboard_address": None})  # loopback only
 
     @flow(name="carbonaware-on-dask", task_runner=runner)
     def pipeline() -> tuple[Any, list[tuple[int, int]], dict[str, Any]]:
