@@ -19,6 +19,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from prefect import Flow, Task, flow, get_client, task
 from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -536,3 +539,71 @@ def test_a_block_that_fails_validation_is_named_without_quoting_its_key(caplog: 
     with pytest.raises(ValidationError) as raised:  # pydantic's own message quotes the input: ours does not
         cp.ElectricityMapsCredentials(api_key=[EM_KEY])  # type: ignore[arg-type]
     assert EM_KEY in str(raised.value) and cp._why(raised.value) == "1 invalid field(s): api_key"
+
+
+def test_deployment_entry_points_take_blocks_and_variables_too(caplog: pytest.LogCaptureFixture) -> None:
+    prefect_helpers.scheduled_flow.to_deployment(name="h5-configured").apply()
+    strict = cp.CarbonAwareSettings(min_savings=0.9)  # waiting saves 80 %: below this block's threshold
+
+    def schedule(**options: Any) -> core.Plan:
+        _run, plan = cp.carbonaware_run_deployment(
+            "carbonaware-scheduled/h5-configured", WINDOW, DURATION, parameters={"label": "c"}, **options, **ZONE
+        )
+        return plan
+
+    assert schedule(source=valley, replan=False).reason == "optimal"
+    assert schedule(source=valley, replan=False, settings=strict).reason == "below-threshold"
+    with pytest.raises(TypeError, match="settings"):
+        schedule(settings=3.5)
+    Variable.set(cp.VARIABLE_DISABLE, "on", overwrite=True)
+    cp._CONFIG_CACHE.clear()
+    with caplog.at_level(logging.INFO):
+        disabled = schedule(source=valley)
+    assert disabled.reason == "disabled" and "carbonaware_disable" in disabled.detail
+    assert any("run starts now" in r.getMessage() for r in caplog.records)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Precedence as a rule: for any mix of arguments and block fields, each setting comes from the argument if given,
+# else from the block, else is left to the environment (absent from the options)
+# --------------------------------------------------------------------------------------------------------------
+
+SOURCES = st.sampled_from([None, "offline", "electricitymaps", "ukgrid,offline"])
+SAVINGS = st.sampled_from([None, 0.0, 0.05, 0.5])
+GRID_ZONES = st.sampled_from([None, "DE", "FR"])
+KEYS = st.sampled_from([None, "KEY-ARGUMENT-1", "KEY-BLOCK-22"])
+
+
+@hypothesis_settings(max_examples=80, deadline=None)
+@given(SOURCES, SOURCES, SAVINGS, SAVINGS, GRID_ZONES, GRID_ZONES, KEYS, KEYS)
+def test_precedence_holds_for_every_mix(
+    arg_source: str | None,
+    block_source: str | None,
+    arg_savings: float | None,
+    block_savings: float | None,
+    arg_zone: str | None,
+    block_zone: str | None,
+    arg_key: str | None,
+    block_key: str | None,
+) -> None:
+    arguments = {
+        name: value
+        for name, value in (("source", arg_source), ("min_savings", arg_savings), ("grid_zone", arg_zone))
+        if value is not None
+    }
+    if arg_key is not None:
+        arguments["credentials"] = {"ELECTRICITYMAPS_API_KEY": arg_key}
+    credentials = None if block_key is None else cp.ElectricityMapsCredentials(api_key=SecretStr(block_key))
+    block = cp.CarbonAwareSettings(
+        source=block_source, min_savings=block_savings, grid_zone=block_zone, electricitymaps=credentials
+    )
+    configured = cp._with_block(block, arguments, None, None, core.logger)
+    for name, argument, in_block in (
+        ("source", arg_source, block_source),
+        ("min_savings", arg_savings, block_savings),
+        ("grid_zone", arg_zone, block_zone),
+    ):
+        expected = argument if argument is not None else in_block
+        assert configured.options.get(name) == expected, name
+    key = arg_key if arg_key is not None else block_key
+    assert (configured.options.get("credentials") or {}).get("ELECTRICITYMAPS_API_KEY") == key
