@@ -2055,6 +2055,13 @@ def _fetch_electricitymaps(query: Query) -> Forecast:
     return Forecast(series_from_starts(rows, timedelta(hours=1)), unit=G_PER_KWH, grid_zone=answered_zone)
 
 
+def _fingerprint(credential: str) -> str:
+    """Part of a cache key: answers (and refusals) for one key or account never serve another's caller."""
+    import hashlib
+
+    return hashlib.sha256(credential.encode("utf-8", "replace")).hexdigest()[:16]
+
+
 def _header_value(name: str, value: str) -> str:
     """A credential fit for an HTTP header; a bad one is named, never echoed."""
     cleaned = value.strip()
@@ -2094,7 +2101,7 @@ register_source(
     Source(
         "electricitymaps",
         _fetch_electricitymaps,
-        cache_key=_electricitymaps_url,
+        cache_key=lambda q: (_electricitymaps_url(q), _fingerprint(q.setting("ELECTRICITYMAPS_API_KEY"))),
         ttl=900.0,
         horizon=timedelta(hours=72),
     )
@@ -2191,7 +2198,15 @@ def _watttime_forecast(document: Any, region: str) -> Forecast:
     return Forecast(series_from_starts(rows), unit="gCO2/kWh (marginal)", grid_zone=region)
 
 
-register_source(Source("watttime", _fetch_watttime, cache_key=_watttime_url, ttl=300.0, horizon=timedelta(hours=72)))
+register_source(
+    Source(
+        "watttime",
+        _fetch_watttime,
+        cache_key=lambda q: (_watttime_url(q), _fingerprint(q.setting("WATTTIME_USERNAME"))),
+        ttl=300.0,
+        horizon=timedelta(hours=72),
+    )
+)
 
 
 # ---- NESO Carbon Intensity API (Great Britain) ----------------------------------------------------------------------

@@ -607,3 +607,16 @@ def test_precedence_holds_for_every_mix(
         assert configured.options.get(name) == expected, name
     key = arg_key if arg_key is not None else block_key
     assert (configured.options.get("credentials") or {}).get("ELECTRICITYMAPS_API_KEY") == key
+
+
+def test_one_key_refused_never_answers_for_another_key(electricitymaps: FakeElectricityMaps) -> None:
+    """Two settings blocks with different keys in one process: the cache keeps their answers apart."""
+
+    def plan_with(key: str) -> core.Plan:
+        credentials = {"ELECTRICITYMAPS_API_KEY": key}
+        return core.plan_delay(WINDOW, DURATION, source="electricitymaps", grid_zone="DE", credentials=credentials)
+
+    assert plan_with("SOMEONE-ELSES-KEY").reason == "source-failed"
+    assert plan_with(EM_KEY).reason == "optimal"  # asked again with its own key, not served the refusal
+    assert plan_with("SOMEONE-ELSES-KEY").reason == "source-failed"  # nor the other way round
+    assert [seen.headers["auth-token"] for seen in electricitymaps.calls] == ["SOMEONE-ELSES-KEY", EM_KEY]
