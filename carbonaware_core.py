@@ -3022,6 +3022,28 @@ def report_plan(
 
 _interrupts = 0  # how many times interrupt_waits() was called; each wait remembers the count it began with
 _wait_guards: list[Callable[[], None]] = []  # more reasons to end waits early, each raising (the Prefect layer's)
+# Reasons to start the job now instead (an operator's switch read during the wait): each returns why, or None.
+_start_now_checks: list[Callable[[], str | None]] = []
+
+
+def _start_now_reason() -> str | None:
+    """Why a wait in progress should end and its job start now; a broken check counts as no reason."""
+    for check in _start_now_checks:
+        try:
+            why = check()
+        except Exception:  # noqa: BLE001 - a broken check must not break the wait
+            continue
+        if why:
+            return why
+    return None
+
+
+def _started_early(waiter: _Waiter, why: str) -> Plan:
+    """The plan as followed when a switch ended the wait: starting now, logged once."""
+    now = CLOCK.now()
+    waiter.request.log.info("carbonaware: starting now, before the planned %s: %s", _iso(waiter.plan.start), why)
+    delay = max(timedelta(0), now - waiter.planned_from)
+    return replace(waiter.plan, start=now, delay=delay, reason="disabled", detail=f"{why}; the wait ended early")
 
 
 def interrupt_waits() -> None:
@@ -3162,6 +3184,8 @@ def carbonaware_delay(
     while (pause := waiter.pause()) > 0:
         CLOCK.sleep(pause)
         interrupted()
+        if _start_now_checks and (why := _start_now_reason()):
+            return _started_early(waiter, why)
         if waiter.replan_due():
             waiter.replan()
     interrupted()
@@ -3187,6 +3211,8 @@ async def carbonaware_delay_async(
     while (pause := waiter.pause()) > 0:
         await CLOCK.asleep(pause)
         interrupted()
+        if _start_now_checks and (why := await asyncio.to_thread(_start_now_reason)):
+            return _started_early(waiter, why)
         if waiter.replan_due():
             await asyncio.to_thread(waiter.replan)
     interrupted()

@@ -508,6 +508,7 @@ def _intensity(value: float | None, unit: str) -> str:
 
 CONFIG_TTL_SECONDS = 30.0  # blocks and Variables are read again at most this long after the last read
 CONFIG_READ_TIMEOUT_SECONDS = 5.0  # an API slower than this counts as unreachable: the settings are unset
+WAIT_READ_TIMEOUT_SECONDS = 1.0  # the same, for the switch a wait in progress checks (a wait sleeps 1 s chunks)
 VARIABLE_DISABLE, VARIABLE_DRY_RUN, VARIABLE_MIN_SAVINGS = (
     "carbonaware_disable",
     "carbonaware_dry_run",
@@ -576,6 +577,7 @@ class _Configured:
 
 
 _CONFIG_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}  # (api url, what) -> (monotonic read time, value)
+_CONFIG_READING: dict[tuple[str, str], Any] = {}  # reads under way (futures), one per key
 _CONFIG_LOCK = threading.Lock()
 _MISSING = object()
 
@@ -590,32 +592,50 @@ def _api_url() -> str | None:
     return "ephemeral" if _current_run() is not None else None
 
 
-def _read_cached(what: str, read: Callable[[], Any]) -> Any:
-    """``read()`` at most once per ``CONFIG_TTL_SECONDS`` per API and name, bounded in time; raises what it raised
-    (also remembered for the TTL, so an unreachable API costs one timeout per period, not one per task)."""
+def _read_cached(what: str, read: Callable[[], Any], timeout: float = CONFIG_READ_TIMEOUT_SECONDS) -> Any:
+    """``read()`` at most once per ``CONFIG_TTL_SECONDS`` per API and name, waiting at most ``timeout``; raises
+    what it raised (remembered for the TTL too, so an unreachable API costs one timeout per period, not one per
+    task). One read per name at a time: while one is out, callers with a last value use it, the others wait too."""
     url = _api_url()
     if url is None:
         raise LookupError("no Prefect API configured")
     key, now = (url, what), core.CLOCK.monotonic()
     with _CONFIG_LOCK:
         hit = _CONFIG_CACHE.get(key)
-    if hit is not None and now - hit[0] < CONFIG_TTL_SECONDS:
-        value = hit[1]
+        pending = None
+        if hit is None or not 0 <= now - hit[0] < CONFIG_TTL_SECONDS:  # stale, or a clock that went back
+            pending = _CONFIG_READING.get(key)
+            if pending is None:
+                pending = _CONFIG_READING[key] = _start_read(key, read)
+            elif hit is not None:
+                pending = None  # another caller is reading: the last value serves meanwhile
+    if pending is None:
+        value = cast("tuple[float, Any]", hit)[1]
     else:
         try:
-            value = _bounded(read, CONFIG_READ_TIMEOUT_SECONDS)
+            value = pending.result(timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - remembered, then raised to the caller, which fails open
             value = exc
-        with _CONFIG_LOCK:
-            _CONFIG_CACHE[key] = (now, value)
+            if _is_timeout(exc):
+                value = TimeoutError(f"the Prefect API did not answer within {timeout:g}s")
+                with _CONFIG_LOCK:
+                    if not pending.done():  # until the read ends and stores its own answer
+                        _CONFIG_CACHE[key] = (now, value)
     if isinstance(value, BaseException):
         raise value
     return value
 
 
-def _bounded(read: Callable[[], Any], seconds: float) -> Any:
-    """``read()`` in a daemon thread (with this context: the run's client settings), given up after ``seconds``:
-    Prefect's client retries a dead API for longer than a decision may take."""
+def _is_timeout(exc: BaseException) -> bool:
+    import concurrent.futures
+
+    return isinstance(exc, concurrent.futures.TimeoutError)
+
+
+def _start_read(key: tuple[str, str], read: Callable[[], Any]) -> Any:
+    """``read()`` in a daemon thread (with this context: the run's client settings), its answer -- or what it
+    raised -- stored when it ends, however late: Prefect's client retries a dead API for longer than a decision
+    may wait, and a late answer still serves the callers that come after it."""
     import concurrent.futures
     import contextvars
 
@@ -624,15 +644,17 @@ def _bounded(read: Callable[[], Any], seconds: float) -> Any:
 
     def target() -> None:
         try:
-            done.set_result(context.run(read))
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+            value: Any = context.run(read)
+            done.set_result(value)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller and the cache
+            value = exc
             done.set_exception(exc)
+        with _CONFIG_LOCK:
+            _CONFIG_CACHE[key] = (core.CLOCK.monotonic(), value)
+            _CONFIG_READING.pop(key, None)
 
     threading.Thread(target=target, name="carbonaware-config", daemon=True).start()
-    try:
-        return done.result(timeout=seconds)
-    except concurrent.futures.TimeoutError:
-        raise TimeoutError(f"the Prefect API did not answer within {seconds:.0f}s") from None
+    return done
 
 
 def _load_block(settings: str | SettingsBlock) -> SettingsBlock:
@@ -701,14 +723,28 @@ def _why(exc: Exception) -> str:
     return str(exc)
 
 
-def _variable(name: str) -> Any:
+def _variable(name: str, timeout: float = CONFIG_READ_TIMEOUT_SECONDS) -> Any:
     """A Prefect Variable's value, or None when unset or the API cannot be reached."""
     from prefect.variables import Variable
 
     try:
-        return _read_cached(f"variable:{name}", lambda: cast(Any, Variable.get)(name, None, _sync=True))
+        return _read_cached(f"variable:{name}", lambda: cast(Any, Variable.get)(name, None, _sync=True), timeout)
     except Exception:  # noqa: BLE001 - an unreachable API counts as unset
         return None
+
+
+def _operator_stopped_waiting() -> str | None:
+    """Checked by every wait in progress (each 1 s chunk; the Variables are read at most every 30 s): a switch
+    turned on in the UI ends the wait and the job starts now."""
+    if _api_url() is None:
+        return None
+    for variable in (VARIABLE_DISABLE, VARIABLE_DRY_RUN):
+        if _switch(_variable(variable, WAIT_READ_TIMEOUT_SECONDS)):
+            return f"the Prefect Variable {variable} is set"
+    return None
+
+
+core._start_now_checks.append(_operator_stopped_waiting)
 
 
 def _switch(value: Any) -> bool:

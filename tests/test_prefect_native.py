@@ -329,9 +329,13 @@ def test_the_min_savings_variable_yields_to_code_and_blocks() -> None:
 
 
 @pytest.mark.parametrize("api", ["refused", "black-hole"])
-def test_an_unreachable_api_counts_as_unset(api: str, caplog: pytest.LogCaptureFixture) -> None:
+def test_an_unreachable_api_counts_as_unset(
+    api: str, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Outside runs, with PREFECT_API_URL set to an API that refuses or never answers: the decision is made as if
-    no Variable were set, within the read bound, and the blocked read is not repeated within the TTL."""
+    no Variable were set, within the read bound, and the blocked read is not repeated within the TTL. (The wait
+    checks the switches every 30 s of its fake two hours: a shorter bound keeps that quick in real time.)"""
+    monkeypatch.setattr(cp, "WAIT_READ_TIMEOUT_SECONDS", 0.05)
     plans = Plans()
 
     @cp.carbonaware_delay_decorator(WINDOW, DURATION, source=valley, replan=False, on_plan=plans, **ZONE)
@@ -620,3 +624,32 @@ def test_one_key_refused_never_answers_for_another_key(electricitymaps: FakeElec
     assert plan_with(EM_KEY).reason == "optimal"  # asked again with its own key, not served the refusal
     assert plan_with("SOMEONE-ELSES-KEY").reason == "source-failed"  # nor the other way round
     assert [seen.headers["auth-token"] for seen in electricitymaps.calls] == ["SOMEONE-ELSES-KEY", EM_KEY]
+
+
+def test_the_disable_variable_ends_a_wait_in_progress(fresh: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    """The operator flips the switch while a task waits its two hours: the job starts within the cache period."""
+    began: list[float] = []
+
+    def operator_flips_the_switch(plan: core.Plan) -> None:
+        Variable.set(cp.VARIABLE_DISABLE, True, overwrite=True)  # during the wait, from the "UI"
+
+    @task(name="waits-long")
+    @cp.carbonaware_delay_decorator(
+        WINDOW, DURATION, source=valley, replan=False, on_plan=operator_flips_the_switch, artifact=False, **ZONE
+    )
+    def job() -> None:
+        began.append(core.CLOCK.time())
+
+    @flow(name="waits-long")
+    def pipeline() -> None:
+        job()
+
+    with caplog.at_level(logging.INFO):
+        pipeline()
+    waited = began[0] - START.timestamp()
+    assert 0 < waited <= cp.CONFIG_TTL_SECONDS + 2  # not the planned 7200 s: the next read of the switch ended it
+    assert any(
+        "starting now, before the planned 2026-06-01T14:00:00Z: the Prefect Variable carbonaware_disable is set"
+        in r.getMessage()
+        for r in caplog.records
+    )
