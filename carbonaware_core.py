@@ -182,6 +182,12 @@ class Query:
     arg: str | None = None  # the part after ':' in a source spec, e.g. the path in "file:forecast.json"
     fixed_now: bool = False  # the caller chose ``now`` (a replay): answers for another moment do not fit
     deadline: float = math.inf  # CLOCK.monotonic() by which planning must be over: the window's end
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # (variable name, value), see setting()
+
+    def setting(self, name: str) -> str:
+        """A provider key or login by its environment variable's name: from the ``credentials`` option (a Prefect
+        credentials block, say) first, then the environment."""
+        return dict(self.credentials).get(name) or os.environ.get(name, "")
 
     @property
     def horizon_end(self) -> datetime:
@@ -357,6 +363,11 @@ def format_iso_duration(duration: timedelta) -> str:
 
 def _compact_number(value: float) -> str:
     return str(int(value)) if value == int(value) else f"{value:.6f}".rstrip("0")
+
+
+def _signed_human(delta: timedelta) -> str:
+    """``-5s`` where ``str(timedelta)`` would print ``-1 day, 23:59:55``."""
+    return f"-{_human(-delta)}" if delta < timedelta(0) else _human(delta)
 
 
 def _human(delta: timedelta) -> str:
@@ -2258,7 +2269,7 @@ def _electricitymaps_url(query: Query) -> str:
 
 def _fetch_electricitymaps(query: Query) -> Forecast:
     """Hourly lifecycle gCO2eq/kWh forecast; the zone from the region table or from the data-centre lookup."""
-    key = _header_value("ELECTRICITYMAPS_API_KEY", os.environ.get("ELECTRICITYMAPS_API_KEY", ""))
+    key = _header_value("ELECTRICITYMAPS_API_KEY", query.setting("ELECTRICITYMAPS_API_KEY"))
     url = _electricitymaps_url(query)
     _require_safe_url(url, carries_secret=True)
     response = http_request(
@@ -2274,6 +2285,13 @@ def _fetch_electricitymaps(query: Query) -> Forecast:
     rows = [(_point_time(item, "datetime"), _point_value(item, "carbonIntensity"), None) for item in items]
     answered_zone = document.get("zone") if isinstance(document.get("zone"), str) else grid_zone_for(query)
     return Forecast(series_from_starts(rows, timedelta(hours=1)), unit=G_PER_KWH, grid_zone=answered_zone)
+
+
+def _fingerprint(credential: str) -> str:
+    """Part of a cache key: answers (and refusals) for one key or account never serve another's caller."""
+    import hashlib
+
+    return hashlib.sha256(credential.encode("utf-8", "replace")).hexdigest()[:16]
 
 
 def _header_value(name: str, value: str) -> str:
@@ -2344,7 +2362,7 @@ register_source(
     Source(
         "electricitymaps",
         _fetch_electricitymaps,
-        cache_key=_electricitymaps_url,
+        cache_key=lambda q: (_electricitymaps_url(q), _fingerprint(q.setting("ELECTRICITYMAPS_API_KEY"))),
         ttl=900.0,
         horizon=timedelta(hours=72),
         actuals=_electricitymaps_actuals,
@@ -2359,8 +2377,8 @@ WATTTIME_TOKEN_TTL_SECONDS = 25 * 60  # tokens live ~30 min
 _WATTTIME_UNITS = {"lbs_co2_per_mwh": LBS_PER_MWH_TO_G_PER_KWH, "g_co2_per_kwh": 1.0, "kg_co2_per_mwh": 1.0}
 
 
-def _watttime_credentials() -> tuple[str, str]:
-    user, password = os.environ.get("WATTTIME_USERNAME", ""), os.environ.get("WATTTIME_PASSWORD", "")
+def _watttime_credentials(query: Query) -> tuple[str, str]:
+    user, password = query.setting("WATTTIME_USERNAME"), query.setting("WATTTIME_PASSWORD")
     if not user or not password:
         raise SourceError("WATTTIME_USERNAME and WATTTIME_PASSWORD are not set")
     return user, password
@@ -2404,7 +2422,7 @@ def _watttime_url(query: Query) -> str:
 def _fetch_watttime(query: Query) -> Forecast:
     """Marginal (MOER) forecast in 5-minute periods, lbs/MWh converted to g/kWh. An expired token (401, or 403
     without a scope complaint) earns one fresh login; a region outside the account's scope does not."""
-    user, password = _watttime_credentials()
+    user, password = _watttime_credentials(query)
     region = _watttime_region(query)
     base = base_url("WATTTIME_API_URL", WATTTIME_BASE_URL)
     url = _watttime_url(query)
@@ -2442,7 +2460,15 @@ def _watttime_forecast(document: Any, region: str) -> Forecast:
     return Forecast(series_from_starts(rows), unit="gCO2/kWh (marginal)", grid_zone=region)
 
 
-register_source(Source("watttime", _fetch_watttime, cache_key=_watttime_url, ttl=300.0, horizon=timedelta(hours=72)))
+register_source(
+    Source(
+        "watttime",
+        _fetch_watttime,
+        cache_key=lambda q: (_watttime_url(q), _fingerprint(q.setting("WATTTIME_USERNAME"))),
+        ttl=300.0,
+        horizon=timedelta(hours=72),
+    )
+)
 
 
 # ---- NESO Carbon Intensity API (Great Britain) ----------------------------------------------------------------------
@@ -2864,7 +2890,9 @@ def _or_live_corrected(source: Source, query: Query, fetch: Callable[[], SourceR
 
 OPTIONS = frozenset(
     {"source", "min_savings", "now", "timeout", "logger", "grid_zone", "on_plan", "replan", "replan_every"}
+    | {"credentials", "disable", "dry_run"}
 )
+CREDENTIAL_NAMES = frozenset({"ELECTRICITYMAPS_API_KEY", "WATTTIME_USERNAME", "WATTTIME_PASSWORD"})
 REPLAN_AFTER = timedelta(hours=1)  # waits longer than this re-check the forecast by default
 REPLAN_EVERY = timedelta(minutes=30)
 
@@ -2883,6 +2911,9 @@ class _Request:
     on_plan: Callable[[Plan], None] | None
     replan: bool | None = None
     replan_every: timedelta = REPLAN_EVERY
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    disable: bool | str | None = None  # None: CARBONAWARE_DISABLE; a string: who switched it on (for the log)
+    dry_run: bool | str | None = None  # None: CARBONAWARE_DRY_RUN
 
 
 def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, options: Mapping[str, Any]) -> _Request:
@@ -2891,7 +2922,7 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         if not isinstance(value, timedelta):
             raise TypeError(f"{name} must be a datetime.timedelta, not {type(value).__name__}")
         if value <= timedelta(0):
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ValueError(f"{name} must be positive, got {_signed_human(value)}")
     unknown = set(options) - OPTIONS
     if unknown:
         raise TypeError(f"unknown option(s): {', '.join(sorted(unknown))}; known: {', '.join(sorted(OPTIONS))}")
@@ -2924,6 +2955,8 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         raise TypeError("replan must be True, False or None (None: only for waits over an hour)")
     if not isinstance(replan_every, timedelta) or replan_every < timedelta(minutes=1):
         raise ValueError("replan_every must be a timedelta of at least one minute")
+    credentials = _credentials_option(options.get("credentials"))
+    switches = {name: _switch_option(name, options.get(name)) for name in ("disable", "dry_run")}
     return _Request(
         window=window,
         duration=duration,
@@ -2937,7 +2970,33 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         on_plan=on_plan,
         replan=replan,
         replan_every=replan_every,
+        credentials=credentials,
+        **switches,
     )
+
+
+def _credentials_option(credentials: Any) -> tuple[tuple[str, str], ...]:
+    """Provider keys given in code (or by a Prefect block) instead of the environment, by the variable's name.
+    Remembered as secrets at once, so that no log line or error message can quote them."""
+    if credentials is None:
+        return ()
+    if not isinstance(credentials, Mapping):
+        raise TypeError("credentials must be a mapping such as {'ELECTRICITYMAPS_API_KEY': key}")
+    unknown = set(credentials) - CREDENTIAL_NAMES
+    if unknown:
+        raise ValueError(
+            f"unknown credential(s) {sorted(map(str, unknown))}; known: {', '.join(sorted(CREDENTIAL_NAMES))}"
+        )
+    if not all(isinstance(value, str) for value in credentials.values()):
+        raise TypeError("credential values must be strings")
+    remember_secrets(value for name, value in credentials.items() if name != "WATTTIME_USERNAME")
+    return tuple(sorted((name, value) for name, value in credentials.items() if value))
+
+
+def _switch_option(name: str, value: Any) -> bool | str | None:
+    if value is None or isinstance(value, bool) or (isinstance(value, str) and value.strip()):
+        return value
+    raise TypeError(f"{name} must be True, False, None (the environment decides) or a string saying who set it")
 
 
 def _check_reachable(now: datetime, window: timedelta, duration: timedelta) -> None:
@@ -3023,6 +3082,15 @@ def _env_flag(name: str) -> bool:
     return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _switched_on(option: bool | str | None, env_name: str) -> str | None:
+    """Why the ``disable``/``dry_run`` switch is on (argument first, then the environment), or None when off."""
+    if option is None:
+        return f"{env_name} is set" if _env_flag(env_name) else None
+    if isinstance(option, str):
+        return f"{option} is set"
+    return f"{env_name.removeprefix('CARBONAWARE_').lower()}=True" if option else None
+
+
 def plan_delay(
     window: timedelta = DEFAULT_WINDOW,
     duration: timedelta = DEFAULT_DURATION,
@@ -3032,24 +3100,29 @@ def plan_delay(
 ) -> Plan:
     """Decide when to start, never sleeping. Argument errors raise; every other failure gives a run-now plan.
     The decision is reported like every other entry point's: the log line, then ``on_plan``."""
-    request = validate_arguments(window, duration, provider, region, options)
+    return plan_and_report(validate_arguments(window, duration, provider, region, options))
+
+
+def plan_and_report(request: _Request, *, scheduled: bool = False) -> Plan:
+    """``plan_delay`` for a validated request; ``scheduled``: worded for a run a scheduler starts later."""
     plan = _plan(request)
-    report_plan(plan, request.log, request.on_plan, waiting=False)
+    report_plan(plan, request.log, request.on_plan, waiting=False, scheduled=scheduled)
     return plan
 
 
 def _plan(request: _Request) -> Plan:
     now = request.now or CLOCK.now()
-    if _env_flag("CARBONAWARE_DISABLE"):
-        return _run_now(request, now, None, "-", "disabled", "CARBONAWARE_DISABLE is set")
+    if (disabled := _switched_on(request.disable, "CARBONAWARE_DISABLE")) is not None:
+        return _run_now(request, now, None, "-", "disabled", disabled)
     try:
         plan = _plan_with_sources(request, now)
     except Exception as exc:  # noqa: BLE001 - last line of fail-open: a bug here must not break user work
         detail = f"internal error: {type(exc).__name__}: {exc}"
         plan = _run_now(request, now, request.zone, "-", "source-failed", detail)
-    if _env_flag("CARBONAWARE_DRY_RUN") and plan.reason in ("optimal", "already-best", "below-threshold"):
+    dry_run = _switched_on(request.dry_run, "CARBONAWARE_DRY_RUN")
+    if dry_run is not None and plan.reason in ("optimal", "already-best", "below-threshold"):
         # the plan it would follow, which nobody waits for; failures keep their own reason
-        plan = replace(plan, reason="dry-run", detail=f"CARBONAWARE_DRY_RUN is set; {plan.detail}")
+        plan = replace(plan, reason="dry-run", detail=f"{dry_run}; {plan.detail}")
     return plan
 
 
@@ -3059,7 +3132,16 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
     grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
     deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
     query = Query(
-        zone, grid_zone, now, request.window, request.duration, request.timeout, None, request.now is not None, deadline
+        zone,
+        grid_zone,
+        now,
+        request.window,
+        request.duration,
+        request.timeout,
+        None,
+        request.now is not None,
+        deadline,
+        credentials=request.credentials,
     )
     failures: list[str] = []
     zone_missing = False
@@ -3352,20 +3434,26 @@ def immediate_plan(
     )
 
 
-def describe(plan: Plan, *, waiting: bool = True) -> str:
-    """One line that says what was decided and why (``waiting=False``: a plan only, nobody sleeps on it)."""
+def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> str:
+    """One line that says what was decided and why (``waiting=False``: a plan only, nobody sleeps on it;
+    ``scheduled=True``: a run that Prefect's scheduler starts at the plan's start, nothing sleeps either)."""
     where = str(plan.zone) if plan.zone else (plan.grid_zone or "unknown zone")
     fell_back = f" (after {'; '.join(plan.fallbacks)})" if plan.fallbacks else ""
     if plan.reason in ("optimal", "dry-run") and plan.delay > timedelta(0):
-        verb = "would wait" if plan.reason == "dry-run" or not waiting else "waiting"
         numbers = ""
         if plan.now is not None and plan.expected is not None:
             numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
             if plan.savings is not None:
                 numbers += f" (-{plan.savings:.1%})"
+        if scheduled:
+            verb = "would schedule the run" if plan.reason == "dry-run" else "run scheduled"
+            when = f"{verb} {_human(plan.delay)} later, at {_iso(plan.start)},"
+            dry = f" ({plan.detail.partition(';')[0]}: it starts now)" if plan.reason == "dry-run" else ""
+            return f"carbonaware: {when} for {where} via {plan.source}{numbers}{fell_back}{dry}"
+        verb = "would wait" if plan.reason == "dry-run" or not waiting else "waiting"
         when = f"{verb} {_human(plan.delay)} until {_iso(plan.start)}"
         return f"carbonaware: {when} for {where} via {plan.source}{numbers}{fell_back}"
-    verb = "running now" if waiting else "start now"
+    verb = "run starts now" if scheduled else "running now" if waiting else "start now"
     return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail})"
 
 
@@ -3375,11 +3463,12 @@ def report_plan(
     on_plan: Callable[[Plan], None] | None = None,
     *,
     waiting: bool = True,
+    scheduled: bool = False,
 ) -> None:
     """The one decision line (WARNING for failures, INFO otherwise), then ``on_plan``; a failing hook costs one
     warning, never the work. For callers that decide without the core too (a retry that does not wait)."""
     level = logging.WARNING if plan.reason in ("no-zone", "source-failed") else logging.INFO
-    log.log(level, describe(plan, waiting=waiting), extra={"carbonaware_decision": True})
+    log.log(level, describe(plan, waiting=waiting, scheduled=scheduled), extra={"carbonaware_decision": True})
     if on_plan is not None:
         try:
             on_plan(plan)
@@ -3393,6 +3482,28 @@ def report_plan(
 
 _interrupts = 0  # how many times interrupt_waits() was called; each wait remembers the count it began with
 _wait_guards: list[Callable[[], None]] = []  # more reasons to end waits early, each raising (the Prefect layer's)
+# Reasons to start the job now instead (an operator's switch read during the wait): each returns why, or None.
+_start_now_checks: list[Callable[[], str | None]] = []
+
+
+def _start_now_reason() -> str | None:
+    """Why a wait in progress should end and its job start now; a broken check counts as no reason."""
+    for check in _start_now_checks:
+        try:
+            why = check()
+        except Exception:  # noqa: BLE001 - a broken check must not break the wait
+            continue
+        if why:
+            return why
+    return None
+
+
+def _started_early(waiter: _Waiter, why: str) -> Plan:
+    """The plan as followed when a switch ended the wait: starting now, logged once."""
+    now = CLOCK.now()
+    waiter.request.log.info("carbonaware: starting now, before the planned %s: %s", _iso(waiter.plan.start), why)
+    delay = max(timedelta(0), now - waiter.planned_from)
+    return replace(waiter.plan, start=now, delay=delay, reason="disabled", detail=f"{why}; the wait ended early")
 
 
 def interrupt_waits() -> None:
@@ -3533,6 +3644,8 @@ def carbonaware_delay(
     while (pause := waiter.pause()) > 0:
         CLOCK.sleep(pause)
         interrupted()
+        if _start_now_checks and (why := _start_now_reason()):
+            return _started_early(waiter, why)
         if waiter.replan_due():
             waiter.replan()
     interrupted()
@@ -3558,6 +3671,8 @@ async def carbonaware_delay_async(
     while (pause := waiter.pause()) > 0:
         await CLOCK.asleep(pause)
         interrupted()
+        if _start_now_checks and (why := await asyncio.to_thread(_start_now_reason)):
+            return _started_early(waiter, why)
         if waiter.replan_due():
             await asyncio.to_thread(waiter.replan)
     interrupted()

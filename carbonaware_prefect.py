@@ -9,10 +9,12 @@ deployment runs at the best time so that no worker sits idle while waiting.
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import inspect
 import logging
 import re
+import threading
 import time
 import unicodedata
 from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
@@ -23,12 +25,14 @@ from uuid import UUID
 
 from prefect import Flow, Task, task
 from prefect.artifacts import acreate_markdown_artifact, create_markdown_artifact
+from prefect.blocks.core import Block
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, RunContext, TaskRunContext
 from prefect.deployments import arun_deployment, run_deployment
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 from prefect.states import Completed
+from pydantic import Field, SecretStr, ValidationError
 
 import carbonaware_core as core
 from carbonaware_core import (
@@ -46,8 +50,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "RESCHEDULED_TAG",
+    "CarbonAwareSettings",
     "CloudZone",
+    "ElectricityMapsCredentials",
     "Plan",
+    "WattTimeCredentials",
     "acarbonaware_run_deployment",
     "areschedule_current_flow_run",
     "carbonaware_delay",
@@ -55,14 +62,16 @@ __all__ = [
     "carbonaware_delay_decorator",
     "carbonaware_delay_task",
     "carbonaware_run_deployment",
+    "carbonaware_schedule",
     "plan_delay",
     "reschedule_current_flow_run",
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
+Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 RESCHEDULED_TAG = "carbonaware-rescheduled"  # a run carrying it was already moved once and never moves again
-PREFECT_OPTIONS = frozenset({"delay_on_retry", "artifact"})
+PREFECT_OPTIONS = frozenset({"delay_on_retry", "artifact", "settings"})
 LIBRARY_OPTIONS = core.OPTIONS | PREFECT_OPTIONS  # recognised by name among task and run_deployment kwargs
 ARTIFACT_TIMEOUT_SECONDS = 30.0
 TIMEOUT_MARGIN_SECONDS = 2.0  # a delay task returns this long before its own timeout
@@ -115,6 +124,7 @@ class _Settings:
     artifact: bool | str = True  # False: none; a string: the artifact key
     job_inside: bool = True  # the job runs in this run after the wait (decorator), not in a later task (factory)
     zone: CloudZone | None = None  # provider and region as the core reads them (case, legacy order, Azure names)
+    config: str | SettingsBlock | None = None  # ``settings``: a block (or its name), read at decision time
 
 
 def _settings(
@@ -133,8 +143,18 @@ def _settings(
     if not isinstance(delay_on_retry, bool):
         raise TypeError(f"delay_on_retry must be a bool, not {type(delay_on_retry).__name__}")
     artifact = _artifact_option(options.get("artifact", True))
+    config = _settings_option(options.get("settings"))
     return _Settings(
-        window, duration, provider, region, core_options, delay_on_retry, artifact, job_inside=job_inside, zone=zone
+        window,
+        duration,
+        provider,
+        region,
+        core_options,
+        delay_on_retry,
+        artifact,
+        job_inside=job_inside,
+        zone=zone,
+        config=config,
     )
 
 
@@ -323,7 +343,8 @@ def _delay_sync(settings: _Settings) -> Plan:
         if isinstance(prepared, Plan):
             return prepared
         window, options = prepared
-        return carbonaware_delay(window, settings.duration, settings.provider, settings.region, **options)
+        given = _configure(settings.config, options, settings.provider, settings.region, options["logger"])
+        return carbonaware_delay(window, settings.duration, given.provider, given.region, **given.options)
     except Exception as exc:  # noqa: BLE001 - fail open: cancellations and timeouts are BaseException and pass
         return _failed(settings, exc)
 
@@ -336,7 +357,9 @@ async def _delay_async(settings: _Settings) -> Plan:
         if isinstance(prepared, Plan):
             return prepared
         window, options = prepared
-        return await carbonaware_delay_async(window, settings.duration, settings.provider, settings.region, **options)
+        configure = functools.partial(_configure, settings.config, options, settings.provider, settings.region)
+        given = await asyncio.to_thread(configure, options["logger"])
+        return await carbonaware_delay_async(window, settings.duration, given.provider, given.region, **given.options)
     except Exception as exc:  # noqa: BLE001 - fail open
         return _failed(settings, exc)
 
@@ -375,11 +398,18 @@ def _artifact_hook(
 
 
 def _publish(
-    plan: Plan, key: str, loop: asyncio.AbstractEventLoop | None, logger: logging.Logger | logging.LoggerAdapter[Any]
+    plan: Plan,
+    key: str,
+    loop: asyncio.AbstractEventLoop | None,
+    logger: logging.Logger | logging.LoggerAdapter[Any],
+    *,
+    scheduled: bool = False,
 ) -> None:
-    """Create the artifact; a failure (rendering included) costs one warning, never the user's work or hook."""
+    """Create the artifact; a failure (rendering included) costs one warning, never the user's work or hook.
+    ``scheduled``: the decision schedules a run for later (a deployment), nothing waits."""
     try:
-        markdown, description = _render_markdown(plan), core.describe(_markdown_safe(plan))  # the UI renders both
+        markdown = _render_markdown(plan, scheduled=scheduled)
+        description = core.describe(_markdown_safe(plan), scheduled=scheduled)  # the UI renders both
         if loop is not None and not _on_loop_thread(loop):
             # Async runs: planning runs in a worker thread, so the run's own loop is free to create it.
             coroutine = acreate_markdown_artifact(markdown=markdown, key=key, description=description)
@@ -402,7 +432,7 @@ def _on_loop_thread(loop: asyncio.AbstractEventLoop) -> bool:
         return False
 
 
-def _render_markdown(plan: Plan) -> str:
+def _render_markdown(plan: Plan, *, scheduled: bool = False) -> str:
     """The artifact: the decision, the numbers behind it and the forecast it came from.
 
     Text from outside (a provider's error excerpt, source labels, zones, units) is escaped: it is shown as text,
@@ -426,11 +456,14 @@ def _render_markdown(plan: Plan) -> str:
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     # Only the values the planner used: a provider's gap (null, NaN) would break the chart's scale.
     charted = tuple(point for point in plan.forecast if core._valid_intensity(point.value))
+    heading = f"### {core.describe(safe, scheduled=scheduled)}\n\n| | |\n|---|---|\n{table}\n"
+    if not charted:  # a decision without a series (the hosted scheduler, a skipped wait): no empty chart
+        return heading
     chart = core.render_chart(
         replace(plan, source=_plain_text(plan.source), unit=_plain_text(plan.unit), forecast=charted)
     )
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", chart)), default=0))
-    return f"### {core.describe(safe)}\n\n| | |\n|---|---|\n{table}\n\n{fence}text\n{chart}\n{fence}\n"
+    return f"{heading}\n{fence}text\n{chart}\n{fence}\n"
 
 
 # Characters that can open or close inline markdown (CommonMark, GFM and common extensions): emphasis, code,
@@ -470,6 +503,291 @@ def _intensity(value: float | None, unit: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# Prefect configuration: credentials and settings in Blocks, operator switches in Variables
+# --------------------------------------------------------------------------------------------------------------
+
+CONFIG_TTL_SECONDS = 30.0  # blocks and Variables are read again at most this long after the last read
+CONFIG_READ_TIMEOUT_SECONDS = 5.0  # an API slower than this counts as unreachable: the settings are unset
+WAIT_READ_TIMEOUT_SECONDS = 1.0  # the same, for the switch a wait in progress checks (a wait sleeps 1 s chunks)
+VARIABLE_DISABLE, VARIABLE_DRY_RUN, VARIABLE_MIN_SAVINGS = (
+    "carbonaware_disable",
+    "carbonaware_dry_run",
+    ("carbonaware_min_savings"),
+)
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+
+
+class ElectricityMapsCredentials(Block):
+    """An Electricity Maps API key, used when the environment has none (``ELECTRICITYMAPS_API_KEY``)."""
+
+    _block_type_name = "Electricity Maps Credentials"
+    _description = "API key for the Electricity Maps forecast, used by carbonaware-prefect."
+    api_key: SecretStr = Field(description="The auth-token of an Electricity Maps plan with forecast access.")
+
+
+class WattTimeCredentials(Block):
+    """A WattTime login (``WATTTIME_USERNAME`` / ``WATTTIME_PASSWORD``)."""
+
+    _block_type_name = "WattTime Credentials"
+    _description = "Username and password of a WattTime account, used by carbonaware-prefect."
+    username: str = Field(description="WattTime username.")
+    password: SecretStr = Field(description="WattTime password.")
+
+
+class CarbonAwareSettings(Block):
+    """What every carbon-aware wait of a deployment uses unless the code says otherwise (``settings="name"``).
+
+    Precedence: an argument in code > this block > the environment (``CARBONAWARE_*``, provider keys) > default.
+    """
+
+    _block_type_name = "Carbon Aware Settings"
+    _description = "Source chain, savings threshold, zone and provider credentials for carbonaware-prefect."
+    source: str | None = Field(default=None, description="Source chain, e.g. 'electricitymaps,offline'.")
+    min_savings: float | None = Field(default=None, ge=0, lt=1, description="Wait only if it saves this fraction.")
+    grid_zone: str | None = Field(default=None, description="Grid zone, e.g. 'DE', instead of the region table's.")
+    provider: str | None = Field(default=None, description="Cloud provider (aws, gcp, azure) instead of detection.")
+    region: str | None = Field(default=None, description="Cloud region, with provider, instead of detection.")
+    power_kw: float | None = Field(default=None, gt=0, description="Average draw of the job in kW.")
+    electricitymaps: ElectricityMapsCredentials | None = None
+    watttime: WattTimeCredentials | None = None
+
+
+CONFIG_BLOCKS = (ElectricityMapsCredentials, WattTimeCredentials, CarbonAwareSettings)
+SettingsBlock = ElectricityMapsCredentials | WattTimeCredentials | CarbonAwareSettings
+
+
+def _settings_option(value: Any) -> str | SettingsBlock | None:
+    """``settings``: the name of a ``CarbonAwareSettings`` block, ``"block-type-slug/name"`` for any of the three
+    block types, or a block object. Checked when the decorator or task is built; loaded at decision time."""
+    if value is None or isinstance(value, CONFIG_BLOCKS) or (isinstance(value, str) and value.strip()):
+        return value
+    raise TypeError(
+        "settings must be the name of a CarbonAwareSettings block, 'type-slug/name' or a block object, "
+        f"not {type(value).__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class _Configured:
+    """What a decision is made with once blocks and Variables are applied."""
+
+    provider: str | None
+    region: str | None
+    options: dict[str, Any]
+
+
+_CONFIG_CACHE: dict[tuple[str, str], tuple[float, Any]] = {}  # (api url, what) -> (monotonic read time, value)
+_CONFIG_READING: dict[tuple[str, str], Any] = {}  # reads under way (futures), one per key
+_CONFIG_LOCK = threading.Lock()
+_MISSING = object()
+
+
+def _api_url() -> str | None:
+    """The Prefect API this process talks to; None outside runs without one (no ephemeral server is started)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    if url:
+        return str(url)
+    return "ephemeral" if _current_run() is not None else None
+
+
+def _read_cached(what: str, read: Callable[[], Any], timeout: float = CONFIG_READ_TIMEOUT_SECONDS) -> Any:
+    """``read()`` at most once per ``CONFIG_TTL_SECONDS`` per API and name, waiting at most ``timeout``; raises
+    what it raised (remembered for the TTL too, so an unreachable API costs one timeout per period, not one per
+    task). One read per name at a time: while one is out, callers with a last value use it, the others wait too."""
+    url = _api_url()
+    if url is None:
+        raise LookupError("no Prefect API configured")
+    key, now = (url, what), core.CLOCK.monotonic()
+    with _CONFIG_LOCK:
+        hit = _CONFIG_CACHE.get(key)
+        pending = None
+        if hit is None or not 0 <= now - hit[0] < CONFIG_TTL_SECONDS:  # stale, or a clock that went back
+            pending = _CONFIG_READING.get(key)
+            if pending is None:
+                pending = _CONFIG_READING[key] = _start_read(key, read)
+            elif hit is not None:
+                pending = None  # another caller is reading: the last value serves meanwhile
+    if pending is None:
+        value = cast("tuple[float, Any]", hit)[1]
+    else:
+        try:
+            value = pending.result(timeout=timeout)
+        except Exception as exc:  # noqa: BLE001 - remembered, then raised to the caller, which fails open
+            value = exc
+            if _is_timeout(exc):
+                value = TimeoutError(f"the Prefect API did not answer within {timeout:g}s")
+                with _CONFIG_LOCK:
+                    if not pending.done():  # until the read ends and stores its own answer
+                        _CONFIG_CACHE[key] = (now, value)
+    if isinstance(value, BaseException):
+        raise value
+    return value
+
+
+def _is_timeout(exc: BaseException) -> bool:
+    import concurrent.futures
+
+    return isinstance(exc, concurrent.futures.TimeoutError)
+
+
+def _start_read(key: tuple[str, str], read: Callable[[], Any]) -> Any:
+    """``read()`` in a daemon thread (with this context: the run's client settings), its answer -- or what it
+    raised -- stored when it ends, however late: Prefect's client retries a dead API for longer than a decision
+    may wait, and a late answer still serves the callers that come after it."""
+    import concurrent.futures
+    import contextvars
+
+    context = contextvars.copy_context()
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def target() -> None:
+        try:
+            value: Any = context.run(read)
+            done.set_result(value)
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller and the cache
+            value = exc
+            done.set_exception(exc)
+        with _CONFIG_LOCK:
+            _CONFIG_CACHE[key] = (core.CLOCK.monotonic(), value)
+            _CONFIG_READING.pop(key, None)
+
+    threading.Thread(target=target, name="carbonaware-config", daemon=True).start()
+    return done
+
+
+def _load_block(settings: str | SettingsBlock) -> SettingsBlock:
+    if not isinstance(settings, str):
+        return settings
+
+    def load() -> Any:
+        loader = Block if "/" in settings else CarbonAwareSettings
+        return cast(Any, loader.load)(settings.strip(), _sync=True)
+
+    block = _read_cached(f"block:{settings}", load)
+    if not isinstance(block, CONFIG_BLOCKS):
+        raise TypeError(f"{type(block).__name__} is not a carbonaware block")
+    return block
+
+
+def _block_options(block: SettingsBlock) -> tuple[dict[str, Any], tuple[str | None, str | None]]:
+    """The core options and zone a block stands for (credentials by their environment variable's name)."""
+    credentials: dict[str, str] = {}
+    found: dict[str, Any] = {}
+    zone: tuple[str | None, str | None] = (None, None)
+    electricitymaps = block if isinstance(block, ElectricityMapsCredentials) else None
+    watttime = block if isinstance(block, WattTimeCredentials) else None
+    if isinstance(block, CarbonAwareSettings):
+        electricitymaps, watttime = block.electricitymaps, block.watttime
+        names = ("source", "min_savings", "grid_zone", "power_kw")
+        found = {name: getattr(block, name) for name in names if getattr(block, name) is not None}
+        if "power_kw" not in core.OPTIONS:  # a core without energy figures
+            found.pop("power_kw", None)
+        zone = (block.provider, block.region)
+    if electricitymaps is not None:
+        credentials["ELECTRICITYMAPS_API_KEY"] = electricitymaps.api_key.get_secret_value()
+    if watttime is not None:
+        credentials["WATTTIME_USERNAME"] = watttime.username
+        credentials["WATTTIME_PASSWORD"] = watttime.password.get_secret_value()
+    if credentials:
+        found["credentials"] = credentials
+    return found, zone
+
+
+def _with_block(
+    settings: str | SettingsBlock, options: dict[str, Any], provider: str | None, region: str | None, logger: Logger
+) -> _Configured:
+    """Fill what the arguments left unset from the block. A block that cannot be loaded or holds values the core
+    refuses is left out, with one line saying why (never its secrets)."""
+    name = settings if isinstance(settings, str) else f"{type(settings).__name__} object"
+    given = _Configured(provider, region, options)
+    try:
+        block_options, (block_provider, block_region) = _block_options(_load_block(settings))
+        merged = {**block_options, **options}
+        if provider is None and region is None:
+            provider, region = block_provider, block_region
+        core.validate_arguments(timedelta(1), timedelta(1), provider, region, merged)
+    except Exception as exc:  # noqa: BLE001 - fail open, like a source failure
+        logger.warning("carbonaware: settings block %r not used (%s: %s)", name, type(exc).__name__, _why(exc))
+        return given
+    return _Configured(provider, region, merged)
+
+
+def _why(exc: Exception) -> str:
+    """An error's message without the values it may quote: pydantic's validation errors print their input, which
+    for a credentials block would be the key."""
+    if isinstance(exc, ValidationError):
+        fields = ", ".join(".".join(map(str, error["loc"])) or "-" for error in exc.errors())
+        return f"{exc.error_count()} invalid field(s): {fields}"
+    return str(exc)
+
+
+def _variable(name: str, timeout: float = CONFIG_READ_TIMEOUT_SECONDS) -> Any:
+    """A Prefect Variable's value, or None when unset or the API cannot be reached."""
+    from prefect.variables import Variable
+
+    try:
+        return _read_cached(f"variable:{name}", lambda: cast(Any, Variable.get)(name, None, _sync=True), timeout)
+    except Exception:  # noqa: BLE001 - an unreachable API counts as unset
+        return None
+
+
+def _operator_stopped_waiting() -> str | None:
+    """Checked by every wait in progress (each 1 s chunk; the Variables are read at most every 30 s): a switch
+    turned on in the UI ends the wait and the job starts now."""
+    if _api_url() is None:
+        return None
+    for variable in (VARIABLE_DISABLE, VARIABLE_DRY_RUN):
+        if _switch(_variable(variable, WAIT_READ_TIMEOUT_SECONDS)):
+            return f"the Prefect Variable {variable} is set"
+    return None
+
+
+core._start_now_checks.append(_operator_stopped_waiting)
+
+
+def _switch(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    return str(value).strip().lower() in _TRUE_WORDS if isinstance(value, (str, int, float)) else False
+
+
+def _with_variables(configured: _Configured, logger: Logger) -> _Configured:
+    """The operator's switches, read at decision time: ``carbonaware_disable`` and ``carbonaware_dry_run`` only
+    ever switch on (stop waiting); ``carbonaware_min_savings`` applies where neither code nor block set one."""
+    if _api_url() is None:
+        return configured
+    options = dict(configured.options)
+    for variable, option in ((VARIABLE_DISABLE, "disable"), (VARIABLE_DRY_RUN, "dry_run")):
+        if _switch(_variable(variable)):
+            options[option] = f"the Prefect Variable {variable}"
+    threshold = _variable(VARIABLE_MIN_SAVINGS) if "min_savings" not in options else None
+    if threshold is not None:
+        try:
+            value = float(threshold)
+            core.validate_arguments(timedelta(1), timedelta(1), None, None, {"min_savings": value})
+            options["min_savings"] = value
+        except (TypeError, ValueError) as exc:
+            logger.warning("carbonaware: Prefect Variable %s ignored (%s)", VARIABLE_MIN_SAVINGS, exc)
+    return replace(configured, options=options)
+
+
+def _configure(
+    settings: str | SettingsBlock | None,
+    options: Mapping[str, Any],
+    provider: str | None,
+    region: str | None,
+    logger: Logger,
+) -> _Configured:
+    """Arguments, then the settings block, then the Variables; the core applies the environment and defaults."""
+    configured = _Configured(provider, region, dict(options))
+    if settings is not None:
+        configured = _with_block(settings, configured.options, provider, region, logger)
+    return _with_variables(configured, logger)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # The decorator
 # --------------------------------------------------------------------------------------------------------------
 
@@ -483,14 +801,18 @@ def carbonaware_delay_decorator(
 ) -> Callable[[F], F]:
     """Delay each call of the decorated function until the lowest-carbon start within ``window``.
 
-    Put it under ``@task`` (or ``@flow``), or use it on a plain function. Options: the core's (``source``,
-    ``min_savings``, ``grid_zone``, ``timeout``, ``logger``, ``on_plan``, ...), ``delay_on_retry`` (default False:
-    retries run at once) and ``artifact`` (default True; False for none, or a key). Argument errors raise here.
+    Put it under ``@task`` (or ``@flow``), or use it on a plain function; above ``@task`` or ``@flow`` it returns
+    the same kind of Prefect object with its function wrapped (``.submit()``, ``.map()``, ``.serve()`` stay).
+    Options: the core's (``source``, ``min_savings``, ``grid_zone``, ``timeout``, ``logger``, ``on_plan``, ...),
+    ``delay_on_retry`` (default False: retries run at once) and ``artifact`` (default True; False for none, or a
+    key). Argument errors raise here.
     """
     settings = _settings(window, duration, provider, region, options)
     core.watch_interrupts()
 
     def decorate(fn: F) -> F:
+        if isinstance(fn, (Task, Flow)):
+            return cast(F, _wrap_prefect_object(fn, settings))
         return cast(F, _wrap(fn, settings))
 
     return decorate
@@ -513,6 +835,14 @@ def _wrap(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
         wrapper.__name__ = wrapper.__qualname__ = getattr(getattr(fn, "func", None), "__name__", type(fn).__name__)
     wrapper.__prefect_task_source__ = fn  # type: ignore[attr-defined] # Prefect: task key and cache from fn's code
     return wrapper
+
+
+def _wrap_prefect_object(obj: Task[Any, Any] | Flow[Any, Any], settings: _Settings) -> Task[Any, Any] | Flow[Any, Any]:
+    """Above ``@task``/``@flow``: a copy of the Task or Flow whose function is wrapped, so that the wait runs in
+    the run (its logs, artifacts, retries, timeouts) and the object keeps ``.submit()``/``.map()``/``.serve()``."""
+    wrapped = copy.copy(obj)
+    wrapped.fn = _wrap(obj.fn, settings)
+    return wrapped
 
 
 def _sync_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
@@ -599,15 +929,23 @@ def carbonaware_delay_task(
 
 
 def _plan_deployment(
-    window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
+    window: timedelta,
+    duration: timedelta,
+    provider: str | None,
+    region: str | None,
+    options: Mapping[str, Any],
+    config: str | SettingsBlock | None = None,
 ) -> Plan:
-    """``plan_delay`` (which logs the decision and applies CARBONAWARE_DRY_RUN) with the run logger."""
-    return plan_delay(window, duration, provider, region, **{"logger": _run_logger(), **options})
+    """``plan_delay`` with the run logger, the settings block and the Variables, worded for a scheduled run."""
+    logger = options.get("logger") or _run_logger()
+    given = _configure(config, {"logger": logger, **options}, provider, region, logger)
+    request = core.validate_arguments(window, duration, given.provider, given.region, given.options)
+    return core.plan_and_report(request, scheduled=True)
 
 
-def _deployment_options(run_kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool | str]:
-    """Take the library's options out of ``run_kwargs`` (which go to ``run_deployment``): the core's, and
-    ``artifact``. The created run is tagged so that it never reschedules itself again."""
+def _deployment_options(run_kwargs: dict[str, Any]) -> tuple[dict[str, Any], bool | str, str | SettingsBlock | None]:
+    """Take the library's options out of ``run_kwargs`` (which go to ``run_deployment``): the core's,
+    ``artifact`` and ``settings``. The created run is tagged so that it never reschedules itself again."""
     for name in ("scheduled_time", "timeout", "delay_on_retry"):
         if name in run_kwargs:
             raise TypeError(
@@ -617,8 +955,9 @@ def _deployment_options(run_kwargs: dict[str, Any]) -> tuple[dict[str, Any], boo
             )
     options = _split_options(run_kwargs, core.OPTIONS)
     artifact = _artifact_option(run_kwargs.pop("artifact", True))
+    config = _settings_option(run_kwargs.pop("settings", None))
     run_kwargs["tags"] = [*(run_kwargs.get("tags") or ()), RESCHEDULED_TAG]
-    return options, artifact
+    return options, artifact, config
 
 
 def _announce(plan: Plan, flow_run: FlowRun, name: str | UUID, artifact: bool | str) -> None:
@@ -628,7 +967,8 @@ def _announce(plan: Plan, flow_run: FlowRun, name: str | UUID, artifact: bool | 
     when = plan.to_dict()["start"] if plan.waits else "now"
     logger.info("carbonaware: flow run %r of %s scheduled for %s", flow_run.name, name, when)
     if _current_run() is not None and artifact:
-        _publish(plan, artifact if isinstance(artifact, str) else "carbonaware-deployment", None, logger)
+        key = artifact if isinstance(artifact, str) else "carbonaware-deployment"
+        _publish(plan, key, None, logger, scheduled=True)
 
 
 def carbonaware_run_deployment(
@@ -646,8 +986,9 @@ def carbonaware_run_deployment(
     ``run_kwargs`` go to ``prefect.deployments.run_deployment`` (tags, flow_run_name, job_variables, as_subflow, ...);
     library options (``source``, ``min_savings``, ...) are recognised by name.
     """
-    options, artifact = _deployment_options(run_kwargs)
-    plan = _plan_deployment(window, duration, provider, region, options)
+    options, artifact, config = _deployment_options(run_kwargs)
+    core.validate_arguments(window, duration, provider, region, options)  # argument errors raise before any API call
+    plan = _plan_deployment(window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
     # _sync: this function is sync even when called inside an async flow (async callers: the "a" variant).
     schedule = cast(Any, run_deployment)
@@ -666,8 +1007,9 @@ async def acarbonaware_run_deployment(
     **run_kwargs: Any,
 ) -> tuple[FlowRun, Plan]:
     """As ``carbonaware_run_deployment``, for async code (planning runs in a worker thread)."""
-    options, artifact = _deployment_options(run_kwargs)
-    plan = await asyncio.to_thread(_plan_deployment, window, duration, provider, region, options)
+    options, artifact, config = _deployment_options(run_kwargs)
+    core.validate_arguments(window, duration, provider, region, options)
+    plan = await asyncio.to_thread(_plan_deployment, window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
     flow_run = await arun_deployment(name, parameters=parameters, scheduled_time=scheduled, timeout=0, **run_kwargs)
     await asyncio.to_thread(_announce, plan, flow_run, name, artifact)
@@ -689,7 +1031,12 @@ class _Handover:
 
 
 def _handover(
-    window: timedelta, duration: timedelta, provider: str | None, region: str | None, options: Mapping[str, Any]
+    window: timedelta,
+    duration: timedelta,
+    provider: str | None,
+    region: str | None,
+    options: Mapping[str, Any],
+    config: str | SettingsBlock | None = None,
 ) -> _Handover | None:
     """The later run to create, or None when the current run should simply go on now (logged)."""
     core.validate_arguments(window, duration, provider, region, options)
@@ -702,7 +1049,7 @@ def _handover(
     if RESCHEDULED_TAG in run.tags or run.run_count > 1:
         logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
         return None
-    plan = _plan_deployment(window, duration, provider, region, options)  # logs the decision
+    plan = _plan_deployment(window, duration, provider, region, options, config)  # logs the decision
     if not plan.waits:
         return None
     kwargs = {
@@ -724,7 +1071,8 @@ def _handed_over(handover: _Handover, new_run: FlowRun, artifact: bool | str) ->
     logger = _run_logger()
     logger.info(message)
     if artifact:
-        _publish(handover.plan, artifact if isinstance(artifact, str) else "carbonaware-reschedule", None, logger)
+        key = artifact if isinstance(artifact, str) else "carbonaware-reschedule"
+        _publish(handover.plan, key, None, logger, scheduled=True)
     return Completed(name="Rescheduled", message=message)
 
 
@@ -749,7 +1097,8 @@ def reschedule_current_flow_run(
     ``artifact`` (default True: key ``carbonaware-reschedule``; False for none, or a key) reports the decision.
     """
     artifact = _artifact_option(options.pop("artifact", True))
-    handover = _handover(window, duration, provider, region, options)
+    config = _settings_option(options.pop("settings", None))
+    handover = _handover(window, duration, provider, region, options, config)
     if handover is None:
         return None
     try:
@@ -771,7 +1120,8 @@ async def areschedule_current_flow_run(
 ) -> State[Any] | None:
     """As ``reschedule_current_flow_run``, for async flows."""
     artifact = _artifact_option(options.pop("artifact", True))
-    handover = await asyncio.to_thread(_handover, window, duration, provider, region, options)
+    config = _settings_option(options.pop("settings", None))
+    handover = await asyncio.to_thread(_handover, window, duration, provider, region, options, config)
     if handover is None:
         return None
     try:
@@ -782,3 +1132,105 @@ async def areschedule_current_flow_run(
         )
         return None
     return await asyncio.to_thread(_handed_over, handover, new_run, artifact)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Recurring deployments: a cron run hands over to a run at the best start within its margin
+# --------------------------------------------------------------------------------------------------------------
+
+
+def carbonaware_schedule(
+    window: timedelta = DEFAULT_WINDOW,
+    duration: timedelta = DEFAULT_DURATION,
+    provider: str | None = None,
+    region: str | None = None,
+    **options: Any,
+) -> Callable[[F], F]:
+    """Make a scheduled (cron) deployment carbon-aware: each scheduled run may start any time within ``window``
+    of its scheduled time, at the lowest-carbon start, without any worker sleeping.
+
+        @carbonaware_schedule(window=timedelta(hours=6), duration=timedelta(hours=1))
+        @flow
+        def nightly() -> None: ...
+
+        nightly.serve(cron="0 1 * * *")  # or .deploy(...), or prefect.yaml: the flow itself hands over
+
+    The cron run plans and, if waiting pays, creates a run of the same deployment at the best start (tag
+    ``carbonaware-rescheduled``, the decision artifact) and ends ``Completed``/``Rescheduled``; that run, a retry,
+    a run that is not a deployment's, and any failure to plan or to hand over run at once. The window counts from
+    the scheduled time, so a run that started late is never moved past it. Goes above ``@flow`` (or under it, on
+    the function); options as for ``reschedule_current_flow_run``. Argument errors raise here.
+    """
+    checked = dict(options)
+    _artifact_option(checked.pop("artifact", True))
+    _settings_option(checked.pop("settings", None))
+    core.validate_arguments(window, duration, provider, region, checked)
+
+    def decorate(fn: F) -> F:
+        if isinstance(fn, Task):
+            raise TypeError(
+                "carbonaware_schedule goes above @flow: a task cannot hand its run over "
+                "(to wait inside a task, use @carbonaware_delay_decorator under @task)"
+            )
+        target = fn.fn if isinstance(fn, Flow) else fn
+        if inspect.isgeneratorfunction(target) or inspect.isasyncgenfunction(target):
+            raise TypeError("carbonaware_schedule needs a flow that returns, not a generator")
+        wrapper = _scheduled_wrapper(target, window, duration, provider, region, options)
+        functools.update_wrapper(wrapper, target)
+        if isinstance(fn, Flow):
+            flow_copy = copy.copy(fn)
+            flow_copy.fn = wrapper
+            return cast(F, flow_copy)
+        return cast(F, wrapper)
+
+    return decorate
+
+
+def _scheduled_wrapper(
+    fn: Callable[..., Any],
+    window: timedelta,
+    duration: timedelta,
+    provider: str | None,
+    region: str | None,
+    options: Mapping[str, Any],
+) -> Callable[..., Any]:
+    if inspect.iscoroutinefunction(fn):
+
+        async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+            left = await asyncio.to_thread(_window_left, window)
+            if left is not None:
+                handed_over = await areschedule_current_flow_run(left, duration, provider, region, **options)
+                if handed_over is not None:
+                    return handed_over
+            return await fn(*args, **kwargs)
+
+        return async_wrapper
+
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        left = _window_left(window)
+        if left is not None:
+            handed_over = reschedule_current_flow_run(left, duration, provider, region, **options)
+            if handed_over is not None:
+                return handed_over
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _window_left(window: timedelta) -> timedelta | None:
+    """What is left of ``window`` counted from this run's scheduled time; None (logged) when nothing is."""
+    ctx = FlowRunContext.get()
+    run = ctx.flow_run if ctx is not None else None
+    scheduled = run.expected_start_time if run is not None else None
+    if scheduled is None:
+        return window  # not a deployment run: reschedule_current_flow_run says so and the flow runs
+    late = core.CLOCK.now() - scheduled
+    left = window - max(late, timedelta(0))
+    if left <= timedelta(seconds=1):
+        _run_logger().info(
+            "carbonaware: running now: this run started %s after its scheduled time, at the end of its %s window",
+            core._human(late),
+            core._human(window),
+        )
+        return None
+    return left

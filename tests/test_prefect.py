@@ -472,7 +472,7 @@ def test_the_flows_timeout_caps_the_wait_of_a_task_inside_it(scheduler: Schedule
     assert asked <= timedelta(seconds=4.5)
 
 
-def test_decorator_above_task_waits_in_the_flow(scheduler: Scheduler) -> None:
+def test_decorator_above_task_waits_in_the_task_run(scheduler: Scheduler) -> None:
     @cp.carbonaware_delay_decorator(window=WINDOW, duration=DURATION, **ZONE)
     @task
     def inner() -> float:
@@ -484,7 +484,8 @@ def test_decorator_above_task_waits_in_the_flow(scheduler: Scheduler) -> None:
 
     scheduler.offset = 0.5
     assert outer() >= scheduler.ideal
-    assert Artifact.get("carbonaware-outer-flow") is not None  # the wait happened in the flow run
+    assert Artifact.get("carbonaware-inner") is not None  # the wait happened in the task run (issue 12)
+    assert Artifact.get("carbonaware-outer-flow") is None
 
 
 def test_a_failing_on_plan_hook_breaks_neither_the_task_nor_the_artifact(scheduler: Scheduler) -> None:

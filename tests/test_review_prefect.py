@@ -6,6 +6,7 @@ Real Prefect server (test harness, session scoped), real loopback servers; nothi
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -94,6 +95,8 @@ def test_any_failure_to_render_costs_one_warning_and_still_calls_the_users_hook(
     seen: list[Plan] = []
     hook = cp._artifact_hook("carbonaware-broken-chart", None, carbonaware_core.logger, seen.append)
     plan = carbonaware_core.immediate_plan("disabled", "a test", zone=carbonaware_core.CloudZone("aws", "us-east-1"))
+    point = carbonaware_core.ForecastPoint(plan.start, plan.start + plan.window, 100.0)
+    plan = replace(plan, forecast=(point,))  # a plan with a series to chart (none: no chart, issue 12)
     with caplog.at_level("WARNING", logger="carbonaware"):
         hook(plan)  # raises nothing
     assert seen == [plan]
