@@ -34,6 +34,7 @@ __all__ = [
     "Decision",
     "Forecast",
     "ForecastPoint",
+    "ForecastRefused",
     "Outcome",
     "Plan",
     "Query",
@@ -43,6 +44,7 @@ __all__ = [
     "carbonaware_delay_async",
     "clear_cache",
     "detect_cloud_zone",
+    "fetch_actuals",
     "format_iso_duration",
     "immediate_plan",
     "interrupt_waits",
@@ -181,6 +183,7 @@ class Forecast:
     # the source's own floor on the predicted saving worth a wait (the offline model's per-zone figure from its
     # backtest: below it, waits ended dirtier too often); the planner applies the higher of it and min_savings
     min_savings: float | None = None
+    label: str | None = None  # the plan's source name when not the chain's (e.g. a live-corrected forecast)
 
 
 @dataclass(frozen=True)
@@ -253,6 +256,11 @@ class _NoZone(SourceError):
     """The source needs a zone and none is known: reported once as reason "no-zone", not per source."""
 
 
+class ForecastRefused(SourceError):
+    """The provider answered but serves no forecast to this key or plan (HTTP 401/403) or has none (404): its
+    recent actuals may still serve, corrected onto the offline profile (the live correction)."""
+
+
 class _CallerOutOfTime(SourceError):
     """The fetch failed because the caller's window ran out, not because of the source: never remembered, so a
     caller with seconds to spare cannot make everyone else run at once for the next ``FAILURE_TTL_SECONDS``."""
@@ -260,6 +268,7 @@ class _CallerOutOfTime(SourceError):
 
 SourceResult = Forecast | Decision
 SeriesCallable = Callable[[CloudZone | None, datetime, datetime], Iterable[ForecastPoint]]
+ActualsReader = Callable[[Query, datetime, datetime], tuple[ForecastPoint, ...]]
 
 
 @dataclass(frozen=True)
@@ -273,6 +282,10 @@ class Source:
     needs_zone: bool = True  # useless without a cloud or grid zone
     uses_zone: bool = True  # False: never looks at one (so no detection runs for it)
     horizon: timedelta | None = None  # the longest window it can answer; None: HORIZON_CAP
+    # reads MEASURED intensity over [start, end) for the query's zone (zone, grid_zone, arg; ``query.budget()``
+    # seconds per request); raises SourceError (incl. "not published yet" / empty), never anything else. Feeds the
+    # live correction (source "live:<name>") and realised outcomes; see ``fetch_actuals``
+    actuals: ActualsReader | None = None
 
 
 HORIZON_CAP = timedelta(days=366)  # no source is asked about more than a year of starts, or a job over a year long
@@ -585,6 +598,98 @@ def _covered_from(starts: Sequence[float], ends: Sequence[float], t: float) -> f
 
 def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Forecast arithmetic: live correction
+# --------------------------------------------------------------------------------------------------------------
+# A typical-day profile says what an hour usually looks like; the latest measured hours say how today differs.
+# The live correction adds today's anomaly (measured minus typical, averaged over the latest LIVE_SPAN of
+# measurements) to the profile, fading it by half every LIVE_HALF_LIFE ahead: the next hours follow today, later
+# ones the profile. Both settings were chosen on validation years, never on a year they are scored on
+# (``python bench/backtest.py --choose-live``).
+
+LIVE_HALF_LIFE = timedelta(hours=6)
+LIVE_SPAN = timedelta(hours=3)
+LIVE_MAX_AGE = timedelta(hours=6)  # measurements older than this say nothing about today
+LIVE_HISTORY = timedelta(hours=24)  # what the free tiers serve, and more than any anomaly needs
+
+
+@dataclass(frozen=True)
+class Anomaly:
+    """How far today's measurements lie from the profile (same unit), up to ``measured_until``."""
+
+    value: float
+    measured_until: datetime
+
+
+def mean_over(points: Iterable[ForecastPoint], start: datetime, end: datetime) -> float | None:
+    """Time-weighted mean of the valid values over the parts of [start, end) the points cover; None if none do."""
+    total = weight = 0.0
+    for point in points:
+        overlap = (min(point.end, end) - max(point.start, start)).total_seconds()
+        if overlap > 0 and _valid_intensity(point.value):
+            total += overlap * point.value
+            weight += overlap
+    return total / weight if weight > 0 else None
+
+
+def recent_anomaly(
+    actuals: Iterable[ForecastPoint],
+    profile: Sequence[ForecastPoint],
+    now: datetime,
+    span: timedelta = LIVE_SPAN,
+    max_age: timedelta = LIVE_MAX_AGE,
+) -> Anomaly:
+    """Measured minus typical, time-weighted over the latest ``span`` of valid measurements before ``now``.
+
+    Measurements are cut at ``now`` (a point dated in the future is not a measurement); NaN, negative or absurd
+    values are ignored. A SourceError when nothing valid remains or the latest measurement ends over ``max_age``
+    before now: a stale anomaly would pass yesterday off as today."""
+    measured = [
+        ForecastPoint(p.start, min(p.end, now), float(p.value))
+        for p in (_aware(point) for point in actuals)
+        if _valid_intensity(p.value) and p.start < min(p.end, now)
+    ]
+    if not measured:
+        raise SourceError("no valid measurement before now")
+    until = max(p.end for p in measured)
+    if now - until > max_age:
+        raise SourceError(f"the latest measurement ends {_human(now - until)} before now (stale)")
+    since = until - span
+    total = weight = 0.0
+    for point in measured:
+        start, end = max(point.start, since), point.end
+        typical = mean_over(profile, start, end) if end > start else None
+        if typical is not None:
+            seconds = (end - start).total_seconds()
+            total += seconds * (point.value - typical)
+            weight += seconds
+    if weight <= 0:
+        raise SourceError("the profile does not cover the latest measurements")
+    return Anomaly(total / weight, until)
+
+
+def anomaly_weight(hours_ahead: float, half_life_hours: float) -> float:
+    """The share of today's anomaly still expected ``hours_ahead`` after the latest measurement."""
+    return float(0.5 ** (max(0.0, hours_ahead) / half_life_hours))
+
+
+def live_corrected(
+    profile: Iterable[ForecastPoint], anomaly: Anomaly, half_life: timedelta = LIVE_HALF_LIFE
+) -> tuple[ForecastPoint, ...]:
+    """The profile's points after the latest measurement, each moved by the anomaly as faded at its midpoint;
+    never below zero (a grid's intensity is not negative, and a negative value would read as a gap)."""
+    half_life_hours = half_life.total_seconds() / 3600
+    points = []
+    for point in profile:
+        if point.end <= anomaly.measured_until or not _valid_intensity(point.value):
+            continue
+        middle = point.start + (point.end - point.start) / 2
+        ahead = (middle - anomaly.measured_until).total_seconds() / 3600
+        value = point.value + anomaly.value * anomaly_weight(ahead, half_life_hours)
+        points.append(ForecastPoint(point.start, point.end, max(0.0, value)))
+    return tuple(points)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2024,6 +2129,7 @@ register_source(
     )
 )
 register_source(Source("url", _fetch_url, cache_key=lambda q: q.arg, ttl=900.0, needs_zone=False, uses_zone=False))
+# (re-registered with its actuals reader in the live-corrected block)
 
 
 # ---- Electricity Maps v3 -----------------------------------------------------------------------------------------
@@ -2038,16 +2144,19 @@ def _hours_needed(query: Query, choices: Sequence[int]) -> int:
 
 def _electricitymaps_params(query: Query) -> dict[str, str | int]:
     """What to ask for; also the cache key, so that any change in the question asks again."""
-    zone = grid_zone_for(query)
-    if zone:
-        params: dict[str, str | int] = {"zone": zone}
-    elif query.zone is not None:
-        params = {"dataCenterProvider": query.zone.provider, "dataCenterRegion": query.zone.region}
-    else:
-        raise SourceError("no grid zone or cloud zone to ask for")
+    params = _electricitymaps_where(query)
     params["horizonHours"] = _hours_needed(query, (6, 24, 48, 72))
     params["emissionFactorType"] = os.environ.get("ELECTRICITYMAPS_EMISSION_FACTOR", "lifecycle")
     return params
+
+
+def _electricitymaps_where(query: Query) -> dict[str, str | int]:
+    zone = grid_zone_for(query)
+    if zone:
+        return {"zone": zone}
+    if query.zone is not None:
+        return {"dataCenterProvider": query.zone.provider, "dataCenterRegion": query.zone.region}
+    raise SourceError("no grid zone or cloud zone to ask for")
 
 
 def _electricitymaps_url(query: Query) -> str:
@@ -2063,8 +2172,8 @@ def _fetch_electricitymaps(query: Query) -> Forecast:
     response = http_request(
         "GET", url, headers={"auth-token": key, "Accept": "application/json"}, timeout=query.budget()
     )
-    if response.status in (401, 403):
-        raise SourceError(
+    if response.status in (401, 403, 404):
+        raise ForecastRefused(
             f"electricitymaps refused the key or this plan has no forecast access (HTTP {response.status}: "
             f"{response.excerpt()})"
         )
@@ -2110,6 +2219,35 @@ def _point_value(item: Any, name: str) -> float:
     return float(value)
 
 
+def _electricitymaps_actuals(query: Query, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
+    """Measured hourly intensity: ``/history`` (the last 24 h, on the free tier too) when the range lies within
+    it, else ``/past-range`` (paid plans). The current hour is in ``/history`` already, so ``/latest`` adds
+    nothing a second request would be worth."""
+    key = _header_value("ELECTRICITYMAPS_API_KEY", os.environ.get("ELECTRICITYMAPS_API_KEY", ""))
+    base = base_url("ELECTRICITYMAPS_API_URL", ELECTRICITYMAPS_BASE_URL).removesuffix("/v3")
+    params = _electricitymaps_where(query)
+    params["emissionFactorType"] = os.environ.get("ELECTRICITYMAPS_EMISSION_FACTOR", "lifecycle")
+    if start >= CLOCK.now() - LIVE_HISTORY + timedelta(minutes=5):  # /history reaches about 24 h back
+        url, list_keys = f"{base}/v3/carbon-intensity/history?{_query_string(params)}", ("history", "data")
+    else:
+        params.update(start=_iso(start), end=_iso(end))
+        url, list_keys = f"{base}/v3/carbon-intensity/past-range?{_query_string(params)}", ("data", "history")
+    _require_safe_url(url, carries_secret=True)
+    response = http_request(
+        "GET", url, headers={"auth-token": key, "Accept": "application/json"}, timeout=query.budget()
+    )
+    if response.status in (401, 403):
+        raise SourceError(
+            f"electricitymaps refused the key or this plan has no access to past intensity (HTTP "
+            f"{response.status}: {response.excerpt()})"
+        )
+    document = expect_json(response, "electricitymaps")
+    found = next((k for k in list_keys if isinstance(document, dict) and isinstance(document.get(k), list)), None)
+    items = _field(document, found or list_keys[0], list)
+    rows = [(_point_time(item, "datetime"), _point_value(item, "carbonIntensity"), None) for item in items]
+    return series_from_starts(rows, timedelta(hours=1))
+
+
 register_source(
     Source(
         "electricitymaps",
@@ -2117,6 +2255,7 @@ register_source(
         cache_key=_electricitymaps_url,
         ttl=900.0,
         horizon=timedelta(hours=72),
+        actuals=_electricitymaps_actuals,
     )
 )
 
@@ -2229,11 +2368,8 @@ def _watttime_get(query: Query, url: str) -> HttpResponse:
     return response
 
 
-def _watttime_actuals(
-    zone: CloudZone | None, start: datetime, end: datetime, timeout: float, grid_zone: str | None = None
-) -> tuple[ForecastPoint, ...]:
+def _watttime_actuals(query: Query, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
     """Measured MOER over [start, end) from ``/v3/historical`` (the forecast's shape, past periods), in g/kWh."""
-    query = Query(zone, grid_zone, start, end - start, timedelta(0), timeout, deadline=CLOCK.monotonic() + timeout)
     region = _watttime_region(query)
     params: dict[str, str | int] = {"region": region, "start": _iso(start), "end": _iso(end), "signal_type": "co2_moer"}
     url = f"{base_url('WATTTIME_API_URL', WATTTIME_BASE_URL)}/v3/historical?{_query_string(params)}"
@@ -2246,7 +2382,16 @@ def _watttime_actuals(
     return points
 
 
-register_source(Source("watttime", _fetch_watttime, cache_key=_watttime_url, ttl=300.0, horizon=timedelta(hours=72)))
+register_source(
+    Source(
+        "watttime",
+        _fetch_watttime,
+        cache_key=_watttime_url,
+        ttl=300.0,
+        horizon=timedelta(hours=72),
+        actuals=_watttime_actuals,
+    )
+)
 
 
 # ---- NESO Carbon Intensity API (Great Britain) ----------------------------------------------------------------------
@@ -2305,8 +2450,39 @@ def _ukgrid_items(document: Any) -> list[Any]:
     return data
 
 
+UKGRID_MAX_RANGE = timedelta(days=14)  # the longest {from}/{to} range NESO answers in one request
+
+
+def _ukgrid_actuals(query: Query, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
+    """Measured national intensity: the ``actual`` values of ``/intensity/{from}/{to}`` (null until NESO
+    publishes them, a half hour or so late). NESO measures nationally only: a regional question has no actuals."""
+    _ukgrid_key(query)
+    if _ukgrid_where(query):
+        raise SourceError("ukgrid publishes measured intensity nationally only, not per region or postcode")
+    if end - start > UKGRID_MAX_RANGE:
+        raise SourceError(f"ukgrid answers at most {UKGRID_MAX_RANGE.days} days of actuals per request")
+    moments = [m.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%MZ") for m in (start, end)]
+    url = base_url("UKGRID_API_URL", UKGRID_BASE_URL) + f"/intensity/{moments[0]}/{moments[1]}"
+    response = http_request("GET", url, headers={"Accept": "application/json"}, timeout=query.budget())
+    rows = []
+    for item in _ukgrid_items(expect_json(response, "ukgrid")):
+        start_at, end_at = _point_time(item, "from"), _point_time(item, "to")
+        intensity = item.get("intensity") if isinstance(item, dict) else None
+        value = _point_value(intensity, "actual") if isinstance(intensity, dict) else math.nan
+        rows.append((start_at, value, end_at - start_at))
+    return series_from_starts(rows)
+
+
 register_source(
-    Source("ukgrid", _fetch_ukgrid, cache_key=_ukgrid_key, ttl=900.0, needs_zone=False, horizon=timedelta(hours=48))
+    Source(
+        "ukgrid",
+        _fetch_ukgrid,
+        cache_key=_ukgrid_key,
+        ttl=900.0,
+        needs_zone=False,
+        horizon=timedelta(hours=48),
+        actuals=_ukgrid_actuals,
+    )
 )
 
 
@@ -2502,6 +2678,123 @@ def _fetch_offline(query: Query) -> Forecast:
 
 # a typical year repeats: a year of starts holds every value it has (a longer window only repeats them)
 register_source(Source("offline", _fetch_offline, cache_key=None, horizon=timedelta(days=366)))
+
+
+# ---- live-corrected: recent actuals + the offline profile ---------------------------------------------------------
+
+
+def fetch_actuals(
+    source: str,
+    zone: CloudZone | None,
+    start: datetime,
+    end: datetime,
+    *,
+    timeout: float = HTTP_TIMEOUT_SECONDS,
+    grid_zone: str | None = None,
+) -> tuple[ForecastPoint, ...]:
+    """Measured intensity over [start, end), sorted, from ``source`` ("electricitymaps", "ukgrid",
+    "url:https://...", or any registered Source with an ``actuals`` reader). A SourceError when the source has no
+    reader, fails, or has measured nothing valid there yet; argument errors raise ValueError/TypeError."""
+    for name, moment in (("start", start), ("end", end)):
+        if not isinstance(moment, datetime) or moment.utcoffset() is None:
+            raise ValueError(f"{name} must be a timezone-aware datetime")
+    if not start < end:
+        raise ValueError("start must be before end")
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or not 0 < timeout <= 300:
+        raise ValueError(f"timeout must be seconds in (0, 300], got {timeout!r}")
+    parts = _split_spec(source) if isinstance(source, str) else []
+    if len(parts) != 1:
+        raise ValueError(f"source must name one source, e.g. 'electricitymaps', not {source!r}")
+    name, arg = parts[0]
+    grid = grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
+    now, deadline = CLOCK.now(), CLOCK.monotonic() + timeout
+    query = Query(zone, grid, now, timedelta(0), timedelta(0), float(timeout), arg, deadline=deadline)
+    return _measured(name, query, start.astimezone(timezone.utc), end.astimezone(timezone.utc))
+
+
+def _measured(name: str, query: Query, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
+    """The valid measured points a source's reader gives for [start, end), none dated after now; whatever the
+    reader raises or returns, a SourceError or points."""
+    source = SOURCES.get(name)
+    if source is None or source.actuals is None:
+        readers = ", ".join(sorted(n for n, s in SOURCES.items() if s.actuals is not None))
+        raise SourceError(f"{name} serves no measured intensity (sources that do: {readers})")
+    try:
+        points = [_aware(p) for p in source.actuals(query, start, end) if isinstance(p, ForecastPoint)]
+        kept = [p for p in points if _valid_intensity(p.value) and start < p.end and p.start < min(end, query.now)]
+        kept = [p for p in kept if p.start < p.end]
+    except SourceError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken reader (a user's, say) is a source failure, not a crash
+        raise SourceError(f"{name} actuals: {type(exc).__name__}: {_quote(str(exc), limit=160)}") from None
+    if not kept:
+        raise SourceError(f"{name}: no valid measurement published for {_iso(start)}..{_iso(end)} yet")
+    return tuple(sorted(kept, key=lambda p: p.start))
+
+
+def _url_actuals(query: Query, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
+    """A user's own measurements: a series document (JSON or CSV, as the url source reads) at ``url:<address>``."""
+    if not query.arg:
+        raise SourceError("url actuals need an address: 'live:url:https://host/measurements.json'")
+    return _fetch_url(query).points
+
+
+register_source(
+    Source("url", _fetch_url, cache_key=lambda q: q.arg, needs_zone=False, uses_zone=False, actuals=_url_actuals)
+)
+
+
+def _live_inner(query: Query) -> tuple[str, str | None]:
+    """'live:electricitymaps' -> ('electricitymaps', None); 'live:url:https://x' -> ('url', 'https://x')."""
+    name, sep, arg = (query.arg or "electricitymaps").partition(":")
+    return name.strip().lower(), (arg.strip() or None) if sep else None
+
+
+def _fetch_live(query: Query) -> Forecast:
+    """The offline profile corrected by the last hours the named source measured (see "Forecast arithmetic: live
+    correction"): for keys and plans that get actuals but no forecast (Electricity Maps' free tier)."""
+    name, arg = _live_inner(query)
+    return _live_forecast(name, replace(query, arg=arg))
+
+
+def _live_forecast(name: str, query: Query) -> Forecast:
+    past = query.now - LIVE_HISTORY
+    typical = _fetch_offline(replace(query, now=past, window=query.window + LIVE_HISTORY))
+    where = grid_zone_for(query) or query.zone
+    key = ("live-actuals", name, query.arg, where, math.floor(query.now.timestamp() / 900))
+    fetch = _shared_fetch(query, lambda: _measured(name, query, past, query.now))
+    actuals: tuple[ForecastPoint, ...] = CACHE.get(key, fetch, ttl=900.0, wait=query.budget())
+    anomaly = recent_anomaly(actuals, typical.points, query.now)
+    label = f"{name}+offline (live-corrected)"
+    note = (
+        f"live-corrected: {name} measured {anomaly.value:+.0f} vs the typical day until "
+        f"{_iso(anomaly.measured_until)}, the difference fading by half every {_human(LIVE_HALF_LIFE)}"
+    )
+    attribution = f"{note}; {typical.attribution}" if typical.attribution else note
+    points = live_corrected(typical.points, anomaly)
+    return Forecast(points, unit=G_PER_KWH, grid_zone=typical.grid_zone, attribution=attribution, label=label)
+
+
+register_source(Source("live", _fetch_live, cache_key=None, needs_zone=False, horizon=timedelta(days=366)))
+
+
+def _or_live_corrected(source: Source, query: Query, fetch: Callable[[], SourceResult]) -> Callable[[], SourceResult]:
+    """``fetch``, and when the provider refuses its forecast but measures (``actuals``), a live-corrected forecast
+    from its recent actuals instead: the automatic step for free-tier keys. Both failing is one failure."""
+    if source.actuals is None:
+        return fetch
+
+    def attempt() -> SourceResult:
+        try:
+            return fetch()
+        except ForecastRefused as refused:
+            try:
+                result = _live_forecast(source.name, _within_horizon(SOURCES["live"], query))
+            except SourceError as error:
+                raise SourceError(f"{refused}; a live correction from its actuals failed too: {error}") from None
+            return replace(result, attribution=f"its forecast was refused ({refused}); {result.attribution}")
+
+    return attempt
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -2748,7 +3041,8 @@ def _attempts(spec: Any, query: Query) -> Iterator[tuple[str, Callable[[], Sourc
     """(label, fetch) for each source to try in order; named sources go through the shared cache."""
     if isinstance(spec, str):
         for name, arg in _expand_chain(spec):
-            yield name, _cached_fetch(SOURCES[name], _within_horizon(SOURCES[name], replace(query, arg=arg)))
+            asked = _within_horizon(SOURCES[name], replace(query, arg=arg))
+            yield name, _or_live_corrected(SOURCES[name], asked, _cached_fetch(SOURCES[name], asked))
     elif callable(spec):
         asked = _within_horizon(None, query)
         yield _callable_name(spec), lambda: _user_series(lambda: spec(asked.zone, asked.now, asked.horizon_end))
@@ -2862,7 +3156,7 @@ def _plan_from(result: SourceResult, label: str, query: Query, min_savings: floa
         )
     return _decide(
         query,
-        label,
+        result.label or label,
         start,
         choice.expected,
         choice.now_value,
@@ -3545,13 +3839,7 @@ def _history_candidates(outcome: Outcome) -> list[str]:
 
 def _history(outcome: Outcome, name: str, start: datetime, end: datetime, timeout: float) -> tuple[ForecastPoint, ...]:
     """Measured intensities over [start, end) from source ``name``."""
-    if name == "watttime":  # it needs the grid zone to find its region
-        return _watttime_actuals(outcome.zone, start, end, timeout, outcome.grid_zone)
-    reader = globals().get("fetch_actuals")
-    if reader is None:
-        raise SourceError("this version reads no measured history")
-    points: tuple[ForecastPoint, ...] = reader(name, outcome.zone, start, end, timeout=timeout)
-    return points
+    return fetch_actuals(name, outcome.zone, start, end, timeout=timeout, grid_zone=outcome.grid_zone)
 
 
 def _history_unit(name: str) -> str:
