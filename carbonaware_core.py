@@ -4128,16 +4128,24 @@ def _cli_report(args: Any) -> int:
     until = parse_datetime(args.until) if args.until else CLOCK.now()
     since = _since(args.since, until)
     path = args.ledger or ledger_path(None)
-    if path is None:
+    if args.prefect:  # the events carbonaware_prefect emitted: the API is the ledger (read only)
+        try:
+            from carbonaware_prefect import read_prefect_records
+        except ImportError as exc:
+            print(f"carbonaware: --prefect needs carbonaware_prefect and prefect ({exc})", file=sys.stderr)
+            return 2
+        path, records = None, read_prefect_records(since, until)
+    elif path is None:
         print("carbonaware: no ledger: give --ledger PATH or set CARBONAWARE_LEDGER", file=sys.stderr)
         return 2
-    records = read_ledger(path)
+    else:
+        records = read_ledger(path)
     decisions = decisions_between(records, since, until)
     outcomes = latest_outcomes(records)
     if not args.no_resolve:
         completed = complete_outcomes(decisions, outcomes, timeout=args.timeout, budget=REPORT_RESOLVE_SECONDS)
         _write(path, [outcome.to_record() for outcome in completed], logger)  # the next report need not ask
-    report = {"ledger": path, **build_report(decisions, outcomes, since, until)}
+    report = {"ledger": path or "prefect", **build_report(decisions, outcomes, since, until)}
     print(json.dumps(report, indent=2) if args.json else render_report(report))
     return 0
 
@@ -4205,6 +4213,7 @@ def _cli_parser() -> Any:
     report.add_argument("--since", default="30d", help="a duration back from --until (30d) or an ISO-8601 time")
     report.add_argument("--until", help="ISO-8601 end of the period (default: now)")
     report.add_argument("--ledger", help="the ledger file (default: CARBONAWARE_LEDGER)")
+    report.add_argument("--prefect", action="store_true", help="read the decisions and outcomes Prefect recorded")
     report.add_argument("--json", action="store_true", help="print the report as JSON")
     report.add_argument("--no-resolve", action="store_true", help="do not complete pending outcomes")
     report.add_argument("--timeout", type=float, default=HTTP_TIMEOUT_SECONDS, help="seconds per history request")

@@ -303,3 +303,51 @@ def test_cli_run_of_a_missing_command_records_no_outcome(tmp_path: Path) -> None
 def test_cli_power_kw_is_checked(tmp_path: Path) -> None:
     done = cli("plan", "--source", f"file:{series_file(tmp_path)}", "--power-kw", "-1")
     assert done.returncode == 2 and "power_kw" in done.stderr
+
+
+# ---- report totals against an independent sum, for any ledger ---------------------------------------------------
+
+finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False)
+decision_rows = st.lists(
+    st.tuples(
+        st.integers(min_value=0, max_value=48 * 3600),  # delay seconds
+        st.sampled_from(["optimal", "already-best", "source-failed", "dry-run"]),
+        st.one_of(st.none(), finite),  # predicted avoided g
+        st.one_of(st.none(), st.floats(min_value=0, max_value=1e4)),  # planned kWh
+        st.one_of(st.none(), st.tuples(st.sampled_from(["measured", "estimate", "pending"]), finite, finite)),
+        st.sampled_from(["DE", "GB", None]),
+    ),
+    max_size=30,
+)
+
+
+@given(decision_rows)
+def test_report_totals_are_the_sums(rows: list[Any]) -> None:
+    records: list[dict[str, Any]] = []
+    for index, (delay, reason, avoided, kwh, outcome, zone) in enumerate(rows):
+        called = NOW + timedelta(minutes=index)
+        plan = {"delay_seconds": delay, "reason": reason, "avoided_g": avoided, "energy_kwh": kwh, "grid_zone": zone,
+                "source": "s", "signal": "average"}  # fmt: skip
+        records.append({"v": 1, "kind": "decision", "id": f"d{index}", "called_at": core._iso(called), "plan": plan})
+        if outcome is not None:
+            status, actual, counterfactual = outcome
+            at, end = core._iso(called), core._iso(called + HOUR)
+            records.append({"v": 1, "kind": "outcome", "id": f"o{index}", "decision": f"d{index}", "status": status,
+                            "called_at": at, "started": at, "ended": end, "actual": actual,
+                            "counterfactual": counterfactual, "power_kw": 1.0})  # fmt: skip
+    decisions = core.decisions_between(records, NOW, NOW + timedelta(days=1))
+    report = core.build_report(decisions, core.latest_outcomes(records), NOW, NOW + timedelta(days=1))
+    total = report["total"]
+
+    assert total["decisions"] == len(rows)
+    assert total["waits"] == sum(1 for r in rows if r[1] == "optimal" and r[0] > 0)
+    assert total["hours_waited"] == pytest.approx(sum(r[0] for r in rows if r[1] == "optimal") / 3600, abs=1e-3)
+    assert total["predicted_avoided_g"] == pytest.approx(sum(r[2] or 0 for r in rows), abs=0.1)
+    realised = [r[4] for r in rows if r[4] is not None and r[4][0] != "pending"]
+    measured = sum(c - a for s, a, c in realised if s == "measured")  # 1 kW for an hour: grams = intensity
+    assert total["measured_avoided_g"] == pytest.approx(measured, abs=0.1 + 1e-9 * abs(measured))
+    kwh = sum(1.0 if r[4] is not None else (r[3] or 0.0) for r in rows)
+    assert total["kwh"] == pytest.approx(kwh, abs=1e-3)
+    negative = sum(1 for _s, a, c in realised if c > 0 and (c - a) / c < 0)
+    assert total["negative_share"] == (round(negative / len(realised), 4) if realised else None)
+    assert sum(z["decisions"] for z in report["by_zone"].values()) == len(rows)
