@@ -3478,6 +3478,7 @@ async def carbonaware_delay_async(
 # --------------------------------------------------------------------------------------------------------------
 
 LEDGER_VERSION = 1
+LEDGER_LOCK_SECONDS = 5.0
 MAX_LEDGER_LINE = 1 << 20  # a longer line is damage (or not ours): skipped without reading it into memory
 MAX_POWER_KW = 1e6  # a gigawatt: beyond any one job
 OUTCOME_PATIENCE = timedelta(days=2)  # how long measured data may be late before an estimate stands in for it
@@ -3570,8 +3571,12 @@ def append_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
     data = b"".join(json.dumps(r, separators=(",", ":"), allow_nan=False).encode() + b"\n" for r in records)
     flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o644)
+    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o644)  # a FIFO must not hold the work at open
     try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")  # a FIFO or a device would block or swallow records
         _lock(fd)
         size = os.fstat(fd).st_size
         if size and hasattr(os, "pread") and os.pread(fd, 1, size - 1) != b"\n":
@@ -3584,11 +3589,22 @@ def append_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
 
 
 def _lock(fd: int) -> None:
+    """The exclusive lock, waited for at most ``patience`` seconds: a writer holds it for one write, so a lock
+    held longer is a stuck process (or a stale NFS lock), which must not hold up the work."""
     try:
         import fcntl
     except ImportError:  # Windows: appends of one write each, without the lock
         return
-    fcntl.flock(fd, fcntl.LOCK_EX)
+    patience = LEDGER_LOCK_SECONDS
+    give_up = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= give_up:
+                raise OSError(f"the ledger stayed locked by another writer for {patience:.0f} s") from None
+            time.sleep(0.001)
 
 
 def read_ledger(path: str, log: logging.Logger | logging.LoggerAdapter[Any] = logger) -> list[dict[str, Any]]:
@@ -4104,7 +4120,7 @@ def render_report(report: Mapping[str, Any], width: int = 30) -> str:
         measured, estimated = day["measured_avoided_g"], day["estimated_avoided_g"]
         bar = "#" * round(width * abs(measured) / scale) + "+" * round(width * abs(estimated) / scale)
         sign = "-" if measured + estimated < 0 else " "
-        lines.append(f"{day['day']} {measured + estimated:>10.0f} {sign}{bar}")
+        lines.append(f"{_plain_cell(day['day'])} {measured + estimated:>10.0f} {sign}{bar}")
     if not days:
         lines.append("(no decisions in this period)")
     lines.append("counterfactual: starting at once; predicted from the forecast, measured/estimated after the run")
@@ -4139,7 +4155,11 @@ def _cli_report(args: Any) -> int:
         print("carbonaware: no ledger: give --ledger PATH or set CARBONAWARE_LEDGER", file=sys.stderr)
         return 2
     else:
-        records = read_ledger(path)
+        try:
+            records = read_ledger(path)
+        except OSError as exc:
+            print(f"carbonaware: cannot read ledger {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     decisions = decisions_between(records, since, until)
     outcomes = latest_outcomes(records)
     if not args.no_resolve:

@@ -351,3 +351,43 @@ def test_report_totals_are_the_sums(rows: list[Any]) -> None:
     negative = sum(1 for _s, a, c in realised if c > 0 and (c - a) / c < 0)
     assert total["negative_share"] == (round(negative / len(realised), 4) if realised else None)
     assert sum(z["decisions"] for z in report["by_zone"].values()) == len(rows)
+
+
+# ---- careless ledgers -------------------------------------------------------------------------------------------
+
+
+def test_a_fifo_ledger_neither_blocks_nor_breaks_the_work(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    fifo = tmp_path / "ledger.fifo"
+    os.mkfifo(fifo)
+    with caplog.at_level(logging.WARNING, logger="carbonaware"):
+        result = plan(ledger=fifo)
+    assert result.waits
+    assert any("not a regular file" in r.getMessage() for r in caplog.records)
+
+
+def test_a_ledger_locked_for_good_is_given_up_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "locked.jsonl"
+    path.write_bytes(good(1))
+    monkeypatch.setattr(core, "LEDGER_LOCK_SECONDS", 0.2)
+    holder = subprocess.Popen(  # another process holds the lock (a stuck writer)
+        [sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'ab'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); sys.stdin.read()", str(path)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == b"locked\n"
+        with caplog.at_level(logging.WARNING, logger="carbonaware"):
+            result = plan(ledger=path)
+        assert result.waits
+        assert any("stayed locked by another writer" in r.getMessage() for r in caplog.records)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [r["id"] for r in core.read_ledger(str(path))] == ["o1"]
+
+
+def test_report_of_an_unreadable_ledger_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert core.main(["report", "--ledger", str(tmp_path)]) == 2
+    assert "cannot read ledger" in capsys.readouterr().err
