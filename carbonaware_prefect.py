@@ -429,6 +429,7 @@ def _render_markdown(plan: Plan) -> str:
         ("Expected at the chosen start", _intensity(plan.expected, safe.unit)),
         ("Savings", "n/a" if plan.savings is None else f"{plan.savings:.1%}"),
         ("Window / job", f"{core.format_iso_duration(plan.window)} / {core.format_iso_duration(plan.duration)}"),
+        *_grams_rows(plan),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     # Only the values the planner used: a provider's gap (null, NaN) would break the chart's scale.
@@ -470,6 +471,18 @@ def _markdown_safe(plan: Plan) -> Plan:
         grid_zone=None if plan.grid_zone is None else _markdown_text(plan.grid_zone),
         fallbacks=tuple(_markdown_text(reason) for reason in plan.fallbacks),
     )
+
+
+def _grams_rows(plan: Plan) -> list[tuple[str, str]]:
+    """Energy and grams, when the caller gave ``power_kw`` (otherwise no rows: never guessed)."""
+    if plan.energy_kwh is None:
+        return []
+    grams = (plan.emissions_now_g, plan.emissions_g, plan.avoided_g)
+    shown = "n/a (not a g/kWh signal)" if None in grams else "{:.0f} g / {:.0f} g / {:.0f} g".format(*grams)
+    return [
+        ("Energy", f"{plan.energy_kwh:.3g} kWh ({plan.power_kw:g} kW)"),
+        (f"Grams now / at start / avoided ({core.signal_of(plan.unit)})", shown),
+    ]
 
 
 def _intensity(value: float | None, unit: str) -> str:

@@ -164,3 +164,13 @@ def test_a_failing_api_costs_the_work_nothing(
     warnings = [r.getMessage() for r in caplog.records if "could not" in r.getMessage()]
     assert any("could not create artifact 'carbonaware-proof-broken'" in w and "ConnectError" in w for w in warnings)
     assert any("could not emit carbonaware.decision" in w for w in warnings)
+
+
+def test_the_markdown_artifact_shows_grams_only_when_known() -> None:
+    now = datetime(2025, 6, 1, tzinfo=UTC)
+    settings: dict[str, Any] = {"source": valley(None, now, now), "now": now, "grid_zone": "DE"}
+    with_power = core.plan_delay(timedelta(hours=6), HOUR, power_kw=2.0, **settings)
+    text = cp._render_markdown(with_power)
+    assert "| Energy | 2 kWh (2 kW) |" in text
+    assert "| Grams now / at start / avoided (average) | 800 g / 200 g / 600 g |" in text
+    assert "Grams" not in cp._render_markdown(core.plan_delay(timedelta(hours=6), HOUR, **settings))
