@@ -982,20 +982,20 @@ def _emit(event: str, zone: str, flow_id: UUID | None, task_id: UUID | None, pay
 def decision_row(plan: Plan) -> dict[str, Any]:
     """The table artifact's one row: what was decided, on which signal, and the grams behind it."""
     data = plan.to_dict()
-    return {
+    return {  # the UI shows the columns in this order: what was decided and what it saves first
         "start": data["start"],
         "wait": core.format_iso_duration(timedelta(seconds=round(plan.delay.total_seconds()))),
         "zone": _zone_name(plan),
-        "source": _plain_text(plan.source),
+        "g_avoided": data["avoided_g"],
+        "g_if_now": data["emissions_now_g"],
+        "g_at_start": data["emissions_g"],
+        "energy_kwh": data["energy_kwh"],
+        "savings": data["savings"],
         "signal": data["signal"],
+        "source": _plain_text(plan.source),
         "intensity_now": data["now"],
         "intensity_at_start": data["expected"],
         "unit": _plain_text(plan.unit),
-        "savings": data["savings"],
-        "energy_kwh": data["energy_kwh"],
-        "g_if_now": data["emissions_now_g"],
-        "g_at_start": data["emissions_g"],
-        "g_avoided": data["avoided_g"],
         "reason": plan.reason,
         "decision": plan.id,
     }
