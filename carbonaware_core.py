@@ -4133,9 +4133,13 @@ def _plain_cell(text: str) -> str:
 
 def _since(text: str, until: datetime) -> datetime:
     try:
-        return until - parse_duration(text)
+        back = parse_duration(text)
     except ValueError:
         return parse_datetime(text)
+    try:
+        return until - back
+    except OverflowError:
+        raise ValueError(f"--since {text} reaches before the year 1") from None
 
 
 def _cli_report(args: Any) -> int:
@@ -4308,10 +4312,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_chart(plan))
     if args.command == "run":
         sys.stdout.flush()  # the plan before the command's own output
-        started = CLOCK.now()
+        started, began = CLOCK.now(), CLOCK.monotonic()
         status = _cli_run(args.cmd)
         if ledger_path(args.ledger) is not None and status not in (126, 127):  # 126/127: the command never ran
-            record_outcome(plan, started, max(CLOCK.now(), started), ledger=args.ledger)
+            ran = timedelta(seconds=max(0.0, CLOCK.monotonic() - began))  # a clock step changes no runtime
+            record_outcome(plan, started, started + ran, ledger=args.ledger)
         return status
     return 0
 

@@ -1041,11 +1041,11 @@ class _Outcome:
     def __init__(self, plan: Plan, settings: _Settings) -> None:
         self.plan, self.settings = plan, settings
         self.ids = _run_ids()
-        self.started = core.CLOCK.now()
+        self.started, self.began = core.CLOCK.now(), core.CLOCK.monotonic()
 
     def done(self) -> None:
-        try:
-            ended = max(core.CLOCK.now(), self.started)
+        try:  # the runtime in elapsed time: a wall clock stepped meanwhile changes nothing
+            ended = self.started + timedelta(seconds=max(0.0, core.CLOCK.monotonic() - self.began))
             ledger = self.settings.options.get("ledger")
             if core.ledger_path(ledger) is not None and self.plan.id:
                 outcome = core.record_outcome(self.plan, self.started, ended, ledger=ledger)

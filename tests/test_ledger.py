@@ -391,3 +391,9 @@ def test_a_ledger_locked_for_good_is_given_up_on(
 def test_report_of_an_unreadable_ledger_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert core.main(["report", "--ledger", str(tmp_path)]) == 2
     assert "cannot read ledger" in capsys.readouterr().err
+
+
+def test_report_since_before_the_year_one_is_a_usage_error(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        core.main(["report", "--ledger", str(tmp_path / "x.jsonl"), "--since", "999999d"])
+    assert exit_info.value.code == 2

@@ -174,3 +174,25 @@ def test_the_markdown_artifact_shows_grams_only_when_known() -> None:
     assert "| Energy | 2 kWh (2 kW) |" in text
     assert "| Grams now / at start / avoided (average) | 800 g / 200 g / 600 g |" in text
     assert "Grams" not in cp._render_markdown(core.plan_delay(timedelta(hours=6), HOUR, **settings))
+
+
+def test_the_decorator_outside_prefect_records_the_bodys_runtime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.fake_providers import fake_clock
+
+    clock = fake_clock(monkeypatch, datetime(2025, 6, 1, 12, 0, tzinfo=UTC))
+    monkeypatch.setenv("CARBONAWARE_DRY_RUN", "1")
+    ledger = str(tmp_path / "plain.jsonl")
+
+    @cp.carbonaware_delay_decorator(window=timedelta(hours=6), duration=HOUR, source=valley, grid_zone="DE",
+                                    power_kw=4.0, ledger=ledger)  # fmt: skip
+    def body() -> str:
+        clock.advance(90.0)  # the job takes 90 s
+        raise RuntimeError("the job failed")  # a failed job still ran, and drew power
+
+    with pytest.raises(RuntimeError, match="the job failed"):
+        body()
+    decision, outcome = core.read_ledger(ledger)
+    assert outcome["decision"] == decision["id"] and outcome["runtime_seconds"] == 90.0
+    assert outcome["started"] == "2025-06-01T12:00:00Z" and outcome["energy_kwh"] == pytest.approx(0.1)
