@@ -841,6 +841,18 @@ class _Artifact:
         return (self.kind, self.key, self.flow_id, self.same)
 
 
+@dataclass(frozen=True)
+class _Event:
+    """A Prefect event to emit off the task's path (building one costs milliseconds)."""
+
+    name: str
+    zone: str
+    flow_id: UUID | None
+    task_id: UUID | None
+    payload: dict[str, Any]
+    api_url: str | None = field(default_factory=lambda: _api_url())  # the API of the run that emitted it
+
+
 class _Publisher:
     """One daemon thread that creates artifacts beside the tasks: a task hands them over and goes on, and the
     API round trips happen off its path. Collects for ``PROOF_LINGER_SECONDS`` so that
@@ -850,12 +862,12 @@ class _Publisher:
         import queue
         import threading
 
-        self._queue: queue.Queue[_Artifact | Callable[[], None]] = queue.Queue()
+        self._queue: queue.Queue[_Artifact | _Event | Callable[[], None]] = queue.Queue()
         self._thread: Any = None
         self._lock = threading.Lock()
         self._published: dict[tuple[Any, ...], None] = {}  # groups already out (bounded, oldest dropped)
 
-    def submit(self, item: _Artifact) -> None:
+    def submit(self, item: _Artifact | _Event) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 import atexit
@@ -879,7 +891,9 @@ class _Publisher:
     def _work(self) -> None:
         while True:
             batch = self._collect()
-            waiters = [item for item in batch if not isinstance(item, _Artifact)]
+            waiters = [item for item in batch if not isinstance(item, (_Artifact, _Event))]
+            for event in (item for item in batch if isinstance(item, _Event)):
+                self._emit(event)
             groups: dict[tuple[Any, ...], list[_Artifact]] = {}
             for item in batch:
                 if isinstance(item, _Artifact) and item.group() not in self._published:
@@ -892,17 +906,27 @@ class _Publisher:
             for waiter in waiters:
                 waiter()
 
-    def _collect(self) -> list[_Artifact | Callable[[], None]]:
+    def _collect(self) -> list[_Artifact | _Event | Callable[[], None]]:
         import queue
 
-        batch = [self._queue.get()]
+        batch: list[_Artifact | _Event | Callable[[], None]] = [self._queue.get()]
         until = time.monotonic() + PROOF_LINGER_SECONDS
-        while isinstance(batch[-1], _Artifact):  # a drain request ends the batch
+        while isinstance(batch[-1], (_Artifact, _Event)):  # a drain request ends the batch
             try:
                 batch.append(self._queue.get(timeout=max(0.0, until - time.monotonic())))
             except queue.Empty:
                 break
         return batch
+
+    @staticmethod
+    def _emit(event: _Event) -> None:
+        try:
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            with temporary_settings({PREFECT_API_URL: event.api_url}):
+                _emit(event.name, event.zone, event.flow_id, event.task_id, event.payload)
+        except Exception as exc:  # noqa: BLE001 - reporting must not break anything
+            log.warning("carbonaware: could not emit %s: %s: %s", event.name, type(exc).__name__, exc)
 
     def _create(self, item: _Artifact, runs: int) -> None:
         """One API call, in the submitting run's settings; a dead API is retried once, not for a minute."""
@@ -1011,7 +1035,7 @@ def _prove_decision(plan: Plan, key: str) -> None:
     try:
         flow_id, task_id = _run_ids()
         row = decision_row(plan)
-        _emit(DECISION_EVENT, row["zone"], flow_id, task_id, core.decision_record(plan))
+        _PUBLISHER.submit(_Event(DECISION_EVENT, row["zone"], flow_id, task_id, core.decision_record(plan)))
         same = tuple((name, value) for name, value in row.items() if name != "decision")
         _PUBLISHER.submit(_Artifact("table", _table_key(key), flow_id, task_id, same, lambda runs: _table(row, runs)))
     except Exception as exc:  # noqa: BLE001 - reporting must not break the work
@@ -1056,7 +1080,7 @@ class _Outcome:
                     planned_source=self.plan.source,
                 )  # fmt: skip
             if self.ids != (None, None):
-                _emit(OUTCOME_EVENT, _zone_name(self.plan), *self.ids, outcome.to_record())
+                _PUBLISHER.submit(_Event(OUTCOME_EVENT, _zone_name(self.plan), *self.ids, outcome.to_record()))
         except Exception as exc:  # noqa: BLE001 - reporting must not break the work
             log.warning("carbonaware: could not record the outcome: %s: %s", type(exc).__name__, exc)
 
