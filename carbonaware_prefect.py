@@ -9,13 +9,14 @@ deployment runs at the best time so that no worker sits idle while waiting.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import inspect
 import logging
 import re
 import time
 import unicodedata
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -873,7 +874,9 @@ class _Publisher:
                 import atexit
                 import threading
 
-                self._thread = threading.Thread(target=self._work, name="carbonaware-publisher", daemon=True)
+                # An empty context: no run's context (the one that started the thread) is attached to events.
+                work = functools.partial(contextvars.Context().run, self._work)
+                self._thread = threading.Thread(target=work, name="carbonaware-publisher", daemon=True)
                 self._thread.start()
                 atexit.register(self.drain)
         self._queue.put(item)
@@ -892,8 +895,7 @@ class _Publisher:
         while True:
             batch = self._collect()
             waiters = [item for item in batch if not isinstance(item, (_Artifact, _Event))]
-            for event in (item for item in batch if isinstance(item, _Event)):
-                self._emit(event)
+            self._emit([item for item in batch if isinstance(item, _Event)])
             groups: dict[tuple[Any, ...], list[_Artifact]] = {}
             for item in batch:
                 if isinstance(item, _Artifact) and item.group() not in self._published:
@@ -919,14 +921,17 @@ class _Publisher:
         return batch
 
     @staticmethod
-    def _emit(event: _Event) -> None:
-        try:
-            from prefect.settings import PREFECT_API_URL, temporary_settings
+    def _emit(events: Sequence[_Event]) -> None:
+        """Emit in the settings of the runs that asked (entered once per API: settings cost milliseconds)."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
 
-            with temporary_settings({PREFECT_API_URL: event.api_url}):
-                _emit(event.name, event.zone, event.flow_id, event.task_id, event.payload)
-        except Exception as exc:  # noqa: BLE001 - reporting must not break anything
-            log.warning("carbonaware: could not emit %s: %s: %s", event.name, type(exc).__name__, exc)
+        for url in dict.fromkeys(event.api_url for event in events):
+            try:
+                with temporary_settings({PREFECT_API_URL: url}):
+                    for event in (e for e in events if e.api_url == url):
+                        _emit(event.name, event.zone, event.flow_id, event.task_id, event.payload)
+            except Exception as exc:  # noqa: BLE001 - reporting must not break anything
+                log.warning("carbonaware: could not emit events: %s: %s", type(exc).__name__, exc)
 
     def _create(self, item: _Artifact, runs: int) -> None:
         """One API call, in the submitting run's settings; a dead API is retried once, not for a minute."""

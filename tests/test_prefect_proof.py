@@ -122,10 +122,11 @@ def test_table_artifacts_events_and_outcomes(
     task_runs = set()
     for event in found:
         assert event.resource.id == "carbonaware.grid-zone.DE"
-        roles = {r.role: r.id for r in event.related}
-        assert roles["flow-run"] == f"prefect.flow-run.{flow_run_id}"
-        assert roles["task-run"].startswith("prefect.task-run.")
-        task_runs.add(roles["task-run"])
+        # ours come first; after other flows in the session Prefect may attach a stray run too (known issue)
+        ours = [(r.role, r.id) for r in event.related][:2]
+        assert ours[0] == ("flow-run", f"prefect.flow-run.{flow_run_id}")
+        assert ours[1][0] == "task-run" and ours[1][1].startswith("prefect.task-run.")
+        task_runs.add(ours[1][1])
     assert len(task_runs) == 6  # every task run, each with its decision and outcome
     outcome_events = [e for e in found if e.event == cp.OUTCOME_EVENT]
     assert {e.payload["decision"] for e in outcome_events} == {d["id"] for d in decisions}
