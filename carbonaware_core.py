@@ -35,6 +35,7 @@ __all__ = [
     "Forecast",
     "ForecastPoint",
     "ForecastRefused",
+    "Outcome",
     "Plan",
     "Query",
     "Source",
@@ -50,8 +51,11 @@ __all__ = [
     "lowest_mean_start",
     "parse_duration",
     "plan_delay",
+    "record_decision",
+    "record_outcome",
     "register_source",
     "report_plan",
+    "resolve_outcome",
     "watch_interrupts",
 ]
 
@@ -117,10 +121,30 @@ class Plan:
     window: timedelta = DEFAULT_WINDOW
     fallbacks: tuple[str, ...] = ()  # why earlier sources in the chain gave no answer
     forecast: tuple[ForecastPoint, ...] = field(default=(), repr=False, compare=False)
+    power_kw: float | None = None  # the job's average draw, as the caller gave it: no grams without it
+    id: str = field(default="", compare=False)  # links the decision to its outcome in a ledger
 
     @property
     def waits(self) -> bool:
         return self.delay > timedelta(0) and self.reason == "optimal"
+
+    @property
+    def energy_kwh(self) -> float | None:
+        return energy_kwh(self.power_kw, self.duration)
+
+    @property
+    def emissions_g(self) -> float | None:
+        """Expected grams at the chosen start."""
+        return emissions_g(self.expected, self.unit, self.energy_kwh)
+
+    @property
+    def emissions_now_g(self) -> float | None:
+        """Expected grams if started at once (the counterfactual)."""
+        return emissions_g(self.now, self.unit, self.energy_kwh)
+
+    @property
+    def avoided_g(self) -> float | None:
+        return avoided_g(self.emissions_now_g, self.emissions_g)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -138,6 +162,13 @@ class Plan:
             "duration_seconds": self.duration.total_seconds(),
             "window_seconds": self.window.total_seconds(),
             "fallbacks": list(self.fallbacks),
+            "id": self.id,
+            "signal": signal_of(self.unit),
+            "power_kw": self.power_kw,
+            "energy_kwh": _round_or_none(self.energy_kwh, 9),
+            "emissions_g": _round_or_none(self.emissions_g, 3),
+            "emissions_now_g": _round_or_none(self.emissions_now_g, 3),
+            "avoided_g": _round_or_none(self.avoided_g, 3),
         }
 
 
@@ -2422,21 +2453,8 @@ def _watttime_url(query: Query) -> str:
 def _fetch_watttime(query: Query) -> Forecast:
     """Marginal (MOER) forecast in 5-minute periods, lbs/MWh converted to g/kWh. An expired token (401, or 403
     without a scope complaint) earns one fresh login; a region outside the account's scope does not."""
-    user, password = _watttime_credentials(query)
     region = _watttime_region(query)
-    base = base_url("WATTTIME_API_URL", WATTTIME_BASE_URL)
-    url = _watttime_url(query)
-    _require_safe_url(url, carries_secret=True)
-    token_key = ("watttime-token", base, user)
-    for attempt in range(2):
-        login = _shared_fetch(query, lambda: _watttime_login(base, user, password, query.budget()))
-        token = CACHE.get(token_key, login, ttl=WATTTIME_TOKEN_TTL_SECONDS, wait=query.budget())
-        bearer = _header_value("the WattTime token", f"Bearer {token}")
-        response = http_request("GET", url, headers={"Authorization": bearer}, timeout=query.budget())
-        out_of_scope = response.status == 403 and b"scope" in response.body.lower()
-        if response.status not in (401, 403) or out_of_scope or attempt == 1:
-            break
-        CACHE.forget(token_key)
+    response = _watttime_get(query, _watttime_url(query))
     if response.status in (401, 403):
         scope = "; free accounts may only read CAISO_NORTH" if region.upper() != "CAISO_NORTH" else ""
         raise SourceError(
@@ -2460,6 +2478,38 @@ def _watttime_forecast(document: Any, region: str) -> Forecast:
     return Forecast(series_from_starts(rows), unit="gCO2/kWh (marginal)", grid_zone=region)
 
 
+def _watttime_get(query: Query, url: str) -> HttpResponse:
+    """GET ``url`` with a (shared, cached) token, logging in again once if it has expired."""
+    user, password = _watttime_credentials(query)
+    base = base_url("WATTTIME_API_URL", WATTTIME_BASE_URL)
+    _require_safe_url(url, carries_secret=True)
+    token_key = ("watttime-token", base, user)
+    for attempt in range(2):
+        login = _shared_fetch(query, lambda: _watttime_login(base, user, password, query.budget()))
+        token = CACHE.get(token_key, login, ttl=WATTTIME_TOKEN_TTL_SECONDS, wait=query.budget())
+        bearer = _header_value("the WattTime token", f"Bearer {token}")
+        response = http_request("GET", url, headers={"Authorization": bearer}, timeout=query.budget())
+        out_of_scope = response.status == 403 and b"scope" in response.body.lower()
+        if response.status not in (401, 403) or out_of_scope or attempt == 1:
+            break
+        CACHE.forget(token_key)
+    return response
+
+
+def _watttime_actuals(query: Query, start: datetime, end: datetime) -> tuple[ForecastPoint, ...]:
+    """Measured MOER over [start, end) from ``/v3/historical`` (the forecast's shape, past periods), in g/kWh."""
+    region = _watttime_region(query)
+    params: dict[str, str | int] = {"region": region, "start": _iso(start), "end": _iso(end), "signal_type": "co2_moer"}
+    url = f"{base_url('WATTTIME_API_URL', WATTTIME_BASE_URL)}/v3/historical?{_query_string(params)}"
+    response = _watttime_get(query, url)
+    if response.status in (401, 403):
+        raise SourceError(f"watttime refused the history for {region} (HTTP {response.status}: {response.excerpt()})")
+    points = _watttime_forecast(expect_json(response, "watttime history"), region).points
+    if not points:
+        raise SourceError(f"watttime has no history for {region} from {_iso(start)} yet")
+    return points
+
+
 register_source(
     Source(
         "watttime",
@@ -2467,6 +2517,7 @@ register_source(
         cache_key=lambda q: (_watttime_url(q), _fingerprint(q.setting("WATTTIME_USERNAME"))),
         ttl=300.0,
         horizon=timedelta(hours=72),
+        actuals=_watttime_actuals,
     )
 )
 
@@ -2891,6 +2942,7 @@ def _or_live_corrected(source: Source, query: Query, fetch: Callable[[], SourceR
 OPTIONS = frozenset(
     {"source", "min_savings", "now", "timeout", "logger", "grid_zone", "on_plan", "replan", "replan_every"}
     | {"credentials", "disable", "dry_run"}
+    | {"power_kw", "ledger"}
 )
 CREDENTIAL_NAMES = frozenset({"ELECTRICITYMAPS_API_KEY", "WATTTIME_USERNAME", "WATTTIME_PASSWORD"})
 REPLAN_AFTER = timedelta(hours=1)  # waits longer than this re-check the forecast by default
@@ -2914,6 +2966,8 @@ class _Request:
     credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
     disable: bool | str | None = None  # None: CARBONAWARE_DISABLE; a string: who switched it on (for the log)
     dry_run: bool | str | None = None  # None: CARBONAWARE_DRY_RUN
+    power_kw: float | None = None
+    ledger: str | None = None  # None: CARBONAWARE_LEDGER, read when a record is written
 
 
 def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, options: Mapping[str, Any]) -> _Request:
@@ -2972,6 +3026,8 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         replan_every=replan_every,
         credentials=credentials,
         **switches,
+        power_kw=check_power_kw(options.get("power_kw")),
+        ledger=check_ledger_option(options.get("ledger")),
     )
 
 
@@ -3107,6 +3163,7 @@ def plan_and_report(request: _Request, *, scheduled: bool = False) -> Plan:
     """``plan_delay`` for a validated request; ``scheduled``: worded for a run a scheduler starts later."""
     plan = _plan(request)
     report_plan(plan, request.log, request.on_plan, waiting=False, scheduled=scheduled)
+    _record_decision(plan, request)
     return plan
 
 
@@ -3123,7 +3180,7 @@ def _plan(request: _Request) -> Plan:
     if dry_run is not None and plan.reason in ("optimal", "already-best", "below-threshold"):
         # the plan it would follow, which nobody waits for; failures keep their own reason
         plan = replace(plan, reason="dry-run", detail=f"{dry_run}; {plan.detail}")
-    return plan
+    return replace(plan, power_kw=request.power_kw, id=_new_id())
 
 
 def _plan_with_sources(request: _Request, now: datetime) -> Plan:
@@ -3452,9 +3509,9 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
             return f"carbonaware: {when} for {where} via {plan.source}{numbers}{fell_back}{dry}"
         verb = "would wait" if plan.reason == "dry-run" or not waiting else "waiting"
         when = f"{verb} {_human(plan.delay)} until {_iso(plan.start)}"
-        return f"carbonaware: {when} for {where} via {plan.source}{numbers}{fell_back}"
+        return f"carbonaware: {when} for {where} via {plan.source}{numbers}{_grams_text(plan)}{fell_back}"
     verb = "run starts now" if scheduled else "running now" if waiting else "start now"
-    return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail})"
+    return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail}){_grams_text(plan)}"
 
 
 def report_plan(
@@ -3571,6 +3628,7 @@ def _prepare(
     called_at, called_mono = CLOCK.time(), CLOCK.monotonic()
     plan = _plan(request)
     report_plan(plan, request.log, request.on_plan)
+    _record_decision(plan, request)
     return request, plan, called_at, called_mono
 
 
@@ -3628,7 +3686,7 @@ class _Waiter:
                 _iso(_utc(wake_at)),
             )
             wake_mono = min(mono + (wake_at - now), self.mono_deadline)  # elapsed time still ends it in the window
-            self.wake_at, self.wake_mono, self.plan = wake_at, wake_mono, fresh
+            self.wake_at, self.wake_mono, self.plan = wake_at, wake_mono, replace(fresh, id=self.plan.id)
 
 
 def carbonaware_delay(
@@ -3667,6 +3725,8 @@ async def carbonaware_delay_async(
     called_at, called_mono = CLOCK.time(), CLOCK.monotonic()
     plan = await asyncio.to_thread(_plan, request)  # a caller cancelled meanwhile ends here: no report, no on_plan
     await asyncio.to_thread(report_plan, plan, request.log, request.on_plan)  # on_plan may block (an artifact)
+    if ledger_path(request.ledger) is not None:  # a file append: off the event loop too
+        await asyncio.to_thread(_record_decision, plan, request)
     waiter = _Waiter(request, plan, called_at, called_mono)
     while (pause := waiter.pause()) > 0:
         await CLOCK.asleep(pause)
@@ -3677,6 +3737,707 @@ async def carbonaware_delay_async(
             await asyncio.to_thread(waiter.replan)
     interrupted()
     return waiter.plan
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Ledger: decisions, outcomes, report
+# --------------------------------------------------------------------------------------------------------------
+
+LEDGER_VERSION = 1
+LEDGER_LOCK_SECONDS = 5.0
+MAX_LEDGER_LINE = 1 << 20  # a longer line is damage (or not ours): skipped without reading it into memory
+MAX_POWER_KW = 1e6  # a gigawatt: beyond any one job
+OUTCOME_PATIENCE = timedelta(days=2)  # how long measured data may be late before an estimate stands in for it
+HISTORY_SOURCES = ("electricitymaps", "ukgrid", "watttime")  # sources that publish what the grid actually emitted
+OUTCOME_STATUSES = ("pending", "measured", "estimate")
+_GRAMS_UNIT = re.compile(r"gco2(?:e|eq)?/kwh(?: \((?:average|marginal)\))?")
+
+
+def check_power_kw(value: Any) -> float | None:
+    """``power_kw``: the job's average draw in kW; None (the default) means unknown -- and no grams."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"power_kw must be a number of kilowatts, not {type(value).__name__}")
+    if not math.isfinite(value) or not 0 < value <= MAX_POWER_KW:
+        raise ValueError(f"power_kw must be kilowatts in (0, {MAX_POWER_KW:.0f}], got {value!r}")
+    return float(value)
+
+
+def check_ledger_option(value: Any) -> str | None:
+    """``ledger``: the path of a JSON Lines file (a str or path object); None: ``CARBONAWARE_LEDGER`` if set."""
+    if value is None:
+        return None
+    if not isinstance(value, str) and not hasattr(value, "__fspath__"):
+        raise TypeError(f"ledger must be a path, not {type(value).__name__}")
+    path = os.fspath(value)
+    if not isinstance(path, str) or not path.strip() or "\0" in path:
+        raise ValueError(f"ledger must be a non-empty file path, got {value!r}")
+    return path
+
+
+def ledger_path(option: str | None) -> str | None:
+    """The ledger in use: the option, else ``CARBONAWARE_LEDGER``, else none."""
+    return option or os.environ.get("CARBONAWARE_LEDGER", "").strip() or None
+
+
+def _new_id() -> str:
+    return os.urandom(8).hex()  # no uuid import: 64 random bits tell a ledger's decisions apart
+
+
+# ---- grams: small pure functions ------------------------------------------------------------------------------
+
+
+def energy_kwh(power_kw: float | None, runtime: timedelta) -> float | None:
+    return None if power_kw is None else power_kw * runtime.total_seconds() / 3600.0
+
+
+def is_grams_per_kwh(unit: str) -> bool:
+    """Whether ``unit`` is grams of CO2(eq) per kWh, the one unit that times kWh gives grams."""
+    return bool(_GRAMS_UNIT.fullmatch(unit.strip().lower()))
+
+
+def emissions_g(intensity: float | None, unit: str, energy: float | None) -> float | None:
+    """Grams for ``energy`` kWh at ``intensity``; None when either is unknown, not finite, or not in g/kWh."""
+    if intensity is None or energy is None or not is_grams_per_kwh(unit):
+        return None
+    grams = intensity * energy
+    return grams if math.isfinite(grams) else None
+
+
+def avoided_g(counterfactual_g: float | None, actual_g: float | None) -> float | None:
+    """Grams avoided against starting at once (negative: waiting emitted more)."""
+    return None if counterfactual_g is None or actual_g is None else counterfactual_g - actual_g
+
+
+def signal_of(unit: str) -> str:
+    """Which accounting a figure belongs to: "marginal" (the emissions a change of load causes, WattTime's MOER)
+    or "average" (the grid mix's mean); they are not comparable."""
+    return "marginal" if "marginal" in unit.lower() else "average"
+
+
+def _grams_text(plan: Plan) -> str:
+    if plan.energy_kwh is None:
+        return ""
+    text = f"; {plan.energy_kwh:.3g} kWh"
+    if plan.emissions_now_g is not None and plan.emissions_g is not None and plan.avoided_g is not None:
+        text += f": {plan.emissions_now_g:.0f} -> {plan.emissions_g:.0f} g ({signal_of(plan.unit)}, "
+        text += f"avoids {plan.avoided_g:.0f} g)"
+    return text
+
+
+# ---- the ledger file: one JSON object a line, appended whole --------------------------------------------------
+
+
+def append_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
+    """Append ``records`` as JSON lines in one write under an exclusive lock: writers in many processes never
+    interleave or lose a line (O_APPEND puts each write at the end). A line a crashed writer left unfinished is
+    ended first, so it spoils only itself. Raises OSError/ValueError; callers decide whether that matters."""
+    import json
+
+    data = b"".join(json.dumps(r, separators=(",", ":"), allow_nan=False).encode() + b"\n" for r in records)
+    flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    fd = os.open(path, flags | getattr(os, "O_NONBLOCK", 0), 0o644)  # a FIFO must not hold the work at open
+    try:
+        import stat
+
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")  # a FIFO or a device would block or swallow records
+        _lock(fd)
+        size = os.fstat(fd).st_size
+        if size and hasattr(os, "pread") and os.pread(fd, 1, size - 1) != b"\n":
+            data = b"\n" + data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _lock(fd: int) -> None:
+    """The exclusive lock, waited for at most ``patience`` seconds: a writer holds it for one write, so a lock
+    held longer is a stuck process (or a stale NFS lock), which must not hold up the work."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: appends of one write each, without the lock
+        return
+    patience = LEDGER_LOCK_SECONDS
+    give_up = time.monotonic() + patience
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() >= give_up:
+                raise OSError(f"the ledger stayed locked by another writer for {patience:.0f} s") from None
+            time.sleep(0.001)
+
+
+def read_ledger(path: str, log: logging.Logger | logging.LoggerAdapter[Any] = logger) -> list[dict[str, Any]]:
+    """The ledger's records in file order. A damaged or foreign line is skipped and counted in one warning;
+    a missing file is an empty ledger."""
+    import json
+
+    records: list[dict[str, Any]] = []
+    skipped: list[int] = []
+    try:
+        handle = open(path, "rb")  # noqa: SIM115 - closed below; binary, so no line can fail to decode here
+    except FileNotFoundError:
+        return records
+    with handle:
+        number = 0
+        while line := handle.readline(MAX_LEDGER_LINE):
+            number += 1
+            if not line.endswith(b"\n") and len(line) == MAX_LEDGER_LINE:
+                while (rest := handle.readline(MAX_LEDGER_LINE)) and not rest.endswith(b"\n"):
+                    pass
+                skipped.append(number)
+                continue
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except (ValueError, RecursionError):
+                record = None
+            if _is_record(record):
+                records.append(record)
+            else:
+                skipped.append(number)
+    if skipped:
+        where = ", ".join(str(n) for n in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        log.warning(
+            "carbonaware: ledger %s: skipped %d damaged or foreign line(s) (line %s)", path, len(skipped), where
+        )
+    return records
+
+
+def _is_record(record: Any) -> TypeGuard[dict[str, Any]]:
+    if not isinstance(record, dict) or record.get("v") != LEDGER_VERSION or not isinstance(record.get("id"), str):
+        return False
+    if record.get("kind") == "decision":
+        return isinstance(record.get("plan"), dict) and isinstance(record.get("called_at"), str)
+    return record.get("kind") == "outcome" and isinstance(record.get("decision"), str)
+
+
+def decision_record(plan: Plan) -> dict[str, Any]:
+    return {
+        "v": LEDGER_VERSION,
+        "kind": "decision",
+        "id": plan.id,
+        "at": _iso(CLOCK.now()),
+        "called_at": _iso(plan.start - plan.delay),
+        "plan": plan.to_dict(),
+    }
+
+
+def _write(
+    path: str | None, records: Sequence[Mapping[str, Any]], log: logging.Logger | logging.LoggerAdapter[Any]
+) -> None:
+    """Append to the ledger, failing open: a full disk or a read-only path costs a warning, never the work."""
+    if path is None:
+        return
+    try:
+        append_records(path, records)
+    except Exception as exc:  # noqa: BLE001 - reporting must not break the work
+        log.warning("carbonaware: could not write to ledger %s: %s: %s", path, type(exc).__name__, exc)
+
+
+def _record_decision(plan: Plan, request: _Request) -> None:
+    _write(ledger_path(request.ledger), [decision_record(plan)], request.log)
+
+
+def record_decision(plan: Plan, ledger: str | None = None) -> Plan:
+    """Write ``plan`` to the ledger (``ledger`` or ``CARBONAWARE_LEDGER``), for plans decided outside the core's
+    entry points (which record their own); returns the plan with an id to pass to ``record_outcome``."""
+    plan = plan if plan.id else replace(plan, id=_new_id())
+    _write(ledger_path(check_ledger_option(ledger)), [decision_record(plan)], logger)
+    return plan
+
+
+# ---- realised outcomes ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the work emitted against what starting at once would have: the intensities measured (or, failing
+    that, estimated) over [started, started + runtime] and [called_at, called_at + runtime]."""
+
+    decision: str  # the Plan's id
+    called_at: datetime  # when the caller asked: the counterfactual starts here
+    started: datetime
+    ended: datetime
+    status: str  # "pending" (not published yet), "measured", or "estimate" (the offline model's typical values)
+    source: str  # where the realised intensities came from ("-" while pending)
+    unit: str = G_PER_KWH
+    actual: float | None = None  # mean intensity over the run as it happened
+    counterfactual: float | None = None  # mean intensity had it started at once and run as long
+    power_kw: float | None = None
+    zone: CloudZone | None = None
+    grid_zone: str | None = None
+    planned_source: str = "-"
+    detail: str = ""
+
+    @property
+    def runtime(self) -> timedelta:
+        return max(self.ended - self.started, timedelta(0))
+
+    @property
+    def savings(self) -> float | None:
+        return _savings(self.counterfactual, self.actual)
+
+    @property
+    def energy_kwh(self) -> float | None:
+        return energy_kwh(self.power_kw, self.runtime)
+
+    @property
+    def emissions_g(self) -> float | None:
+        return emissions_g(self.actual, self.unit, self.energy_kwh)
+
+    @property
+    def emissions_now_g(self) -> float | None:
+        return emissions_g(self.counterfactual, self.unit, self.energy_kwh)
+
+    @property
+    def avoided_g(self) -> float | None:
+        return avoided_g(self.emissions_now_g, self.emissions_g)
+
+    def to_record(self) -> dict[str, Any]:
+        return {
+            "v": LEDGER_VERSION,
+            "kind": "outcome",
+            "id": _new_id(),
+            "at": _iso(CLOCK.now()),
+            "decision": self.decision,
+            "status": self.status,
+            "called_at": _iso(self.called_at),
+            "started": _iso(self.started),
+            "ended": _iso(self.ended),
+            "runtime_seconds": round(self.runtime.total_seconds(), 3),
+            "source": self.source,
+            "planned_source": self.planned_source,
+            "signal": signal_of(self.unit),
+            "unit": self.unit,
+            "actual": _round_or_none(self.actual),
+            "counterfactual": _round_or_none(self.counterfactual),
+            "savings": _round_or_none(self.savings, 4),
+            "power_kw": self.power_kw,
+            "energy_kwh": _round_or_none(self.energy_kwh, 9),
+            "emissions_g": _round_or_none(self.emissions_g, 3),
+            "emissions_now_g": _round_or_none(self.emissions_now_g, 3),
+            "avoided_g": _round_or_none(self.avoided_g, 3),
+            "zone": None if self.zone is None else {"provider": self.zone.provider, "region": self.zone.region},
+            "grid_zone": self.grid_zone,
+            "detail": self.detail,
+        }
+
+
+def outcome_from_record(record: Mapping[str, Any]) -> Outcome:
+    """An outcome back from its ledger record; ValueError/TypeError/KeyError if it is not one."""
+    zone = record.get("zone")
+    return Outcome(
+        decision=str(record["decision"]),
+        called_at=parse_datetime(str(record["called_at"])),
+        started=parse_datetime(str(record["started"])),
+        ended=parse_datetime(str(record["ended"])),
+        status=str(record["status"]) if record.get("status") in OUTCOME_STATUSES else "pending",
+        source=str(record.get("source", "-")),
+        unit=str(record.get("unit", G_PER_KWH)),
+        actual=_finite_or_none(record.get("actual")),
+        counterfactual=_finite_or_none(record.get("counterfactual")),
+        power_kw=_finite_or_none(record.get("power_kw")),
+        zone=CloudZone(str(zone["provider"]), str(zone["region"])) if isinstance(zone, dict) else None,
+        grid_zone=record["grid_zone"] if isinstance(record.get("grid_zone"), str) else None,
+        planned_source=str(record.get("planned_source", "-")),
+        detail=str(record.get("detail", "")),
+    )
+
+
+def _finite_or_none(value: Any) -> float | None:
+    return float(value) if _valid_intensity(value) or (type(value) in (int, float) and math.isfinite(value)) else None
+
+
+def _aware_utc(value: Any, name: str) -> datetime:
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime")
+    return value.astimezone(timezone.utc)
+
+
+def record_outcome(plan: Plan, started: datetime, ended: datetime, *, ledger: str | None = None) -> Outcome:
+    """Record that the work planned by ``plan`` ran from ``started`` to ``ended`` (aware datetimes).
+
+    Nothing is fetched here, so the work is never held up: measured intensities are published after the fact, so
+    the outcome is written "pending" and ``python -m carbonaware_core report`` completes it later (or call
+    ``resolve_outcome``). Argument errors raise; a ledger that cannot be written costs a warning."""
+    started, ended = _aware_utc(started, "started"), _aware_utc(ended, "ended")
+    if ended < started:
+        raise ValueError("ended must not be before started")
+    outcome = Outcome(
+        decision=plan.id,
+        called_at=plan.start - plan.delay,
+        started=started,
+        ended=ended,
+        status="pending",
+        source="-",
+        power_kw=plan.power_kw,
+        zone=plan.zone,
+        grid_zone=plan.grid_zone,
+        planned_source=plan.source,
+        detail="measured intensities are published after the fact; report completes this",
+    )
+    _write(ledger_path(check_ledger_option(ledger)), [outcome.to_record()], logger)
+    return outcome
+
+
+def interval_mean(points: Iterable[ForecastPoint], start: datetime, end: datetime) -> float | None:
+    """Time-weighted mean intensity over [start, end), or None unless valid points cover at least 99 % of it.
+    An empty interval (a job of no measurable length) reads the point holding ``start``."""
+    begin, stop = start.timestamp(), end.timestamp()
+    if stop <= begin:
+        stop = begin + 1.0
+    weighted = covered = 0.0
+    for point in points:
+        if not _valid_intensity(point.value):
+            continue
+        lo, hi = max(begin, _aware(point).start.timestamp()), min(stop, _aware(point).end.timestamp())
+        if hi > lo:
+            weighted += float(point.value) * (hi - lo)
+            covered += hi - lo
+    if covered < 0.99 * (stop - begin):
+        return None
+    return weighted / covered
+
+
+def _history_candidates(outcome: Outcome) -> list[str]:
+    """Sources to ask for measured values: the planning source first if it publishes history; NESO only for
+    Great Britain (it knows no other grid)."""
+    zone = grid_zone_for(Query(outcome.zone, outcome.grid_zone, outcome.started, timedelta(0), timedelta(0), 1.0))
+    names = [outcome.planned_source, *HISTORY_SOURCES]
+    chosen = []
+    for name in names:
+        if name in HISTORY_SOURCES and name not in chosen and (name != "ukgrid" or zone == "GB"):
+            chosen.append(name)
+    return chosen
+
+
+def _history(outcome: Outcome, name: str, start: datetime, end: datetime, timeout: float) -> tuple[ForecastPoint, ...]:
+    """Measured intensities over [start, end) from source ``name``."""
+    return fetch_actuals(name, outcome.zone, start, end, timeout=timeout, grid_zone=outcome.grid_zone)
+
+
+def _history_unit(name: str) -> str:
+    return "gCO2/kWh (marginal)" if name == "watttime" else G_PER_KWH
+
+
+def _span(outcome: Outcome) -> tuple[datetime, datetime]:
+    runtime = max(outcome.runtime, timedelta(seconds=1))
+    return min(outcome.called_at, outcome.started), max(outcome.called_at, outcome.started) + runtime
+
+
+def _realised(outcome: Outcome, points: Sequence[ForecastPoint]) -> tuple[float, float] | None:
+    runtime = outcome.runtime
+    actual = interval_mean(points, outcome.started, outcome.started + runtime)
+    counterfactual = interval_mean(points, outcome.called_at, outcome.called_at + runtime)
+    return None if actual is None or counterfactual is None else (actual, counterfactual)
+
+
+def resolve_outcome(outcome: Outcome, *, timeout: float = HTTP_TIMEOUT_SECONDS, final: bool = False) -> Outcome:
+    """A pending outcome completed from measured history if published, else -- once ``OUTCOME_PATIENCE`` has
+    passed since the run (or ``final``) -- from the offline model as a labelled estimate; else still pending,
+    with the reasons in ``detail``. Never raises for a source's failure."""
+    if outcome.status != "pending":
+        return outcome
+    start, end = _span(outcome)
+    reasons = []
+    for name in _history_candidates(outcome):
+        try:
+            found = _realised(outcome, _history(outcome, name, start, end, timeout))
+        except SourceError as error:
+            reasons.append(f"{name}: {error}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a broken reader must not break the report
+            reasons.append(f"{name}: internal error: {type(exc).__name__}")
+            continue
+        if found is None:
+            reasons.append(f"{name}: not all of the run is published yet")
+            continue
+        actual, counterfactual = found
+        detail = f"measured by {name}"
+        return replace(
+            outcome,
+            status="measured",
+            source=name,
+            unit=_history_unit(name),
+            actual=actual,
+            counterfactual=counterfactual,
+            detail=detail,
+        )
+    why = "; ".join(reasons) or "no source with history"
+    if not final and CLOCK.now() - outcome.ended < OUTCOME_PATIENCE:
+        return replace(outcome, detail=f"pending: {why}")
+    return _estimated(outcome, why)
+
+
+def _estimated(outcome: Outcome, why: str) -> Outcome:
+    """The offline model's typical values for those hours: an estimate, labelled so, never "measured"."""
+    start, end = _span(outcome)
+    query = Query(outcome.zone, outcome.grid_zone, start, end - start, timedelta(seconds=1), 1.0)
+    try:
+        found = _realised(outcome, _fetch_offline(query).points)
+    except Exception as exc:  # noqa: BLE001 - no model for the zone: stays pending, says why
+        return replace(outcome, detail=f"pending: {why}; no estimate either ({type(exc).__name__}: {exc})")
+    if found is None:
+        return replace(outcome, detail=f"pending: {why}; no estimate either")
+    actual, counterfactual = found
+    detail = f"estimate from the offline model's typical hours (no measurement: {why})"
+    return replace(
+        outcome,
+        status="estimate",
+        source="offline",
+        unit=G_PER_KWH,
+        actual=actual,
+        counterfactual=counterfactual,
+        detail=detail,
+    )
+
+
+# ---- report: totals over a period -------------------------------------------------------------------------------
+
+REPORT_RESOLVE_SECONDS = 60.0  # completing pending outcomes stops after this; the rest stay pending for next time
+
+
+@dataclass
+class _Totals:
+    decisions: int = 0
+    waits: int = 0
+    hours_waited: float = 0.0
+    kwh: float = 0.0
+    predicted_avoided_g: float = 0.0
+    measured_avoided_g: float = 0.0
+    estimated_avoided_g: float = 0.0
+    measured: int = 0
+    estimated: int = 0
+    pending: int = 0
+    negative: int = 0  # realised (measured or estimated) savings below zero
+
+    def add(self, plan: Mapping[str, Any], outcome: Outcome | None) -> None:
+        self.decisions += 1
+        delay = _number(plan.get("delay_seconds"))
+        if plan.get("reason") == "optimal" and delay > 0:
+            self.waits += 1
+            self.hours_waited += delay / 3600.0
+        used = outcome.energy_kwh if outcome is not None else None
+        self.kwh += used if used is not None else _number(plan.get("energy_kwh"))
+        self.predicted_avoided_g += _number(plan.get("avoided_g"))
+        if outcome is None or outcome.status == "pending":
+            self.pending += outcome is not None
+            return
+        if outcome.status == "measured":
+            self.measured += 1
+            self.measured_avoided_g += outcome.avoided_g or 0.0
+        else:
+            self.estimated += 1
+            self.estimated_avoided_g += outcome.avoided_g or 0.0
+        self.negative += outcome.savings is not None and outcome.savings < 0
+
+    def to_dict(self) -> dict[str, Any]:
+        realised = self.measured + self.estimated
+        return {
+            "decisions": self.decisions,
+            "waits": self.waits,
+            "hours_waited": round(self.hours_waited, 3),
+            "kwh": round(self.kwh, 3),
+            "predicted_avoided_g": round(self.predicted_avoided_g, 1),
+            "measured_avoided_g": round(self.measured_avoided_g, 1),
+            "estimated_avoided_g": round(self.estimated_avoided_g, 1),
+            "outcomes_measured": self.measured,
+            "outcomes_estimated": self.estimated,
+            "outcomes_pending": self.pending,
+            "negative_share": round(self.negative / realised, 4) if realised else None,
+        }
+
+
+def _number(value: Any) -> float:
+    return float(value) if type(value) in (int, float) and math.isfinite(value) else 0.0
+
+
+def latest_outcomes(records: Iterable[Mapping[str, Any]]) -> dict[str, Outcome]:
+    """Each decision's latest outcome (a completed one supersedes the pending one written before it)."""
+    found: dict[str, Outcome] = {}
+    for record in records:
+        if record.get("kind") != "outcome":
+            continue
+        try:
+            outcome = outcome_from_record(record)
+        except (KeyError, TypeError, ValueError):
+            continue
+        if (
+            outcome.status != "pending"
+            or found.get(outcome.decision) is None
+            or found[outcome.decision].status == "pending"
+        ):
+            found[outcome.decision] = outcome
+    return found
+
+
+def decisions_between(
+    records: Iterable[Mapping[str, Any]], since: datetime, until: datetime
+) -> list[Mapping[str, Any]]:
+    """Decision records whose call time lies in [since, until), each id once."""
+    chosen: dict[str, Mapping[str, Any]] = {}
+    for record in records:
+        if record.get("kind") != "decision" or record["id"] in chosen:
+            continue
+        try:
+            called = parse_datetime(str(record["called_at"]))
+        except ValueError:
+            continue
+        if since <= called < until:
+            chosen[record["id"]] = record
+    return list(chosen.values())
+
+
+def complete_outcomes(
+    decisions: Sequence[Mapping[str, Any]], outcomes: dict[str, Outcome], *, timeout: float, budget: float
+) -> list[Outcome]:
+    """Try to complete the pending outcomes of ``decisions`` (within ``budget`` seconds); return the completed."""
+    stop = CLOCK.monotonic() + budget
+    done = []
+    for record in decisions:
+        outcome = outcomes.get(record["id"])
+        if outcome is None or outcome.status != "pending" or CLOCK.monotonic() >= stop:
+            continue
+        fresh = resolve_outcome(outcome, timeout=min(timeout, max(0.1, stop - CLOCK.monotonic())))
+        outcomes[record["id"]] = fresh
+        if fresh.status != "pending":
+            done.append(fresh)
+    return done
+
+
+def build_report(
+    decisions: Sequence[Mapping[str, Any]], outcomes: Mapping[str, Outcome], since: datetime, until: datetime
+) -> dict[str, Any]:
+    """Totals overall, by grid zone, by source and by signal, and realised grams avoided per day."""
+    total = _Totals()
+    groups: dict[str, dict[str, _Totals]] = {"by_zone": {}, "by_source": {}, "by_signal": {}}
+    per_day: dict[str, list[float]] = {}
+    for record in decisions:
+        plan = record["plan"]
+        outcome = outcomes.get(record["id"])
+        total.add(plan, outcome)
+        keys = {
+            "by_zone": _zone_label(plan),
+            "by_source": str(plan.get("source")),
+            "by_signal": str(plan.get("signal", "average")),
+        }
+        for group, key in keys.items():
+            groups[group].setdefault(key, _Totals()).add(plan, outcome)
+        day = str(record["called_at"])[:10]
+        cell = per_day.setdefault(day, [0.0, 0.0])
+        if outcome is not None and outcome.status != "pending" and outcome.avoided_g is not None:
+            cell[0 if outcome.status == "measured" else 1] += outcome.avoided_g
+    return {
+        "since": _iso(since),
+        "until": _iso(until),
+        "total": total.to_dict(),
+        **{group: {key: t.to_dict() for key, t in sorted(by.items())} for group, by in groups.items()},
+        "by_day": [
+            {"day": d, "measured_avoided_g": round(m, 1), "estimated_avoided_g": round(e, 1)}
+            for d, (m, e) in sorted(per_day.items())
+        ],
+    }
+
+
+def _zone_label(plan: Mapping[str, Any]) -> str:
+    if isinstance(plan.get("grid_zone"), str):
+        return str(plan["grid_zone"])
+    zone = plan.get("zone")
+    return f"{zone.get('provider')}:{zone.get('region')}" if isinstance(zone, dict) else "unknown"
+
+
+_REPORT_COLUMNS = (
+    ("decisions", "decisions", "{:d}"),
+    ("waits", "waits", "{:d}"),
+    ("hours_waited", "hours", "{:.1f}"),
+    ("kwh", "kWh", "{:.1f}"),
+    ("predicted_avoided_g", "pred. g", "{:.0f}"),
+    ("measured_avoided_g", "meas. g", "{:.0f}"),
+    ("estimated_avoided_g", "est. g", "{:.0f}"),
+    ("outcomes_pending", "pending", "{:d}"),
+    ("negative_share", "worse", "{:.0%}"),
+)
+
+
+def render_report(report: Mapping[str, Any], width: int = 30) -> str:
+    """The report as a table (one row overall, then per zone, source, signal) and a chart of grams per day."""
+    header = f"{'':<28}" + "".join(f"{title:>10}" for _key, title, _fmt in _REPORT_COLUMNS)
+    lines = [f"carbonaware report {report['since']} .. {report['until']}", header]
+    rows = [("total", report["total"])]
+    for group, label in (("by_zone", "zone"), ("by_source", "source"), ("by_signal", "signal")):
+        rows += [(f"{label} {_plain_cell(key)}", totals) for key, totals in report[group].items()]
+    for name, totals in rows:
+        cells = ("-" if totals[key] is None else fmt.format(totals[key]) for key, _title, fmt in _REPORT_COLUMNS)
+        lines.append(f"{name[:27]:<28}" + "".join(f"{cell:>10}" for cell in cells))
+    if len(report["by_signal"]) > 1:
+        lines.append("note: grams of average and marginal accounting are not comparable; see the signal rows")
+    lines += ["", "realised g avoided per day (# measured, + estimated; negative: waiting emitted more):"]
+    days = report["by_day"]
+    scale = max((abs(d["measured_avoided_g"]) + abs(d["estimated_avoided_g"]) for d in days), default=0.0) or 1.0
+    for day in days:
+        measured, estimated = day["measured_avoided_g"], day["estimated_avoided_g"]
+        bar = "#" * round(width * abs(measured) / scale) + "+" * round(width * abs(estimated) / scale)
+        sign = "-" if measured + estimated < 0 else " "
+        lines.append(f"{_plain_cell(day['day'])} {measured + estimated:>10.0f} {sign}{bar}")
+    if not days:
+        lines.append("(no decisions in this period)")
+    lines.append("counterfactual: starting at once; predicted from the forecast, measured/estimated after the run")
+    return "\n".join(lines)
+
+
+def _plain_cell(text: str) -> str:
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
+def _since(text: str, until: datetime) -> datetime:
+    try:
+        back = parse_duration(text)
+    except ValueError:
+        return parse_datetime(text)
+    try:
+        return until - back
+    except OverflowError:
+        raise ValueError(f"--since {text} reaches before the year 1") from None
+
+
+def _cli_report(args: Any) -> int:
+    import json
+
+    until = parse_datetime(args.until) if args.until else CLOCK.now()
+    since = _since(args.since, until)
+    path = args.ledger or ledger_path(None)
+    if args.prefect:  # the events carbonaware_prefect emitted: the API is the ledger (read only)
+        try:
+            from carbonaware_prefect import read_prefect_records
+        except ImportError as exc:
+            print(f"carbonaware: --prefect needs carbonaware_prefect and prefect ({exc})", file=sys.stderr)
+            return 2
+        path, records = None, read_prefect_records(since, until)
+    elif path is None:
+        print("carbonaware: no ledger: give --ledger PATH or set CARBONAWARE_LEDGER", file=sys.stderr)
+        return 2
+    else:
+        try:
+            records = read_ledger(path)
+        except OSError as exc:
+            print(f"carbonaware: cannot read ledger {path}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
+    decisions = decisions_between(records, since, until)
+    outcomes = latest_outcomes(records)
+    if not args.no_resolve:
+        completed = complete_outcomes(decisions, outcomes, timeout=args.timeout, budget=REPORT_RESOLVE_SECONDS)
+        _write(path, [outcome.to_record() for outcome in completed], logger)  # the next report need not ask
+    report = {"ledger": path or "prefect", **build_report(decisions, outcomes, since, until)}
+    print(json.dumps(report, indent=2) if args.json else render_report(report))
+    return 0
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -3725,6 +4486,8 @@ def _cli_parser() -> Any:
         sub.add_argument("--source", help="source name or chain, e.g. auto, offline, file:forecast.json")
         sub.add_argument("--min-savings", type=float, default=0.0, help="wait only if it saves this fraction")
         sub.add_argument("--now", type=parse_datetime, help="plan as if it were this time (ISO-8601)")
+        sub.add_argument("--power-kw", type=float, help="the job's average draw in kW: gives kWh and grams")
+        sub.add_argument("--ledger", help="append the decision (and, for run, the outcome) to this JSON Lines file")
         sub.add_argument("--json", action="store_true", help="print the plan as JSON")
         sub.add_argument("--quiet", action="store_true", help="no log lines on stderr")
 
@@ -3736,6 +4499,15 @@ def _cli_parser() -> Any:
     detect = commands.add_parser("detect", help="print the detected cloud zone")
     detect.add_argument("--timeout", type=float, default=DETECT_TIMEOUT_SECONDS)
     detect.add_argument("--json", action="store_true")
+    report = commands.add_parser("report", help="totals of a ledger: decisions, waits, kWh, grams avoided")
+    report.add_argument("--since", default="30d", help="a duration back from --until (30d) or an ISO-8601 time")
+    report.add_argument("--until", help="ISO-8601 end of the period (default: now)")
+    report.add_argument("--ledger", help="the ledger file (default: CARBONAWARE_LEDGER)")
+    report.add_argument("--prefect", action="store_true", help="read the decisions and outcomes Prefect recorded")
+    report.add_argument("--json", action="store_true", help="print the report as JSON")
+    report.add_argument("--no-resolve", action="store_true", help="do not complete pending outcomes")
+    report.add_argument("--timeout", type=float, default=HTTP_TIMEOUT_SECONDS, help="seconds per history request")
+    report.add_argument("--quiet", action="store_true", help="no warnings on stderr")
     return parser
 
 
@@ -3750,7 +4522,7 @@ def _cli_duration(text: str) -> timedelta:
 
 def _cli_options(args: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"min_savings": args.min_savings}
-    for name in ("source", "now", "grid_zone"):
+    for name in ("source", "now", "grid_zone", "power_kw", "ledger"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     return options
@@ -3776,6 +4548,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             handler.addFilter(lambda record: not getattr(record, "carbonaware_decision", False))
         logger.addHandler(handler)
         logger.setLevel(logging.INFO)
+    if args.command == "report":
+        try:
+            return _cli_report(args)
+        except ValueError as exc:
+            parser.error(str(exc))
     previous = _set_handlers(_signals("SIGTERM", "SIGHUP"), _raise_stop)  # SIGINT: KeyboardInterrupt already
     try:
         options = _cli_options(args)
@@ -3801,7 +4578,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(render_chart(plan))
     if args.command == "run":
         sys.stdout.flush()  # the plan before the command's own output
-        return _cli_run(args.cmd)
+        started, began = CLOCK.now(), CLOCK.monotonic()
+        status = _cli_run(args.cmd)
+        if ledger_path(args.ledger) is not None and status not in (126, 127):  # 126/127: the command never ran
+            ran = timedelta(seconds=max(0.0, CLOCK.monotonic() - began))  # a clock step changes no runtime
+            record_outcome(plan, started, started + ran, ledger=args.ledger)
+        return status
     return 0
 
 

@@ -9,6 +9,7 @@ deployment runs at the best time so that no worker sits idle while waiting.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import copy
 import functools
 import inspect
@@ -17,8 +18,8 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 from uuid import UUID
@@ -63,6 +64,7 @@ __all__ = [
     "carbonaware_delay_task",
     "carbonaware_run_deployment",
     "carbonaware_schedule",
+    "flush_reports",
     "plan_delay",
     "reschedule_current_flow_run",
 ]
@@ -406,10 +408,16 @@ def _publish(
     scheduled: bool = False,
 ) -> None:
     """Create the artifact; a failure (rendering included) costs one warning, never the user's work or hook.
-    ``scheduled``: the decision schedules a run for later (a deployment), nothing waits."""
+    ``scheduled``: the decision schedules a run for later (a deployment), nothing waits. A decision that waits
+    publishes it now, before the wait; one that does not hands it to the publisher, off the task's path
+    (``flush_reports()`` waits for it)."""
+    _prove_decision(plan, key)
     try:
         markdown = _render_markdown(plan, scheduled=scheduled)
         description = core.describe(_markdown_safe(plan), scheduled=scheduled)  # the UI renders both
+        if not plan.waits:
+            _markdown_later(plan, key, markdown, description)
+            return
         if loop is not None and not _on_loop_thread(loop):
             # Async runs: planning runs in a worker thread, so the run's own loop is free to create it.
             coroutine = acreate_markdown_artifact(markdown=markdown, key=key, description=description)
@@ -452,6 +460,7 @@ def _render_markdown(plan: Plan, *, scheduled: bool = False) -> str:
         ("Expected at the chosen start", _intensity(plan.expected, safe.unit)),
         ("Savings", "n/a" if plan.savings is None else f"{plan.savings:.1%}"),
         ("Window / job", f"{core.format_iso_duration(plan.window)} / {core.format_iso_duration(plan.duration)}"),
+        *_grams_rows(plan),
     ]
     table = "\n".join(f"| {name} | {value} |" for name, value in rows)
     # Only the values the planner used: a provider's gap (null, NaN) would break the chart's scale.
@@ -496,6 +505,18 @@ def _markdown_safe(plan: Plan) -> Plan:
         grid_zone=None if plan.grid_zone is None else _markdown_text(plan.grid_zone),
         fallbacks=tuple(_markdown_text(reason) for reason in plan.fallbacks),
     )
+
+
+def _grams_rows(plan: Plan) -> list[tuple[str, str]]:
+    """Energy and grams, when the caller gave ``power_kw`` (otherwise no rows: never guessed)."""
+    if plan.energy_kwh is None:
+        return []
+    grams = (plan.emissions_now_g, plan.emissions_g, plan.avoided_g)
+    shown = "n/a (not a g/kWh signal)" if None in grams else "{:.0f} g / {:.0f} g / {:.0f} g".format(*grams)
+    return [
+        ("Energy", f"{plan.energy_kwh:.3g} kWh ({plan.power_kw:g} kW)"),
+        (f"Grams now / at start / avoided ({core.signal_of(plan.unit)})", shown),
+    ]
 
 
 def _intensity(value: float | None, unit: str) -> str:
@@ -847,31 +868,40 @@ def _wrap_prefect_object(obj: Task[Any, Any] | Flow[Any, Any], settings: _Settin
 
 def _sync_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        _delay_sync(settings)
-        return fn(*args, **kwargs)
+        outcome = _Outcome(_delay_sync(settings), settings)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            outcome.done()
 
     return wrapper
 
 
 def _async_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
-        await _delay_async(settings)
-        return await fn(*args, **kwargs)
+        outcome = _Outcome(await _delay_async(settings), settings)
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            outcome.done()
 
     return wrapper
 
 
 def _generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Generator[Any, Any, Any]:
-        _delay_sync(settings)  # at the first next(): inside the run, before the first item
-        return (yield from fn(*args, **kwargs))
+        outcome = _Outcome(_delay_sync(settings), settings)  # at the first next(): inside the run
+        try:
+            return (yield from fn(*args, **kwargs))
+        finally:
+            outcome.done()
 
     return wrapper
 
 
 def _async_generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., Any]:
     async def wrapper(*args: Any, **kwargs: Any) -> AsyncGenerator[Any, Any]:
-        await _delay_async(settings)
+        outcome = _Outcome(await _delay_async(settings), settings)
         inner = fn(*args, **kwargs)
         try:  # ``yield from`` for async generators: asend() and athrow() reach the inner generator
             value = await inner.__anext__()
@@ -888,6 +918,7 @@ def _async_generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Cal
             return
         finally:
             await inner.aclose()
+            outcome.done()
 
     return wrapper
 
@@ -1234,3 +1265,298 @@ def _window_left(window: timedelta) -> timedelta | None:
         )
         return None
     return left
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Proof: a table artifact and an event per decision, an event and a ledger record per outcome
+# --------------------------------------------------------------------------------------------------------------
+
+DECISION_EVENT = "carbonaware.decision"
+OUTCOME_EVENT = "carbonaware.outcome"
+PROOF_DRAIN_SECONDS = 10.0  # at exit, queued artifacts get this long to reach the API
+PROOF_LINGER_SECONDS = 0.25  # the publisher collects this long, so identical decisions become one artifact
+
+
+@dataclass(frozen=True)
+class _Artifact:
+    """An artifact to create off the task's path. Those that compare equal on ``same`` within one flow run are
+    one decision (200 mapped task runs with the same plan): one artifact says so, not 200."""
+
+    kind: str  # "markdown" or "table"
+    key: str
+    flow_id: UUID | None
+    task_id: UUID | None
+    same: Any
+    render: Callable[[int], tuple[Any, str]]  # given how many runs decided it: (data, description)
+    api_url: str | None = field(default_factory=lambda: _configured_api_url())  # the API of the run that asked
+
+    def group(self) -> tuple[Any, ...]:
+        return (self.kind, self.key, self.flow_id, self.same)
+
+
+@dataclass(frozen=True)
+class _Event:
+    """A Prefect event to emit off the task's path (building one costs milliseconds)."""
+
+    name: str
+    zone: str
+    flow_id: UUID | None
+    task_id: UUID | None
+    payload: dict[str, Any]
+    api_url: str | None = field(default_factory=lambda: _configured_api_url())  # the API of the run that emitted it
+
+
+class _Publisher:
+    """One daemon thread that creates artifacts beside the tasks: a task hands them over and goes on, and the
+    API round trips happen off its path. Collects for ``PROOF_LINGER_SECONDS`` so that
+    identical decisions of one flow run become one artifact. Drained (bounded) at interpreter exit."""
+
+    def __init__(self) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue[_Artifact | _Event | Callable[[], None]] = queue.Queue()
+        self._thread: Any = None
+        self._lock = threading.Lock()
+        self._published: dict[tuple[Any, ...], None] = {}  # groups already out (bounded, oldest dropped)
+
+    def submit(self, item: _Artifact | _Event) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                import atexit
+                import threading
+
+                # An empty context: no run's context (the one that started the thread) is attached to events.
+                work = functools.partial(contextvars.Context().run, self._work)
+                self._thread = threading.Thread(target=work, name="carbonaware-publisher", daemon=True)
+                self._thread.start()
+                atexit.register(self.drain)
+        self._queue.put(item)
+
+    def drain(self, timeout: float = PROOF_DRAIN_SECONDS) -> bool:
+        """Wait (at most ``timeout``) until everything submitted so far is published; whether it all was."""
+        import threading
+
+        if self._thread is None or not self._thread.is_alive():
+            return True
+        done = threading.Event()
+        self._queue.put(done.set)
+        return done.wait(timeout)
+
+    def _work(self) -> None:
+        while True:
+            batch = self._collect()
+            waiters = [item for item in batch if not isinstance(item, (_Artifact, _Event))]
+            self._emit([item for item in batch if isinstance(item, _Event)])
+            groups: dict[tuple[Any, ...], list[_Artifact]] = {}
+            for item in batch:
+                if isinstance(item, _Artifact) and item.group() not in self._published:
+                    groups.setdefault(item.group(), []).append(item)
+            for group, items in groups.items():
+                self._create(items[0], len(items))
+                self._published[group] = None
+                while len(self._published) > 10_000:
+                    del self._published[next(iter(self._published))]
+            for waiter in waiters:
+                waiter()
+
+    def _collect(self) -> list[_Artifact | _Event | Callable[[], None]]:
+        import queue
+
+        batch: list[_Artifact | _Event | Callable[[], None]] = [self._queue.get()]
+        until = time.monotonic() + PROOF_LINGER_SECONDS
+        while isinstance(batch[-1], (_Artifact, _Event)):  # a drain request ends the batch
+            try:
+                batch.append(self._queue.get(timeout=max(0.0, until - time.monotonic())))
+            except queue.Empty:
+                break
+        return batch
+
+    @staticmethod
+    def _emit(events: Sequence[_Event]) -> None:
+        """Emit in the settings of the runs that asked (entered once per API: settings cost milliseconds)."""
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        for url in dict.fromkeys(event.api_url for event in events):
+            try:
+                with temporary_settings({PREFECT_API_URL: url}):
+                    for event in (e for e in events if e.api_url == url):
+                        _emit(event.name, event.zone, event.flow_id, event.task_id, event.payload)
+            except Exception as exc:  # noqa: BLE001 - reporting must not break anything
+                log.warning("carbonaware: could not emit events: %s: %s", type(exc).__name__, exc)
+
+    def _create(self, item: _Artifact, runs: int) -> None:
+        """One API call, in the submitting run's settings; a dead API is retried once, not for a minute."""
+        try:
+            from prefect.client.orchestration import get_client
+            from prefect.client.schemas.actions import ArtifactCreate
+            from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+            data, description = item.render(runs)
+            artifact = ArtifactCreate(
+                key=item.key,
+                type=item.kind,
+                data=data,
+                description=description,
+                flow_run_id=item.flow_id,
+                task_run_id=item.task_id,
+            )
+            settings = {PREFECT_API_URL: item.api_url, PREFECT_CLIENT_MAX_RETRIES: 1}
+            with temporary_settings(settings), get_client(sync_client=True) as client:
+                client.create_artifact(artifact)
+        except Exception as exc:  # noqa: BLE001 - reporting must not break anything
+            log.warning("carbonaware: could not create artifact %r: %s: %s", item.key, type(exc).__name__, exc)
+
+
+_PUBLISHER = _Publisher()
+
+
+def _configured_api_url() -> str | None:
+    """PREFECT_API_URL as set, for the publisher thread to talk to the same API (None: the ephemeral one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    url = PREFECT_API_URL.value()
+    return url if isinstance(url, str) else None
+
+
+def flush_reports(timeout: float = PROOF_DRAIN_SECONDS) -> bool:
+    """Wait (at most ``timeout`` seconds) until the artifacts handed to the background publisher so far are in
+    the API; whether they all are. It also runs at interpreter exit."""
+    return _PUBLISHER.drain(timeout)
+
+
+def _run_ids() -> tuple[UUID | None, UUID | None]:
+    """(flow run id, task run id) of the run we are in, read now: the publisher's thread has no context."""
+    task_ctx, flow_ctx = TaskRunContext.get(), FlowRunContext.get()
+    flow_run = flow_ctx.flow_run if flow_ctx is not None else None
+    task_id = task_ctx.task_run.id if task_ctx is not None else None
+    flow_id = flow_run.id if flow_run is not None else (task_ctx.task_run.flow_run_id if task_ctx else None)
+    return flow_id, task_id
+
+
+def _zone_resource(zone: str) -> dict[str, str]:
+    return {"prefect.resource.id": f"carbonaware.grid-zone.{zone}", "prefect.resource.name": zone}
+
+
+def _zone_name(plan: Plan) -> str:
+    return _plain_text(plan.grid_zone or (str(plan.zone) if plan.zone else "unknown"))[:100]
+
+
+def _related(flow_id: UUID | None, task_id: UUID | None) -> list[dict[str, str]]:
+    related = []
+    if flow_id is not None:
+        related.append({"prefect.resource.id": f"prefect.flow-run.{flow_id}", "prefect.resource.role": "flow-run"})
+    if task_id is not None:
+        related.append({"prefect.resource.id": f"prefect.task-run.{task_id}", "prefect.resource.role": "task-run"})
+    return related
+
+
+def _emit(event: str, zone: str, flow_id: UUID | None, task_id: UUID | None, payload: dict[str, Any]) -> None:
+    """Emit a Prefect event (queued by Prefect's own events worker: no request on this path)."""
+    try:
+        from prefect.events import emit_event
+
+        emit_event(event, _zone_resource(zone), related=_related(flow_id, task_id), payload=payload)
+    except Exception as exc:  # noqa: BLE001 - EventTooLarge or a Prefect without events: one warning
+        log.warning("carbonaware: could not emit %s: %s: %s", event, type(exc).__name__, exc)
+
+
+def decision_row(plan: Plan) -> dict[str, Any]:
+    """The table artifact's one row: what was decided, on which signal, and the grams behind it."""
+    data = plan.to_dict()
+    return {  # the UI shows the columns in this order: what was decided and what it saves first
+        "start": data["start"],
+        "wait": core.format_iso_duration(timedelta(seconds=round(plan.delay.total_seconds()))),
+        "zone": _zone_name(plan),
+        "g_avoided": data["avoided_g"],
+        "g_if_now": data["emissions_now_g"],
+        "g_at_start": data["emissions_g"],
+        "energy_kwh": data["energy_kwh"],
+        "savings": data["savings"],
+        "signal": data["signal"],
+        "source": _plain_text(plan.source),
+        "intensity_now": data["now"],
+        "intensity_at_start": data["expected"],
+        "unit": _plain_text(plan.unit),
+        "reason": plan.reason,
+        "decision": plan.id,
+    }
+
+
+def _table_key(key: str) -> str:
+    return f"{key}-decisions"
+
+
+def _prove_decision(plan: Plan, key: str) -> None:
+    """Beside the markdown artifact: a table artifact (key ``<key>-decisions``, so the key's history lists every
+    decision) created off the task's path, and a ``carbonaware.decision`` event. Never raises."""
+    try:
+        flow_id, task_id = _run_ids()
+        row = decision_row(plan)
+        _PUBLISHER.submit(_Event(DECISION_EVENT, row["zone"], flow_id, task_id, core.decision_record(plan)))
+        same = tuple((name, value) for name, value in row.items() if name != "decision")
+        _PUBLISHER.submit(_Artifact("table", _table_key(key), flow_id, task_id, same, lambda runs: _table(row, runs)))
+    except Exception as exc:  # noqa: BLE001 - reporting must not break the work
+        log.warning("carbonaware: could not report the decision: %s: %s", type(exc).__name__, exc)
+
+
+def _table(row: dict[str, Any], runs: int) -> tuple[Any, str]:
+    description = f"carbonaware decision: start {row['start']} for {row['zone']} via {row['source']}"
+    if runs > 1:
+        description += f" (decided alike by {runs} task runs of this flow run; later alike ones are not repeated)"
+    return [{**row, "runs": runs}], description
+
+
+def _markdown_later(plan: Plan, key: str, markdown: str, description: str) -> None:
+    """A decision nobody waits on: its markdown artifact (rendered already) goes to the publisher."""
+    flow_id, task_id = _run_ids()
+
+    def render(runs: int) -> tuple[Any, str]:
+        return markdown, description + (f" (and {runs - 1} more task runs of this flow run alike)" if runs > 1 else "")
+
+    _PUBLISHER.submit(_Artifact("markdown", key, flow_id, task_id, (description, plan.detail), render))
+
+
+class _Outcome:
+    """Times the job that follows a decision; at its end, records the outcome (ledger, event). Never raises."""
+
+    def __init__(self, plan: Plan, settings: _Settings) -> None:
+        self.plan, self.settings = plan, settings
+        self.ids = _run_ids()
+        self.started, self.began = core.CLOCK.now(), core.CLOCK.monotonic()
+
+    def done(self) -> None:
+        try:  # the runtime in elapsed time: a wall clock stepped meanwhile changes nothing
+            ended = self.started + timedelta(seconds=max(0.0, core.CLOCK.monotonic() - self.began))
+            ledger = self.settings.options.get("ledger")
+            if core.ledger_path(ledger) is not None and self.plan.id:
+                outcome = core.record_outcome(self.plan, self.started, ended, ledger=ledger)
+            else:
+                outcome = core.Outcome(
+                    self.plan.id, self.plan.start - self.plan.delay, self.started, ended, "pending", "-",
+                    power_kw=self.plan.power_kw, zone=self.plan.zone, grid_zone=self.plan.grid_zone,
+                    planned_source=self.plan.source,
+                )  # fmt: skip
+            if self.ids != (None, None):
+                _PUBLISHER.submit(_Event(OUTCOME_EVENT, _zone_name(self.plan), *self.ids, outcome.to_record()))
+        except Exception as exc:  # noqa: BLE001 - reporting must not break the work
+            log.warning("carbonaware: could not record the outcome: %s: %s", type(exc).__name__, exc)
+
+
+def read_prefect_records(since: Any, until: Any, limit: int = 10_000) -> list[dict[str, Any]]:
+    """Ledger records rebuilt from the ``carbonaware.decision``/``carbonaware.outcome`` events in the Prefect API
+    (for ``python -m carbonaware_core report --prefect``)."""
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter
+
+    event_filter = EventFilter(
+        occurred=EventOccurredFilter(since=since - timedelta(days=2), until=until + timedelta(days=7)),
+        event=EventNameFilter(name=[DECISION_EVENT, OUTCOME_EVENT]),
+    )
+    records: list[dict[str, Any]] = []
+    with get_client(sync_client=True) as client:
+        page: Any = client.read_events(filter=event_filter, limit=50)  # the most the API serves a page
+        while page is not None and len(records) < limit:
+            records += [dict(event.payload) for event in page.events if core._is_record(event.payload)]
+            page = client.read_events_page(page.next_page) if page.next_page else None
+    return list(reversed(records))  # the API answers newest first; the ledger reads oldest first

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 from prefect import State, flow, task
@@ -162,3 +163,14 @@ def cancel_probe_job(markers: str) -> str:
 def cancel_probe_flow(markers: str) -> str:
     """Its task waits about 45 s in a worker thread (``.submit()``), where the runner's SIGTERM never lands."""
     return cancel_probe_job.submit(markers).result()
+
+
+def published_artifact(key: str) -> Any:
+    """The latest artifact under ``key`` once the background publisher has sent what it holds: decisions that do
+    not wait publish their artifacts off the task's path, a moment after the run."""
+    from prefect.artifacts import Artifact
+
+    import carbonaware_prefect
+
+    carbonaware_prefect.flush_reports(30.0)
+    return Artifact.get(key)

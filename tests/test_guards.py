@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -204,6 +205,7 @@ def test_plan_json_is_the_whole_document(tmp_path: Path) -> None:
         "plan", "--json", "--quiet", "--source", f"file:{path}", "--now", "2025-06-01T12:00Z", "--provider", "aws",
         "--region", "us-east-1",
     )  # fmt: skip
+    assert re.fullmatch(r"[0-9a-f]{16}", document.pop("id"))  # random: links the decision to its outcome
     assert document == {
         "start": "2025-06-01T15:00:00Z",
         "delay_seconds": 10800.0,
@@ -219,6 +221,12 @@ def test_plan_json_is_the_whole_document(tmp_path: Path) -> None:
         "duration_seconds": 1800.0,
         "window_seconds": 21600.0,
         "fallbacks": [],
+        "signal": "average",
+        "power_kw": None,  # not given: no kWh and no grams, never guessed
+        "energy_kwh": None,
+        "emissions_g": None,
+        "emissions_now_g": None,
+        "avoided_g": None,
     }
 
 
@@ -228,8 +236,9 @@ def test_plan_json_when_now_is_best_with_a_grid_zone(tmp_path: Path) -> None:
     path.write_text("start,value\n" + rows)
     document = _cli_json(
         "plan", "--json", "--quiet", "--source", f"file:{path}", "--now", "2025-06-01T12:00Z", "--grid-zone", "DE",
-        "--window", "2h", "--duration", "1h",
+        "--window", "2h", "--duration", "1h", "--power-kw", "2",
     )  # fmt: skip
+    assert re.fullmatch(r"[0-9a-f]{16}", document.pop("id"))
     assert document == {
         "start": "2025-06-01T12:00:00Z",
         "delay_seconds": 0.0,
@@ -245,6 +254,12 @@ def test_plan_json_when_now_is_best_with_a_grid_zone(tmp_path: Path) -> None:
         "duration_seconds": 3600.0,
         "window_seconds": 7200.0,
         "fallbacks": [],
+        "signal": "average",
+        "power_kw": 2.0,
+        "energy_kwh": 2.0,  # 2 kW for the 1 h job
+        "emissions_g": 200.0,
+        "emissions_now_g": 200.0,
+        "avoided_g": 0.0,
     }
 
 

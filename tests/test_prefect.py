@@ -19,7 +19,6 @@ from typing import Any
 
 import pytest
 from prefect import flow, get_client, task
-from prefect.artifacts import Artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, LogFilter, LogFilterTaskRunId
 from prefect.client.schemas.objects import FlowRun
@@ -218,7 +217,7 @@ def test_async_task_waits_without_blocking_the_event_loop(scheduler: Scheduler) 
     assert scheduler.ideal <= began <= scheduler.ideal + SLACK
     waiting = [t for t in ticks if scheduler.ideal - 1.0 <= t < scheduler.ideal]
     assert len(waiting) >= 10, "the loop stalled during the wait"
-    artifact = Artifact.get("carbonaware-train-async")  # created with acreate_markdown_artifact
+    artifact = helpers.published_artifact("carbonaware-train-async")  # created with acreate_markdown_artifact
     assert artifact is not None and "37.5%" in artifact.data
 
 
@@ -233,7 +232,7 @@ def test_artifact_records_the_decision_before_the_wait(scheduler: Scheduler) -> 
         return probe()
 
     began = pipeline()
-    artifact = Artifact.get("carbonaware-artifact-probe")  # the key: from the task name, lowercase-dashes
+    artifact = helpers.published_artifact("carbonaware-artifact-probe")  # the key: from the task name, lowercase-dashes
     assert artifact is not None and artifact.type == "markdown"
     assert artifact.task_run_id is not None
     text = artifact.data
@@ -273,8 +272,8 @@ def test_artifact_can_be_switched_off_or_renamed(scheduler: Scheduler) -> None:
         named()
 
     pipeline()
-    assert Artifact.get("carbonaware-quiet") is None
-    assert Artifact.get("nightly-decision") is not None
+    assert helpers.published_artifact("carbonaware-quiet") is None
+    assert helpers.published_artifact("nightly-decision") is not None
 
 
 def test_retries_run_at_once(scheduler: Scheduler) -> None:
@@ -296,7 +295,7 @@ def test_retries_run_at_once(scheduler: Scheduler) -> None:
     assert pipeline() == 2
     assert len(scheduler.requests) == 1
     assert attempts[1] - attempts[0] < scheduler.offset
-    artifact = Artifact.get("carbonaware-flaky-once")  # the retry's decision is reported like any other
+    artifact = helpers.published_artifact("carbonaware-flaky-once")  # the retry's decision is reported like any other
     assert artifact is not None and artifact.description is not None
     assert "attempt 2 of flaky-once\\: retries run at once" in artifact.description  # markdown: ':' escaped
     assert "aws:us-east-1" in artifact.description  # the zone it was given, not "unknown zone"
@@ -377,7 +376,7 @@ def test_no_wait_when_the_job_cannot_fit_before_the_timeout(scheduler: Scheduler
     called, began = pipeline()  # the failing hook broke nothing
     assert began - called < 1.0
     assert scheduler.requests == []
-    artifact = Artifact.get("carbonaware-no-room")  # the decision not to wait is reported like any other
+    artifact = helpers.published_artifact("carbonaware-no-room")  # the decision not to wait is reported like any other
     assert artifact is not None and artifact.description is not None
     assert "no room before the timeout" in artifact.description
     assert "aws:us-east-1" in artifact.description  # the zone as the core reads it (the original's order, case)
@@ -439,7 +438,7 @@ def test_decorator_under_flow(scheduler: Scheduler) -> None:
 
     began = nightly("monday")
     assert scheduler.ideal <= began <= scheduler.ideal + SLACK
-    assert Artifact.get("carbonaware-nightly-report") is not None
+    assert helpers.published_artifact("carbonaware-nightly-report") is not None
 
 
 def test_flow_timeout_caps_the_wait_of_a_decorated_flow(scheduler: Scheduler) -> None:
@@ -484,8 +483,8 @@ def test_decorator_above_task_waits_in_the_task_run(scheduler: Scheduler) -> Non
 
     scheduler.offset = 0.5
     assert outer() >= scheduler.ideal
-    assert Artifact.get("carbonaware-inner") is not None  # the wait happened in the task run (issue 12)
-    assert Artifact.get("carbonaware-outer-flow") is None
+    assert helpers.published_artifact("carbonaware-inner") is not None  # the wait happened in the task run (issue 12)
+    assert helpers.published_artifact("carbonaware-outer-flow") is None
 
 
 def test_a_failing_on_plan_hook_breaks_neither_the_task_nor_the_artifact(scheduler: Scheduler) -> None:
@@ -508,7 +507,7 @@ def test_a_failing_on_plan_hook_breaks_neither_the_task_nor_the_artifact(schedul
 
     assert pipeline() == "ran"
     assert len(seen) == 1  # the user hook ran after ours
-    assert Artifact.get("hooked") is not None
+    assert helpers.published_artifact("hooked") is not None
 
 
 def test_outside_runs_messages_go_to_the_carbonaware_logger(
@@ -782,5 +781,5 @@ def test_deployment_runs_hand_themselves_over_to_later_runs(scheduler: Scheduler
         assert second.start_time is not None
         assert second.start_time.timestamp() >= min(ideal.timestamp() for ideal in scheduler.ideals) - 0.6
     assert len(scheduler.requests) == 2  # one per first run; the later runs did not plan again
-    assert Artifact.get("carbonaware-reschedule") is not None  # the default key (sync flow)
-    assert Artifact.get("handover-async") is not None  # the key the async flow chose
+    assert helpers.published_artifact("carbonaware-reschedule") is not None  # the default key (sync flow)
+    assert helpers.published_artifact("handover-async") is not None  # the key the async flow chose

@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 from markdown_it import MarkdownIt
 from prefect import flow, get_client, task
-from prefect.artifacts import Artifact
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from prefect.deployments import run_deployment
 from prefect.runner import Runner
@@ -102,7 +101,7 @@ def test_a_providers_error_text_shows_as_text_in_the_artifact(
 
         assert pipeline() == "ran"  # failed open
         assert server.requests_to("/v0/schedule/"), "the scheduler was never asked"
-    artifact = Artifact.get("carbonaware-hostile-provider")  # read back through the client API
+    artifact = helpers.published_artifact("carbonaware-hostile-provider")  # read back through the client API
     assert artifact is not None and artifact.data is not None and artifact.description is not None
     for markdown in (artifact.data, artifact.description):
         assert "source-failed" in markdown and "onerror" in markdown and "x.invalid" in markdown.replace("\\", "")
