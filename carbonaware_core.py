@@ -7,7 +7,14 @@ at once and one log line says why. ``requests`` is used for HTTP when importable
     from carbonaware_core import carbonaware_delay
     plan = carbonaware_delay(window=timedelta(hours=6), duration=timedelta(minutes=30))
 
-CLI: ``python -m carbonaware_core plan|wait|run|detect --help``.
+CLI: ``python -m carbonaware_core plan|wait|run|detect|report --help``.
+
+One file of code and one optional data file (``carbonaware_offline.json``, kept apart for its ODbL licence). The
+sections, in reading order (each uses only those above it): data; time and durations; the planner; forecast
+arithmetic (live correction); HTTP (bounded calls); secrets (redaction); HTTP transports; the cache; zone detection;
+region tables; sources (hosted scheduler, series documents, Electricity Maps, WattTime, NESO, GSF SDK, offline,
+live-corrected); planning (arguments, then zone, chain and decision); the wait; reasons to start now; ledger,
+grams, ledger file, realised outcomes, report; CLI.
 """
 
 from __future__ import annotations
@@ -932,6 +939,11 @@ def _bounded_call(call: Callable[[], HttpResponse], deadline: float, name: str) 
     return None
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Secrets: one redaction step for every message and log record
+# --------------------------------------------------------------------------------------------------------------
+
+
 _SENSITIVE_HEADERS = ("authorization", "auth-token", "x-api-key", "cookie", "proxy-authorization")
 
 
@@ -1041,6 +1053,11 @@ def _filter_loggers(prefixes: Sequence[str]) -> None:
         target = logging.getLogger(name)
         if _REDACTING_FILTER not in target.filters:
             target.addFilter(_REDACTING_FILTER)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# HTTP transports: urllib and requests, bounded reads, loopback and safe URLs
+# --------------------------------------------------------------------------------------------------------------
 
 
 def _transport_message(exc: BaseException, timeout: float) -> str:
@@ -2936,7 +2953,7 @@ def _or_live_corrected(source: Source, query: Query, fetch: Callable[[], SourceR
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Planning: arguments, zone, source chain, decision
+# Planning: arguments and options (every argument error raises here)
 # --------------------------------------------------------------------------------------------------------------
 
 OPTIONS = frozenset(
@@ -3145,6 +3162,11 @@ def _switched_on(option: bool | str | None, env_name: str) -> str | None:
     if isinstance(option, str):
         return f"{option} is set"
     return f"{env_name.removeprefix('CARBONAWARE_').lower()}=True" if option else None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning: zone, source chain, decision
+# --------------------------------------------------------------------------------------------------------------
 
 
 def plan_delay(
@@ -3740,7 +3762,7 @@ async def carbonaware_delay_async(
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Ledger: decisions, outcomes, report
+# Ledger: options and ids
 # --------------------------------------------------------------------------------------------------------------
 
 LEDGER_VERSION = 1
@@ -3785,7 +3807,9 @@ def _new_id() -> str:
     return os.urandom(8).hex()  # no uuid import: 64 random bits tell a ledger's decisions apart
 
 
-# ---- grams: small pure functions ------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# Grams: small pure functions
+# --------------------------------------------------------------------------------------------------------------
 
 
 def energy_kwh(power_kw: float | None, runtime: timedelta) -> float | None:
@@ -3826,7 +3850,9 @@ def _grams_text(plan: Plan) -> str:
     return text
 
 
-# ---- the ledger file: one JSON object a line, appended whole --------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# Ledger file: one JSON object a line, appended whole
+# --------------------------------------------------------------------------------------------------------------
 
 
 def append_records(path: str, records: Sequence[Mapping[str, Any]]) -> None:
@@ -3954,7 +3980,9 @@ def record_decision(plan: Plan, ledger: str | None = None) -> Plan:
     return plan
 
 
-# ---- realised outcomes ------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# Realised outcomes: measured history against starting at once
+# --------------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -4200,7 +4228,9 @@ def _estimated(outcome: Outcome, why: str) -> Outcome:
     )
 
 
-# ---- report: totals over a period -------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------------------
+# Report: totals over a period
+# --------------------------------------------------------------------------------------------------------------
 
 REPORT_RESOLVE_SECONDS = 60.0  # completing pending outcomes stops after this; the rest stay pending for next time
 
