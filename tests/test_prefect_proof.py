@@ -148,7 +148,9 @@ def test_a_failing_api_costs_the_work_nothing(
     def refuse(*_: Any, **__: Any) -> None:
         raise RuntimeError("API down")
 
-    monkeypatch.setattr(cp, "_api_url", lambda: f"http://{refused_host()}/api")  # the artifacts' API: refused
+    monkeypatch.setattr(
+        cp, "_configured_api_url", lambda: f"http://{refused_host()}/api"
+    )  # the artifacts' API: refused
     monkeypatch.setattr(prefect.events, "emit_event", refuse)
 
     @task(name="proof-broken")
