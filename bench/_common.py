@@ -5,13 +5,16 @@ Stdlib only, so ``bench_core.py`` stays runnable from a clean clone with nothing
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import socket
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -138,3 +141,43 @@ def machine_summary() -> str:
         f"{model}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
         f"Python {platform.python_version()} ({sys.executable}), {when}, load average {load}"
     )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_healthy(url: str, seconds: float = 120.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)  # polling a server that has no readiness signal of its own
+    raise SystemExit(f"prefect server at {url} did not become healthy in {seconds:.0f}s")
+
+
+@contextlib.contextmanager
+def prefect_server(env: Mapping[str, str], port: int = 0) -> Iterator[str]:
+    """A ``prefect server`` in its own process on 127.0.0.1 (a free port unless given); yields its API URL once it
+    answers, and stops it afterwards. The UI's browser side is pointed at the same API."""
+    port = port or free_port()
+    url = f"http://127.0.0.1:{port}/api"
+    prefect = str(Path(sys.executable).with_name("prefect"))
+    server = subprocess.Popen(
+        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env={**env, "PREFECT_API_URL": url, "PREFECT_UI_API_URL": url},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_healthy(url)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

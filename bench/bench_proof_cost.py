@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import REPO_ROOT, clean_env
+from _common import REPO_ROOT, clean_env, prefect_server
 
 CHILD = r"""
 import json, sys, time
@@ -78,25 +75,6 @@ print(json.dumps(results))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(url: str, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"prefect server at {url} did not become healthy in {seconds:.0f}s")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=200)
@@ -107,18 +85,8 @@ def main() -> int:
     args = parser.parse_args()
     python = sys.executable
     home = tempfile.mkdtemp(prefix="carbonaware-bench-prefect-")
-    port = args.port or free_port()
-    url = f"http://127.0.0.1:{port}/api"
     env = clean_env({"PREFECT_HOME": home, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
-    prefect = str(Path(python).with_name("prefect"))
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_healthy(url)
+    with prefect_server(env, args.port) as url:
         child_env = {**env, "PREFECT_API_URL": url, "PREFECT_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(REPO_ROOT)}
         ledger = os.path.join(home, "ledger.jsonl")
         done = subprocess.run(
@@ -143,9 +111,6 @@ def main() -> int:
             print(done.stderr[-4000:], file=sys.stderr)
             return 1
         rounds = json.loads(done.stdout.strip().splitlines()[-1])
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     print(
         f"{args.tasks} mapped tasks per flow, {args.rounds} rounds after a warm-up; prefect server in its own process"
     )

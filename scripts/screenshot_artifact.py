@@ -13,15 +13,14 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "bench"))
+from _common import prefect_server  # noqa: E402 - the benchmarks' server helper
 
 FLOW = r"""
 import sys
@@ -56,25 +55,6 @@ print(artifacts[-1].id)
 """
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_healthy(url: str, seconds: float = 120.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"prefect server at {url} did not become healthy in {seconds:.0f}s")
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(ROOT / "docs" / "prefect-artifact.png"))
@@ -85,34 +65,21 @@ def main() -> int:
     if browser is None:
         raise SystemExit("needs Chromium: apt-get install -y chromium")
     home = tempfile.mkdtemp(prefix="carbonaware-screenshot-")
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "CARBONAWARE_"))}
     env.update(PREFECT_HOME=home, DO_NOT_TRACK="1", PREFECT_SERVER_ANALYTICS_ENABLED="false")
-    prefect = str(Path(sys.executable).with_name("prefect"))
-    server = subprocess.Popen(
-        [prefect, "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env={**env, "PREFECT_API_URL": api, "PREFECT_UI_API_URL": api},  # the UI's browser side calls this
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_healthy(api)
+    with prefect_server(env) as api:
         flow_env = {**env, "PREFECT_API_URL": api, "CARBONAWARE_DRY_RUN": "1", "PYTHONPATH": str(ROOT)}
         ran = subprocess.run(
             [sys.executable, "-c", FLOW, args.kind], env=flow_env, cwd=ROOT, capture_output=True, text=True, check=True
         )
         artifact_id = ran.stdout.strip().splitlines()[-1]
-        page = f"http://127.0.0.1:{port}/artifacts/artifact/{artifact_id}"
+        page = f"{api.removesuffix('/api')}/artifacts/artifact/{artifact_id}"
         subprocess.run(
             [browser, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
              f"--window-size={args.size}", "--virtual-time-budget=20000", f"--screenshot={args.out}", page],
             check=True, capture_output=True, timeout=180,
         )  # fmt: skip
         print(f"{args.out}: {page}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return 0
 
 
