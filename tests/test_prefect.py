@@ -31,6 +31,7 @@ import carbonaware_core
 import carbonaware_prefect as cp
 from tests import prefect_helpers as helpers
 from tests.loopback import LoopbackServer, Reply, Seen, serving
+from tests.prefect_helpers import wait_for
 
 ZONE = {"provider": "aws", "region": "us-east-1"}
 WINDOW = timedelta(minutes=5)
@@ -81,17 +82,6 @@ def scheduler(monkeypatch: pytest.MonkeyPatch) -> Iterator[Scheduler]:
         server.route("POST", "/v0/schedule/", answer)
         monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", server.url)
         yield answer
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll until ``predicate`` returns something truthy; fail with ``what`` at the deadline."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ import carbonaware_prefect as cp
 from carbonaware_core import CloudZone, ForecastPoint, Plan
 from tests import prefect_helpers as helpers
 from tests.loopback import HostedScheduler, Reply, serving
+from tests.prefect_helpers import wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 ZONE = {"provider": "aws", "region": "us-east-1"}
@@ -54,15 +55,6 @@ def scheduler(monkeypatch: pytest.MonkeyPatch) -> Iterator[HostedScheduler]:
 def asked_window(hosted: HostedScheduler) -> timedelta:
     window = hosted.calls[-1].json()["windows"][0]
     return datetime.fromisoformat(window["end"]) - datetime.fromisoformat(window["start"])
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 # --------------------------------------------------------------------------------------------------------------

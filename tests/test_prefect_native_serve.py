@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import time
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
@@ -26,6 +25,7 @@ import carbonaware_prefect as cp
 from tests import prefect_helpers
 from tests import prefect_native_helpers as helpers
 from tests.loopback import LoopbackServer, Reply, Seen, serving
+from tests.prefect_helpers import wait_for
 
 UTC = timezone.utc
 OFFSET = 8.0  # seconds from the request to the scheduler's ideal start: room for the runner to pick the run up
@@ -105,16 +105,6 @@ def runs_of(deployment_id: Any, label: str) -> list[FlowRun]:
     with get_client(sync_client=True) as client:
         runs = client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
     return sorted((r for r in runs if r.parameters.get("label") == label), key=lambda r: r.created or datetime.min)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
 
 
 def finished(deployment_id: Any, label: str, count: int) -> Callable[[], list[FlowRun] | None]:
