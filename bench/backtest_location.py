@@ -157,6 +157,7 @@ def load_set(data_dir: Path, zones: Sequence[str], year: int, holdout: str = "au
 
 
 def check_same_hours(zones: Sequence[Zone]) -> None:
+    """Zones are compared hour by hour: a set whose files cover different hours would compare different moments."""
     first = zones[0].truth
     for zone in zones[1:]:
         if zone.truth.origin != first.origin or len(zone.truth.values) != len(first.values):
@@ -185,6 +186,7 @@ def best_in_zone(index: int, forecast: Series, truth: Series, now_h: float, conf
 
 
 def at_once_in_zone(index: int, forecast: Series, truth: Series, now_h: float, config: Config) -> Candidate:
+    """Starting now in the zone: the location lever's candidate, and the baseline of every saving in the home zone."""
     return Candidate(index, now_h, forecast.mean(now_h, config.job_h), truth.mean(now_h, config.job_h))
 
 
