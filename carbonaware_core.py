@@ -101,6 +101,40 @@ class CloudZone:
 
 
 @dataclass(frozen=True)
+class Place:
+    """A candidate place to run: a cloud zone, or a grid zone alone (on-premises, written ``grid:FR``). A grid
+    place's plan has ``zone`` None and ``grid_zone`` set, as a plan for ``grid_zone="FR"`` has today."""
+
+    cloud: CloudZone | None = None
+    grid: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.cloud) if self.cloud is not None else f"grid:{self.grid}"
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One candidate place of a plan over several: its best allowed start and mean there, or why it has none."""
+
+    zone: str  # as written in ``zones``: "aws:eu-west-1", "grid:FR"
+    start: datetime | None
+    mean: float | None
+    unit: str
+    source: str
+    note: str = ""  # why it was not compared (its sources failed, its unit differs), when it was not
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "zone": self.zone,
+            "start": None if self.start is None else _iso(self.start),
+            "mean": _round_or_none(self.mean),
+            "unit": self.unit,
+            "source": self.source,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
 class ForecastPoint:
     """Mean carbon intensity over [start, end): providers report interval averages, not instants."""
 
@@ -130,6 +164,10 @@ class Plan:
     forecast: tuple[ForecastPoint, ...] = field(default=(), repr=False, compare=False)
     power_kw: float | None = None  # the job's average draw, as the caller gave it: no grams without it
     id: str = field(default="", compare=False)  # links the decision to its outcome in a ledger
+    # a plan over several places (``zones``): every candidate's best start, home first; and what moving the start
+    # alone would save in the home zone (``savings`` is the saving of moving both, against starting there at once)
+    alternatives: tuple[Alternative, ...] = ()
+    time_savings: float | None = None
 
     @property
     def waits(self) -> bool:
@@ -176,6 +214,15 @@ class Plan:
             "emissions_g": _round_or_none(self.emissions_g, 3),
             "emissions_now_g": _round_or_none(self.emissions_now_g, 3),
             "avoided_g": _round_or_none(self.avoided_g, 3),
+            **self._where_dict(),
+        }
+
+    def _where_dict(self) -> dict[str, Any]:
+        if not self.alternatives:  # a one-place plan's document stays as it was
+            return {}
+        return {
+            "alternatives": [alternative.to_dict() for alternative in self.alternatives],
+            "time_savings": _round_or_none(self.time_savings, 4),
         }
 
 
@@ -619,6 +666,126 @@ def _covered_from(starts: Sequence[float], ends: Sequence[float], t: float) -> f
 
 def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The planner over places and allowed starts: the question, feasible starts, the joint optimum, the decision rule
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a plan answers: where (``places``; ``places[0]`` is home, the baseline for savings and the winner of
+    ties) and when (a start in [earliest, earliest + window], inside ``allowed`` when given, finishing by
+    ``finish_by`` when given). How to ask it (sources, timeout, hooks) is not part of the question."""
+
+    places: tuple[Place, ...]
+    duration: timedelta
+    earliest: datetime
+    window: timedelta
+    finish_by: datetime | None = None
+    allowed: tuple[tuple[datetime, datetime], ...] = ()
+    min_savings: float = 0.0
+    power_kw: float | None = None
+    replay: bool = False  # ``earliest`` is the caller's ``now``, not the clock's
+
+    def start_intervals(self) -> tuple[tuple[datetime, datetime], ...]:
+        """[earliest, earliest + window] ∩ allowed ∩ (-inf, finish_by - duration], as sorted disjoint intervals."""
+        t0 = self.earliest.timestamp()
+        found = feasible_starts(
+            t0,
+            t0 + self.window.total_seconds(),
+            [(lo.timestamp(), hi.timestamp()) for lo, hi in self.allowed],
+            None if self.finish_by is None else self.finish_by.timestamp(),
+            self.duration.total_seconds(),
+        )
+        return tuple((_utc(lo), _utc(hi)) for lo, hi in found)
+
+
+def feasible_starts(
+    earliest: float,
+    latest: float,
+    allowed: Sequence[tuple[float, float]],
+    finish_by: float | None,
+    length: float,
+) -> list[tuple[float, float]]:
+    """The starts a job may take, as sorted disjoint closed intervals: inside [earliest, latest], inside one of
+    ``allowed`` (all of the range when empty), and early enough to end by ``finish_by``."""
+    top = latest if finish_by is None else min(latest, finish_by - length)
+    pieces = sorted((max(lo, earliest), min(hi, top)) for lo, hi in (allowed or [(earliest, top)]))
+    merged: list[tuple[float, float]] = []
+    for lo, hi in pieces:
+        if lo > hi:
+            continue
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def lowest_mean_start_within(
+    starts: Sequence[float],
+    ends: Sequence[float],
+    values: Sequence[float],
+    intervals: Sequence[tuple[float, float]],
+    length: float,
+) -> tuple[float, float] | None:
+    """``lowest_mean_start`` over a union of sorted disjoint start intervals: (start, mean) of the lowest mean,
+    the earliest start among equals; None if no allowed start is covered."""
+    best: tuple[float, float] | None = None
+    for lo, hi in intervals:
+        found = lowest_mean_start(starts, ends, values, lo, hi, length)
+        if found is not None and (best is None or _better(found[1], found[0], best[1], best[0])):
+            best = found
+    return best
+
+
+def best_place(candidates: Sequence[tuple[float, float] | None]) -> int | None:
+    """Index of the best (start, mean) among places (None: no answer). The lowest mean wins; among equal means
+    (within 1e-9 relative) the home place (index 0), then the earliest start, then the order given."""
+    chosen: int | None = None
+    for index, candidate in enumerate(candidates):
+        if candidate is None:
+            continue
+        if chosen is None:
+            chosen = index
+            continue
+        best = candidates[chosen]
+        assert best is not None
+        tolerance = 1e-9 * max(1.0, abs(best[1]))
+        if candidate[1] < best[1] - tolerance:
+            chosen = index
+        elif abs(candidate[1] - best[1]) <= tolerance and chosen != 0 and candidate[0] < best[0]:
+            chosen = index
+    return chosen
+
+
+def decide(
+    now_mean: float | None,
+    best_mean: float | None,
+    start_is_now: bool,
+    min_savings: float,
+    stated: float | None = None,
+) -> tuple[str, float | None]:
+    """The rule every plan follows, public so that backtests apply the same: (reason, predicted saving of the best
+    start against starting at once). "already-best" when the best start is now or saves a negligible amount,
+    "below-threshold" when ``min_savings`` > 0 and the saving is below it or unknown, else "optimal".
+    ``stated``: the source's own saving, used when the means do not tell."""
+    savings = _savings(now_mean, best_mean)
+    if savings is None:
+        savings = stated
+    if start_is_now or (savings is not None and savings < NEGLIGIBLE_SAVINGS):
+        return "already-best", savings
+    if min_savings > 0 and (savings is None or savings < min_savings):
+        return "below-threshold", savings
+    return "optimal", savings
+
+
+def _savings(now_value: float | None, expected: float | None) -> float | None:
+    if now_value is None or expected is None or now_value <= 0:
+        return None
+    return (now_value - expected) / now_value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1860,12 +2027,6 @@ def _moer_g_per_kwh(value: Any, where: str) -> float | None:
             f"scheduler: {where}.co2_intensity is not a valid intensity ({_quote(repr(value), limit=40)})"
         )
     return float(value) * LBS_PER_MWH_TO_G_PER_KWH
-
-
-def _savings(now_value: float | None, expected: float | None) -> float | None:
-    if now_value is None or expected is None or now_value <= 0:
-        return None
-    return (now_value - expected) / now_value
 
 
 register_source(
@@ -3221,23 +3382,15 @@ def _decide(
     floor_name: str = "min_savings {:.1%}",
     notes: tuple[str, ...] = (),
 ) -> Plan:
-    savings = _savings(now_value, expected)
-    if savings is None:
-        savings = stated  # the source's own figure, when its intensities do not tell
-    if start <= query.now or (savings is not None and savings < NEGLIGIBLE_SAVINGS):
-        reason, start, expected, savings = (
-            "already-best",
-            query.now,
-            now_value if now_value is not None else expected,
-            0.0,
-        )
+    reason, savings = decide(now_value, expected, start <= query.now, min_savings, stated)
+    if reason == "already-best":
+        start, expected, savings = query.now, now_value if now_value is not None else expected, 0.0
         detail = "now is already the best time in the window"
-    elif min_savings > 0 and (savings is None or savings < min_savings):
-        known = "an unknown amount" if savings is None else f"{savings:.1%}"
-        detail = f"waiting would save {known}, below {floor_name.format(min_savings)}"
-        reason, start, expected, savings = "below-threshold", query.now, now_value, 0.0
+    elif reason == "below-threshold":
+        detail = _below_threshold_detail(savings, floor_name.format(min_savings))
+        start, expected, savings = query.now, now_value, 0.0
     else:
-        reason, detail = "optimal", f"best start in the next {_human(query.window)}"
+        detail = f"best start in the next {_human(query.window)}"
     if shortened:
         detail += "; the forecast ends before the job would, so only its covered part was compared"
     for note in notes:
@@ -3260,6 +3413,11 @@ def _decide(
         window=query.window,
         forecast=points,
     )
+
+
+def _below_threshold_detail(savings: float | None, floor: str) -> str:
+    known = "an unknown amount" if savings is None else f"{savings:.1%}"
+    return f"waiting would save {known}, below {floor}"
 
 
 def _run_now(request: _Request, now: datetime, zone: CloudZone | None, source: str, reason: str, detail: str) -> Plan:
