@@ -171,7 +171,9 @@ class Plan:
 
     @property
     def waits(self) -> bool:
-        return self.delay > timedelta(0) and self.reason == "optimal"
+        """Whether the work starts later. Only optimal starts are later, except with ``windows``/``deadline``: then
+        the earliest allowed start, even when it is "already-best", may lie ahead."""
+        return self.delay > timedelta(0) and self.reason in ("optimal", "already-best", "below-threshold")
 
     @property
     def energy_kwh(self) -> float | None:
@@ -754,9 +756,8 @@ def best_place(candidates: Sequence[tuple[float, float] | None]) -> int | None:
         best = candidates[chosen]
         assert best is not None
         tolerance = 1e-9 * max(1.0, abs(best[1]))
-        if candidate[1] < best[1] - tolerance:
-            chosen = index
-        elif abs(candidate[1] - best[1]) <= tolerance and chosen != 0 and candidate[0] < best[0]:
+        lower = candidate[1] < best[1] - tolerance
+        if lower or (abs(candidate[1] - best[1]) <= tolerance and chosen != 0 and candidate[0] < best[0]):
             chosen = index
     return chosen
 
@@ -2904,6 +2905,7 @@ OPTIONS = frozenset(
     {"source", "min_savings", "now", "timeout", "logger", "grid_zone", "on_plan", "replan", "replan_every"}
     | {"credentials", "disable", "dry_run"}
     | {"power_kw", "ledger"}
+    | {"zones", "home", "windows", "deadline"}
 )
 CREDENTIAL_NAMES = frozenset({"ELECTRICITYMAPS_API_KEY", "WATTTIME_USERNAME", "WATTTIME_PASSWORD"})
 REPLAN_AFTER = timedelta(hours=1)  # waits longer than this re-check the forecast by default
@@ -2929,6 +2931,28 @@ class _Request:
     dry_run: bool | str | None = None  # None: CARBONAWARE_DRY_RUN
     power_kw: float | None = None
     ledger: str | None = None  # None: CARBONAWARE_LEDGER, read when a record is written
+    places: tuple[Place, ...] = ()  # ``zones``: candidates besides home
+    home: bool = True  # the home zone (given or detected) is a candidate, and the baseline
+    allowed: tuple[tuple[datetime, datetime], ...] = ()  # ``windows``: allowed start intervals, UTC
+    finish_by: datetime | None = None  # ``deadline``, UTC
+
+    @property
+    def where_and_when(self) -> bool:
+        """Whether the question goes beyond one zone and one window from now (then the joint planner answers)."""
+        return bool(self.places or self.allowed or self.finish_by is not None or not self.home)
+
+    def question(self, now: datetime, places: tuple[Place, ...]) -> Question:
+        return Question(
+            places=places,
+            duration=self.duration,
+            earliest=now,
+            window=self.window,
+            finish_by=self.finish_by,
+            allowed=self.allowed,
+            min_savings=self.min_savings,
+            power_kw=self.power_kw,
+            replay=self.now is not None,
+        )
 
 
 def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, options: Mapping[str, Any]) -> _Request:
@@ -2971,7 +2995,11 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
     if not isinstance(replan_every, timedelta) or replan_every < timedelta(minutes=1):
         raise ValueError("replan_every must be a timedelta of at least one minute")
     credentials = _credentials_option(options.get("credentials"))
-    switches = {name: _switch_option(name, options.get(name)) for name in ("disable", "dry_run")}
+    disable, dry_run = (
+        _switch_option("disable", options.get("disable")),
+        _switch_option("dry_run", options.get("dry_run")),
+    )
+    where: dict[str, Any] = _where_and_when_options(now or _utc(CLOCK.time()), window, duration, zone, options)
     return _Request(
         window=window,
         duration=duration,
@@ -2986,10 +3014,111 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         replan=replan,
         replan_every=replan_every,
         credentials=credentials,
-        **switches,
+        disable=disable,
+        dry_run=dry_run,
         power_kw=check_power_kw(options.get("power_kw")),
         ledger=check_ledger_option(options.get("ledger")),
+        **where,
     )
+
+
+def _where_and_when_options(
+    now: datetime, window: timedelta, duration: timedelta, zone: CloudZone | None, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``zones``, ``home``, ``windows`` and ``deadline``, checked, and checked to leave at least one start."""
+    places = zones_option(options.get("zones"))
+    home = options.get("home", True)
+    if not isinstance(home, bool):
+        raise TypeError("home must be True or False (False: only the given zones are candidates)")
+    if not home and not places:
+        raise ValueError("home=False leaves no candidate: give zones, e.g. zones=['aws:eu-north-1']")
+    allowed = windows_option(options.get("windows"))
+    finish_by = _aware_option("deadline", options.get("deadline"))
+    question = Question((), duration, now, window, finish_by, allowed)
+    if not question.start_intervals():
+        raise ValueError(_no_start_message(now, window, duration, allowed, finish_by))
+    places = tuple(dict.fromkeys(place for place in places if home is False or place.cloud != zone or zone is None))
+    return {"places": places, "home": home, "allowed": allowed, "finish_by": finish_by}
+
+
+def _no_start_message(
+    now: datetime, window: timedelta, duration: timedelta, allowed: Sequence[Any], finish_by: datetime | None
+) -> str:
+    if finish_by is not None and finish_by - duration < now:
+        return f"deadline {_iso(finish_by)} leaves no room for a {_human(duration)} job starting at {_iso(now)}"
+    if finish_by is not None and allowed:
+        return f"no window allows a start that finishes by the deadline {_iso(finish_by)}"
+    if finish_by is not None:
+        return f"deadline {_iso(finish_by)} leaves no start in the window"
+    return f"the windows lie wholly outside [{_iso(now)}, {_iso(now + window)}] (now plus the window)"
+
+
+def parse_zone(text: Any) -> Place:
+    """A candidate zone: "aws:eu-west-1" (provider:region), "grid:FR" (a grid zone, for on-premises), a
+    ``(provider, region)`` pair, a CloudZone or a Place. Unknown providers and malformed strings raise."""
+    if isinstance(text, Place):
+        return text
+    if isinstance(text, CloudZone):
+        return Place(cloud=_explicit_zone(text.provider, text.region))
+    if isinstance(text, tuple) and len(text) == 2:
+        return Place(cloud=_explicit_zone(*text))
+    if not isinstance(text, str):
+        raise TypeError(f"a zone is 'provider:region', 'grid:ZONE' or a (provider, region) pair, not {text!r}")
+    kind, sep, rest = text.strip().partition(":")
+    if not sep or not rest.strip():
+        raise ValueError(f"unknown zone {text!r}: write 'aws:eu-west-1', 'gcp:europe-west1' or 'grid:FR'")
+    if kind.strip().lower() == "grid":
+        key = rest.strip()
+        if not re.fullmatch(r"[A-Za-z]{2}(?:-[A-Za-z0-9]+)*", key):
+            raise ValueError(f"unknown grid zone {key!r}: an Electricity Maps zone key such as FR, DE or US-CAL-CISO")
+        return Place(grid=key)
+    if kind.strip().lower() not in PROVIDERS:
+        raise ValueError(f"unknown provider {kind.strip()!r} in zone {text!r}; expected grid or {', '.join(PROVIDERS)}")
+    return Place(cloud=_explicit_zone(kind, rest))
+
+
+def zones_option(value: Any) -> tuple[Place, ...]:
+    """``zones``: None, one zone string (commas separate several), or an iterable of zones (see parse_zone)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, tuple) and len(value) == 2 and all(isinstance(part, str) for part in value):
+        value = [value]  # one (provider, region) pair
+    if not _is_iterable(value):
+        raise TypeError(f"zones must be zone strings or (provider, region) pairs, not {type(value).__name__}")
+    places = tuple(parse_zone(item) for item in value)
+    if not places:
+        raise ValueError("zones is empty: give at least one, e.g. zones=['aws:eu-north-1'], or leave it out")
+    return places
+
+
+def windows_option(value: Any) -> tuple[tuple[datetime, datetime], ...]:
+    """``windows``: (start, end) pairs of aware datetimes, start before end; UTC, sorted."""
+    if value is None:
+        return ()
+    if not _is_iterable(value) or isinstance(value, (str, bytes)):
+        raise TypeError("windows must be (start, end) pairs of timezone-aware datetimes")
+    pairs = []
+    for item in value:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"a window is a (start, end) pair of datetimes, not {item!r}")
+        start, end = (_aware_option("a window's start", item[0]), _aware_option("a window's end", item[1]))
+        assert start is not None and end is not None
+        if not start < end:
+            raise ValueError(f"window {_iso(start)}..{_iso(end)} is empty or inverted: its start must come first")
+        pairs.append((start, end))
+    if not pairs:
+        raise ValueError("windows is empty: give at least one (start, end) pair, or leave it out")
+    return tuple(sorted(pairs))
+
+
+def _aware_option(name: str, value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, not {value!r}")
+    return value.astimezone(timezone.utc)
 
 
 def _credentials_option(credentials: Any) -> tuple[tuple[str, str], ...]:
@@ -3138,7 +3267,7 @@ def _plan(request: _Request) -> Plan:
     if (disabled := _switched_on(request.disable, "CARBONAWARE_DISABLE")) is not None:
         return _run_now(request, now, None, "-", "disabled", disabled)
     try:
-        plan = _plan_with_sources(request, now)
+        plan = _plan_where_and_when(request, now) if request.where_and_when else _plan_with_sources(request, now)
     except Exception as exc:  # noqa: BLE001 - last line of fail-open: a bug here must not break user work
         detail = f"internal error: {type(exc).__name__}: {exc}"
         plan = _run_now(request, now, request.zone, "-", "source-failed", detail)
@@ -3459,12 +3588,15 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
     ``scheduled=True``: a run that Prefect's scheduler starts at the plan's start, nothing sleeps either)."""
     where = str(plan.zone) if plan.zone else (plan.grid_zone or "unknown zone")
     fell_back = f" (after {'; '.join(plan.fallbacks)})" if plan.fallbacks else ""
-    if plan.reason in ("optimal", "dry-run") and plan.delay > timedelta(0):
+    if plan.delay > timedelta(0) and plan.reason in ("optimal", "dry-run", "already-best", "below-threshold"):
         numbers = ""
         if plan.now is not None and plan.expected is not None:
             numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
             if plan.savings is not None:
                 numbers += f" (-{plan.savings:.1%})"
+        numbers += _time_only_text(plan)
+        if plan.reason in ("already-best", "below-threshold"):  # the earliest allowed start lies ahead
+            numbers += f" ({plan.reason}: {plan.detail})"
         if scheduled:
             verb = "would schedule the run" if plan.reason == "dry-run" else "run scheduled"
             when = f"{verb} {_human(plan.delay)} later, at {_iso(plan.start)},"
@@ -3475,6 +3607,13 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
         return f"carbonaware: {when} for {where} via {plan.source}{numbers}{_grams_text(plan)}{fell_back}"
     verb = "run starts now" if scheduled else "running now" if waiting else "start now"
     return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail}){_grams_text(plan)}"
+
+
+def _time_only_text(plan: Plan) -> str:
+    """Beside the saving of moving place and start, what moving the start alone would save at home."""
+    if len(plan.alternatives) < 2 or plan.time_savings is None:
+        return ""
+    return f"; time only, in {plan.alternatives[0].zone}: -{plan.time_savings:.1%}"
 
 
 def report_plan(
@@ -3494,6 +3633,380 @@ def report_plan(
             on_plan(plan)
         except Exception as exc:  # noqa: BLE001 - a reporting hook must not break the work
             log.warning("carbonaware: on_plan hook failed: %s: %s", type(exc).__name__, exc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning: where and when (several places, allowed starts, a finish-by deadline)
+# --------------------------------------------------------------------------------------------------------------
+# Each place's series comes through its own source chain and the one cache, all places at once (threads, each
+# bounded by what is left of the window); the hosted scheduler, whose API takes lists of zones and windows, is asked
+# once for every place it serves. Then one exact choice over (place, start): ``lowest_mean_start`` per place and
+# allowed interval, ``best_place`` across places, ``decide`` against starting at once in the home place.
+
+
+@dataclass(frozen=True)
+class _PlaceAnswer:
+    """What one place's chain gave: its best allowed start and mean (epoch seconds), and the mean at the earliest
+    allowed start (for the home place: the baseline), or only the failures."""
+
+    place: Place
+    label: str = "-"
+    start: float | None = None
+    mean: float | None = None
+    first_mean: float | None = None
+    unit: str = G_PER_KWH
+    grid_zone: str | None = None
+    points: tuple[ForecastPoint, ...] = ()
+    floor: float | None = None  # the source's own minimum predicted saving (the offline model's)
+    notes: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()
+
+    @property
+    def answered(self) -> bool:
+        return self.start is not None and self.mean is not None
+
+
+def _candidate_places(request: _Request, spec: Any) -> tuple[Place, ...]:
+    """Home first (given, else detected when a source would use it; with the grid zone), then ``zones``."""
+    places: list[Place] = []
+    if request.home:
+        zone = request.zone or (detect_cloud_zone() if _uses_zone(spec) else None)
+        grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
+        if zone is not None or grid_zone is not None:
+            places.append(Place(zone, grid_zone))
+    for place in request.places:
+        if not any(place == known or (place.cloud and place.cloud == known.cloud) for known in places):
+            places.append(place)
+    return tuple(places)
+
+
+def _plan_where_and_when(request: _Request, now: datetime) -> Plan:
+    spec = _source_spec(request)
+    places = _candidate_places(request, spec)
+    if not places:
+        no_zone = "no cloud zone: give provider and region, or zones (or set CARBONAWARE_PROVIDER/CARBONAWARE_REGION)"
+        return _run_now(request, now, None, "-", "no-zone", no_zone)
+    question = request.question(now, places)
+    intervals = [(lo.timestamp(), hi.timestamp()) for lo, hi in question.start_intervals()]
+    if not intervals:  # time passed since the arguments were checked (a re-plan late in the window, say)
+        return _run_now(request, now, places[0].cloud, "-", "already-best", "no allowed start is left in the window")
+    deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
+    queries = [
+        Query(place.cloud, place.grid, now, request.window, request.duration, request.timeout, None,
+              request.now is not None, deadline, credentials=request.credentials)
+        for place in places
+    ]  # fmt: skip
+    hosted = _hosted_once(places, intervals, queries[0])
+    jobs = [_place_job(place, spec, query, intervals, hosted) for place, query in zip(places, queries, strict=True)]
+    answers = _answers_within(jobs, places, deadline)
+    return _joint_plan(question, intervals, answers, request)
+
+
+def _place_job(
+    place: Place,
+    spec: Any,
+    query: Query,
+    intervals: Sequence[tuple[float, float]],
+    hosted: Callable[[Query], Decision],
+) -> Callable[[], _PlaceAnswer]:
+    return lambda: _place_answer(place, spec, query, intervals, hosted)
+
+
+def _place_answer(
+    place: Place,
+    spec: Any,
+    query: Query,
+    intervals: Sequence[tuple[float, float]],
+    hosted: Callable[[Query], Decision],
+) -> _PlaceAnswer:
+    """The first source of the chain whose answer allows a start, measured over the allowed intervals."""
+    failures: list[str] = []
+    for label, attempt in _attempts(spec, query):
+        try:
+            result = hosted(query) if label == "carbonaware" and isinstance(spec, str) else attempt()
+            answer = _measured_answer(place, label, result, query, intervals)
+        except _NoZone:
+            failures.append(f"{label}: no cloud or grid zone")
+            continue
+        except SourceError as error:
+            failures.append(f"{label}: {error}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a broken source must not end the chain
+            failures.append(f"{label}: internal error: {type(exc).__name__}: {_quote(str(exc), limit=160)}")
+            continue
+        return replace(answer, failures=tuple(failures))
+    return _PlaceAnswer(place, failures=tuple(failures) or ("no source answered",))
+
+
+def _measured_answer(
+    place: Place, label: str, result: SourceResult, query: Query, intervals: Sequence[tuple[float, float]]
+) -> _PlaceAnswer:
+    if isinstance(result, Decision):
+        start = _allowed_start(result.start.timestamp(), intervals)
+        if start is None:
+            raise SourceError(f"its start {_iso(result.start)} is not an allowed start")
+        return _PlaceAnswer(place, label, start, result.expected, result.now, result.unit, place.grid,
+                            notes=(result.note,) if result.note else ())  # fmt: skip
+    if not isinstance(result, Forecast):
+        raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
+    if not all(isinstance(p, ForecastPoint) for p in result.points):
+        raise SourceError("source returned items that are not ForecastPoint")
+    points = tuple(_aware(p) for p in result.points)
+    starts, ends, values = _series_arrays(points, query.now.timestamp())
+    length = min(query.duration, HORIZON_CAP).total_seconds()
+    best = lowest_mean_start_within(starts, ends, values, intervals, length)
+    if best is None:
+        raise SourceError("its forecast covers no allowed start and the whole job after it")
+    first = lowest_mean_start(starts, ends, values, intervals[0][0], intervals[0][0], length)
+    notes = (result.attribution,) if result.attribution else ()
+    return _PlaceAnswer(
+        place, result.label or label, best[0], best[1], None if first is None else first[1], result.unit,
+        result.grid_zone or place.grid, points, result.min_savings, notes,
+    )  # fmt: skip
+
+
+def _allowed_start(start: float, intervals: Sequence[tuple[float, float]]) -> float | None:
+    """A decided start inside an allowed interval, or one 5-minute step past its end (the hosted scheduler's grid):
+    then the interval's end; None when it is not allowed."""
+    step = _DECISION_STEP.total_seconds()
+    for lo, hi in intervals:
+        if lo - 1 <= start <= hi + step:
+            return min(max(start, lo), hi)
+    return None
+
+
+def _answers_within(
+    jobs: Sequence[Callable[[], _PlaceAnswer]], places: Sequence[Place], deadline: float
+) -> list[_PlaceAnswer]:
+    """Every place's answer, all asked at once; a place without an answer when the window ends has failed."""
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    answers: list[_PlaceAnswer | None] = [None] * len(jobs)
+
+    def run(index: int) -> None:
+        answers[index] = jobs[index]()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name="carbonaware-place") for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - CLOCK.monotonic()))
+    return [
+        answer if answer is not None else _PlaceAnswer(place, failures=("no answer within the window",))
+        for answer, place in zip(answers, places, strict=True)
+    ]
+
+
+def _comparable(unit: str) -> tuple[str, bool]:
+    return signal_of(unit), is_grams_per_kwh(unit)
+
+
+def _agreeing_unit(answers: Sequence[_PlaceAnswer]) -> tuple[str, bool] | None:
+    """The unit places are compared in: the home place's when it answered, else the most common (first wins)."""
+    answered = [answer for answer in answers if answer.answered]
+    if not answered:
+        return None
+    if answers[0].answered:
+        return _comparable(answers[0].unit)
+    kinds = [_comparable(answer.unit) for answer in answered]
+    return max(kinds, key=kinds.count)
+
+
+def _joint_plan(
+    question: Question, intervals: Sequence[tuple[float, float]], answers: Sequence[_PlaceAnswer], request: _Request
+) -> Plan:
+    now, several = question.earliest, len(answers) > 1
+    unit = _agreeing_unit(answers)
+    dropped = [
+        answer for answer in answers if answer.answered and unit is not None and _comparable(answer.unit) != unit
+    ]
+    reference = answers[0].unit if answers[0].answered else "the other zones'"
+    notes = [f"{a.place} left out: {a.label} gives {a.unit}, not comparable with {reference}" for a in dropped]
+    usable = [answer if answer.answered and answer not in dropped else None for answer in answers]
+    failures = [
+        f"{answer.place}: {failure}" if several else failure for answer in answers for failure in answer.failures
+    ]
+    chosen = best_place([None if a is None else (a.start or 0.0, a.mean or 0.0) for a in usable])
+    alternatives = tuple(_alternative(answer, answer in dropped) for answer in answers) if several else ()
+    if chosen is None:
+        detail = "; ".join([*failures, *notes]) or "no source answered"
+        plan = _run_now(request, now, answers[0].place.cloud, "-", "source-failed", detail)
+        return replace(plan, fallbacks=tuple(failures), alternatives=alternatives)
+    best = answers[chosen]
+    home = usable[0]
+    baseline = home.first_mean if home is not None else None
+    earliest = intervals[0][0]
+    start_is_now = chosen == 0 and (best.start or earliest) <= earliest + 1e-6
+    floor, floor_name = question.min_savings, "min_savings {:.1%}"
+    own = best.floor
+    if isinstance(own, (int, float)) and not isinstance(own, bool) and question.min_savings < own < 1:
+        floor = float(own)
+        floor_name = f"the {best.label} model's minimum for {best.grid_zone or 'this zone'}, {{:.1%}}"
+    reason, savings = decide(baseline, best.mean, start_is_now, floor)
+    if reason == "optimal":
+        where, start, expected = best, _utc(best.start or earliest), best.mean
+        detail = _where_and_when_detail(question, len(answers))
+    else:
+        where, start, expected = answers[0], _utc(earliest), baseline
+        detail = (
+            "the earliest allowed start is already the best"
+            if reason == "already-best"
+            else _below_threshold_detail(savings, floor_name.format(floor))
+        )
+        savings = 0.0
+    for note in (*notes, *best.notes):
+        detail += f"; {note}"
+    if failures:
+        detail += f"; after {'; '.join(failures)}"
+    time_savings = _savings(baseline, home.mean) if home is not None and several else None
+    return Plan(
+        start=start,
+        delay=start - now,
+        zone=where.place.cloud,
+        source=where.label,
+        expected=expected,
+        now=baseline,
+        savings=savings,
+        unit=where.unit,
+        reason=reason,
+        detail=detail,
+        grid_zone=where.grid_zone,
+        duration=question.duration,
+        window=question.window,
+        fallbacks=tuple(failures),
+        forecast=where.points,
+        alternatives=alternatives,
+        time_savings=time_savings,
+    )
+
+
+def _where_and_when_detail(question: Question, places: int) -> str:
+    what = f"best zone and start of {places} zones" if places > 1 else "best start"
+    constraints = []
+    if question.allowed:
+        constraints.append("inside the allowed windows")
+    if question.finish_by is not None:
+        constraints.append(f"finishing by {_iso(question.finish_by)}")
+    return f"{what} in the next {_human(question.window)}" + "".join(f", {c}" for c in constraints)
+
+
+def _alternative(answer: _PlaceAnswer, dropped: bool) -> Alternative:
+    if not answer.answered:
+        return Alternative(str(answer.place), None, None, answer.unit, answer.label, "; ".join(answer.failures))
+    note = "unit not comparable with the home zone's: left out" if dropped else ""
+    return Alternative(str(answer.place), _utc(answer.start or 0.0), answer.mean, answer.unit, answer.label, note)
+
+
+# ---- the hosted scheduler, asked once for every zone and window ---------------------------------------------------
+
+
+def _hosted_once(
+    places: Sequence[Place], intervals: Sequence[tuple[float, float]], query: Query
+) -> Callable[[Query], Decision]:
+    """Each place's hosted-scheduler decision, from one request naming every cloud zone it serves and every allowed
+    window (through the cache: concurrent places wait for that one request)."""
+    zones = tuple(
+        place.cloud
+        for place in places
+        if place.cloud is not None and place.cloud.region in SCHEDULER_REGIONS.get(place.cloud.provider, frozenset())
+    )
+    horizon_end = query.now.timestamp() + SCHEDULER_HORIZON.total_seconds()
+    windows = tuple(
+        (lo, max(hi, lo + SCHEDULER_SHORTEST_JOB.total_seconds())) for lo, hi in intervals if lo < horizon_end
+    )
+
+    def decision_for(asked: Query) -> Decision:
+        if asked.zone is None:
+            raise SourceError("the hosted scheduler needs a cloud zone")
+        if asked.zone not in zones:
+            raise SourceError(f"{asked.zone} is not supported by the hosted scheduler")
+        if asked.duration > SCHEDULER_HORIZON:
+            raise SourceError(f"a job over {_human(SCHEDULER_HORIZON)} is longer than the hosted scheduler's forecast")
+        if not windows:
+            raise SourceError(f"no allowed start lies within the hosted scheduler's {_human(SCHEDULER_HORIZON)}")
+        base = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL)
+        key = ("carbonaware-many", base, zones, asked.duration, windows, asked.now if asked.fixed_now else None)
+
+        def fetch_once() -> dict[CloudZone, Decision]:
+            CACHE.check_not_blocked("carbonaware")
+            try:
+                return _fetch_carbonaware_many(asked, zones, windows)
+            except SourceError as error:
+                if error.retry_after:
+                    CACHE.block("carbonaware", error)
+                raise
+
+        wait = min(asked.timeout + 1.0, max(0.0, asked.deadline - CLOCK.monotonic()))
+        decisions: dict[CloudZone, Decision] = CACHE.get(key, _shared_fetch(asked, fetch_once), ttl=300.0, wait=wait)
+        if asked.zone not in decisions:
+            raise SourceError(f"the hosted scheduler's options hold no allowed start for {asked.zone}")
+        return decisions[asked.zone]
+
+    return decision_for
+
+
+def _fetch_carbonaware_many(
+    query: Query, zones: Sequence[CloudZone], windows: Sequence[tuple[float, float]]
+) -> dict[CloudZone, Decision]:
+    url = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL) + "/v0/schedule/"
+    _require_safe_url(url, carries_secret=False)
+    payload = {
+        "duration": format_iso_duration(max(query.duration, SCHEDULER_SHORTEST_JOB)),
+        "windows": [{"start": _iso(_utc(lo)), "end": _iso(_utc(hi))} for lo, hi in windows],
+        "zones": [{"provider": zone.provider, "region": zone.region} for zone in zones],
+        "num_options": 3 * len(zones),  # options are ranked across zones: room for each zone's best
+    }
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    response = http_request("POST", url, headers=headers, body=_json_bytes(payload), timeout=query.budget())
+    if response.status == 422 and b"enum[" in response.body[:65536]:
+        raise SourceError("a zone is not supported by the hosted scheduler (HTTP 422)")
+    return _decisions_by_zone(expect_json(response, "scheduler"), zones, windows, query.now)
+
+
+def _decisions_by_zone(
+    document: Any, zones: Sequence[CloudZone], windows: Sequence[tuple[float, float]], now: datetime
+) -> dict[CloudZone, Decision]:
+    """Per zone, its lowest option (ideal included) starting in an allowed window (or one step past its end); the
+    naive case (the earliest start) gives the figure for starting at once in its zone."""
+    _field(document, "ideal", dict)
+    options = [document["ideal"], *(document.get("options") or [])]
+    naive = document.get("naive_case")
+    best: dict[CloudZone, tuple[float, float]] = {}  # zone -> (g/kWh, start)
+    for option in options if isinstance(options, list) else ():
+        found = _zoned_option(option, windows)
+        if found is None:
+            continue
+        zone, start, value = found
+        if zone in zones and (zone not in best or (value, start) < best[zone]):
+            best[zone] = (value, start)
+    naive_found = _zoned_option(naive, [(now.timestamp() - 900, now.timestamp() + 900)])
+    decisions = {}
+    for zone, (value, start) in best.items():
+        now_value = naive_found[2] if naive_found is not None and naive_found[0] == zone else None
+        decisions[zone] = Decision(_utc(start), value, now_value, _savings(now_value, value), "gCO2/kWh (marginal)")
+    return decisions
+
+
+def _zoned_option(option: Any, windows: Sequence[tuple[float, float]]) -> tuple[CloudZone, float, float] | None:
+    """(zone, allowed start, g/kWh) of one scheduler option, or None when malformed or not an allowed start."""
+    if not isinstance(option, dict) or not _valid_intensity(option.get("co2_intensity")):
+        return None
+    where = option.get("zone")
+    if (
+        not isinstance(where, dict)
+        or not isinstance(where.get("provider"), str)
+        or not isinstance(where.get("region"), str)
+    ):
+        return None
+    try:
+        moment = parse_datetime(str(option.get("time")))
+    except ValueError:
+        return None
+    start = _allowed_start(moment.timestamp(), windows)
+    if start is None:
+        return None
+    zone = CloudZone(where["provider"].lower(), where["region"])
+    return zone, start, float(option["co2_intensity"]) * LBS_PER_MWH_TO_G_PER_KWH
 
 
 # --------------------------------------------------------------------------------------------------------------
