@@ -3596,7 +3596,7 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
                 numbers += f" (-{plan.savings:.1%})"
         numbers += _time_only_text(plan)
         if plan.reason in ("already-best", "below-threshold"):  # the earliest allowed start lies ahead
-            numbers += f" ({plan.reason}: {plan.detail})"
+            numbers, fell_back = f"{numbers} ({plan.reason}: {plan.detail})", ""  # the detail names the failures
         if scheduled:
             verb = "would schedule the run" if plan.reason == "dry-run" else "run scheduled"
             when = f"{verb} {_human(plan.delay)} later, at {_iso(plan.start)},"
@@ -4972,6 +4972,14 @@ def _cli_parser() -> Any:
         sub.add_argument("--now", type=parse_datetime, help="plan as if it were this time (ISO-8601)")
         sub.add_argument("--power-kw", type=float, help="the job's average draw in kW: gives kWh and grams")
         sub.add_argument("--ledger", help="append the decision (and, for run, the outcome) to this JSON Lines file")
+        sub.add_argument(
+            "--zones", help="other candidate zones, comma-separated: aws:eu-north-1,gcp:europe-west1,grid:FR"
+        )
+        sub.add_argument("--no-home", action="store_true", help="only --zones are candidates, not the home zone")
+        sub.add_argument(
+            "--windows", type=_cli_windows, help="allowed starts, comma-separated START/END ISO-8601 pairs"
+        )
+        sub.add_argument("--deadline", type=parse_datetime, help="ISO-8601 time by which the job must finish")
         sub.add_argument("--json", action="store_true", help="print the plan as JSON")
         sub.add_argument("--quiet", action="store_true", help="no log lines on stderr")
 
@@ -5004,12 +5012,50 @@ def _cli_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cli_windows(text: str) -> tuple[tuple[datetime, datetime], ...]:
+    """``START/END[,START/END...]`` (ISO-8601 date-times; naive means UTC)."""
+    import argparse
+
+    pairs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        start, sep, end = item.partition("/")
+        try:
+            if not sep:
+                raise ValueError(f"a window is START/END, not {item!r}")
+            pairs.append((parse_datetime(start), parse_datetime(end)))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return tuple(pairs)
+
+
 def _cli_options(args: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"min_savings": args.min_savings}
-    for name in ("source", "now", "grid_zone", "power_kw", "ledger"):
+    for name in ("source", "now", "grid_zone", "power_kw", "ledger", "zones", "windows", "deadline"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.no_home:
+        options["home"] = False
     return options
+
+
+def render_alternatives(plan: Plan) -> str:
+    """One line per candidate zone of a plan over several: its best start and mean, the chosen one marked."""
+    lines = [
+        f"zones compared (home first; time only in {plan.alternatives[0].zone}: "
+        + ("unknown)" if plan.time_savings is None else f"-{plan.time_savings:.1%})")
+    ]
+    chosen = str(plan.zone) if plan.zone is not None else f"grid:{plan.grid_zone}"
+    for alternative in plan.alternatives:
+        mark = " <- chosen" if alternative.zone == chosen and plan.reason == "optimal" else ""
+        if alternative.start is None or alternative.mean is None:
+            lines.append(f"  {alternative.zone:<24} no answer ({alternative.note})")
+            continue
+        note = f" ({alternative.note})" if alternative.note else ""
+        lines.append(
+            f"  {alternative.zone:<24} {_iso(alternative.start)} {alternative.mean:8.1f} {alternative.unit} "
+            f"via {alternative.source}{note}{mark}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -5060,6 +5106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe(plan, waiting=False))
         if plan.forecast:
             print(render_chart(plan))
+        if len(plan.alternatives) > 1:
+            print(render_alternatives(plan))
     if args.command == "run":
         sys.stdout.flush()  # the plan before the command's own output
         started, began = CLOCK.now(), CLOCK.monotonic()
@@ -5188,10 +5236,6 @@ def _send(child: Any, signum: int) -> None:
     except (OSError, ValueError):  # gone already, or a signal this platform cannot send
         return
     logger.info("carbonaware: passed %s on to the command (pid %d); waiting for it", _signal_name(signum), child.pid)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -5412,3 +5456,7 @@ ZONE_WATTTIME: dict[str, str] = {
     "ZA": "ZAF",  # [R] aws af-south-1, azure southafricanorth
 }
 # END GENERATED
+
+
+if __name__ == "__main__":  # after the appendix: the tables must exist before main() runs
+    sys.exit(main())
