@@ -171,9 +171,9 @@ class Plan:
 
     @property
     def waits(self) -> bool:
-        """Whether the work starts later. Only optimal starts are later, except with ``windows``/``deadline``: then
-        the earliest allowed start, even when it is "already-best", may lie ahead."""
-        return self.delay > timedelta(0) and self.reason in ("optimal", "already-best", "below-threshold")
+        """Whether the work starts later. Without ``windows`` only optimal starts are later; with them the earliest
+        allowed start may lie ahead whatever the reason (already-best, below-threshold, a failed source)."""
+        return self.delay > timedelta(0) and self.reason not in ("disabled", "dry-run")
 
     @property
     def energy_kwh(self) -> float | None:
@@ -3550,8 +3550,15 @@ def _below_threshold_detail(savings: float | None, floor: str) -> str:
 
 
 def _run_now(request: _Request, now: datetime, zone: CloudZone | None, source: str, reason: str, detail: str) -> Plan:
+    """Start at once -- or, with ``windows``, at the earliest allowed start: failing open never breaks the caller's
+    rule of when work may run (only the operator's ``disable`` switch does)."""
     plan = immediate_plan(reason, detail, window=request.window, duration=request.duration, now=now, zone=zone)
-    return replace(plan, source=source, grid_zone=request.grid_zone)
+    plan = replace(plan, source=source, grid_zone=request.grid_zone)
+    if reason == "disabled" or not request.allowed:
+        return plan
+    intervals = request.question(now, ()).start_intervals()
+    start = intervals[0][0] if intervals else now
+    return replace(plan, start=start, delay=start - now)
 
 
 def immediate_plan(
@@ -3588,14 +3595,14 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
     ``scheduled=True``: a run that Prefect's scheduler starts at the plan's start, nothing sleeps either)."""
     where = str(plan.zone) if plan.zone else (plan.grid_zone or "unknown zone")
     fell_back = f" (after {'; '.join(plan.fallbacks)})" if plan.fallbacks else ""
-    if plan.delay > timedelta(0) and plan.reason in ("optimal", "dry-run", "already-best", "below-threshold"):
+    if plan.delay > timedelta(0) and plan.reason != "disabled":
         numbers = ""
         if plan.now is not None and plan.expected is not None:
             numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
             if plan.savings is not None:
                 numbers += f" (-{plan.savings:.1%})"
         numbers += _time_only_text(plan)
-        if plan.reason in ("already-best", "below-threshold"):  # the earliest allowed start lies ahead
+        if plan.reason not in ("optimal", "dry-run"):  # the earliest allowed start lies ahead
             numbers, fell_back = f"{numbers} ({plan.reason}: {plan.detail})", ""  # the detail names the failures
         if scheduled:
             verb = "would schedule the run" if plan.reason == "dry-run" else "run scheduled"
@@ -3606,6 +3613,10 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
         when = f"{verb} {_human(plan.delay)} until {_iso(plan.start)}"
         return f"carbonaware: {when} for {where} via {plan.source}{numbers}{_grams_text(plan)}{fell_back}"
     verb = "run starts now" if scheduled else "running now" if waiting else "start now"
+    if plan.reason == "optimal" and plan.now is not None and plan.expected is not None:  # another zone, at once
+        numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
+        numbers += f" (-{plan.savings:.1%})" if plan.savings is not None else ""
+        return f"carbonaware: {verb} in {where} via {plan.source}{numbers}{_time_only_text(plan)}{_grams_text(plan)}"
     return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail}){_grams_text(plan)}"
 
 
