@@ -3655,6 +3655,15 @@ def report_plan(
 # allowed interval, ``best_place`` across places, ``decide`` against starting at once in the home place.
 
 
+class _NotAmongOptions(SourceError):
+    """The hosted scheduler ranks its options across zones: a zone absent from them is no better than any listed,
+    which is an answer (no fallback to another source), though without a start of its own."""
+
+    def __init__(self, message: str, now_value: float | None) -> None:
+        super().__init__(message)
+        self.now_value = now_value
+
+
 @dataclass(frozen=True)
 class _PlaceAnswer:
     """What one place's chain gave: its best allowed start and mean (epoch seconds), and the mean at the earliest
@@ -3739,6 +3748,9 @@ def _place_answer(
         except _NoZone:
             failures.append(f"{label}: no cloud or grid zone")
             continue
+        except _NotAmongOptions as bound:
+            unit = "gCO2/kWh (marginal)"
+            return _PlaceAnswer(place, label, first_mean=bound.now_value, unit=unit, notes=(str(bound),))
         except SourceError as error:
             failures.append(f"{label}: {error}")
             continue
@@ -3817,7 +3829,7 @@ def _agreeing_unit(answers: Sequence[_PlaceAnswer]) -> tuple[str, bool] | None:
     answered = [answer for answer in answers if answer.answered]
     if not answered:
         return None
-    if answers[0].answered:
+    if answers[0].answered or answers[0].first_mean is not None:
         return _comparable(answers[0].unit)
     kinds = [_comparable(answer.unit) for answer in answered]
     return max(kinds, key=kinds.count)
@@ -3831,7 +3843,8 @@ def _joint_plan(
     dropped = [
         answer for answer in answers if answer.answered and unit is not None and _comparable(answer.unit) != unit
     ]
-    reference = answers[0].unit if answers[0].answered else "the other zones'"
+    home_said = answers[0].answered or answers[0].first_mean is not None
+    reference = answers[0].unit if home_said else "the other zones'"
     notes = [f"{a.place} left out: {a.label} gives {a.unit}, not comparable with {reference}" for a in dropped]
     usable = [answer if answer.answered and answer not in dropped else None for answer in answers]
     failures = [
@@ -3845,7 +3858,7 @@ def _joint_plan(
         return replace(plan, fallbacks=tuple(failures), alternatives=alternatives)
     best = answers[chosen]
     home = usable[0]
-    baseline = home.first_mean if home is not None else None
+    baseline = answers[0].first_mean if _comparable(answers[0].unit) == unit else None
     earliest = intervals[0][0]
     start_is_now = chosen == 0 and (best.start or earliest) <= earliest + 1e-6
     floor, floor_name = question.min_savings, "min_savings {:.1%}"
@@ -3903,7 +3916,8 @@ def _where_and_when_detail(question: Question, places: int) -> str:
 
 def _alternative(answer: _PlaceAnswer, dropped: bool) -> Alternative:
     if not answer.answered:
-        return Alternative(str(answer.place), None, None, answer.unit, answer.label, "; ".join(answer.failures))
+        why = "; ".join(answer.failures or answer.notes)
+        return Alternative(str(answer.place), None, None, answer.unit, answer.label, why)
     note = "unit not comparable with the home zone's: left out" if dropped else ""
     return Alternative(str(answer.place), _utc(answer.start or 0.0), answer.mean, answer.unit, answer.label, note)
 
@@ -3949,9 +3963,10 @@ def _hosted_once(
 
         wait = min(asked.timeout + 1.0, max(0.0, asked.deadline - CLOCK.monotonic()))
         decisions: dict[CloudZone, Decision] = CACHE.get(key, _shared_fetch(asked, fetch_once), ttl=300.0, wait=wait)
-        if asked.zone not in decisions:
-            raise SourceError(f"the hosted scheduler's options hold no allowed start for {asked.zone}")
-        return decisions[asked.zone]
+        decision = decisions[asked.zone]
+        if decision.expected is None:
+            raise _NotAmongOptions(decision.note or "not among the hosted scheduler's options", decision.now)
+        return decision
 
     return decision_for
 
@@ -3991,10 +4006,18 @@ def _decisions_by_zone(
         if zone in zones and (zone not in best or (value, start) < best[zone]):
             best[zone] = (value, start)
     naive_found = _zoned_option(naive, [(now.timestamp() - 900, now.timestamp() + 900)])
+    listed = [value for value, _start in best.values()]
     decisions = {}
-    for zone, (value, start) in best.items():
+    for zone in zones:
         now_value = naive_found[2] if naive_found is not None and naive_found[0] == zone else None
-        decisions[zone] = Decision(_utc(start), value, now_value, _savings(now_value, value), "gCO2/kWh (marginal)")
+        if zone in best:
+            value, start = best[zone]
+            decisions[zone] = Decision(_utc(start), value, now_value, _savings(now_value, value), "gCO2/kWh (marginal)")
+        else:  # "expected" None: no start of its own, every listed option is at least as low
+            note = f"not among the hosted scheduler's {len(options)} lowest options" + (
+                f" (all at most {max(listed):.0f} gCO2/kWh)" if listed else ""
+            )
+            decisions[zone] = Decision(now, None, now_value, None, "gCO2/kWh (marginal)", note=note)
     return decisions
 
 
