@@ -392,3 +392,20 @@ def test_cli_rejects_a_bad_window() -> None:
     command = [sys.executable, "-m", "carbonaware_core", "plan", "--source", "offline", "--windows", "2025-06-01"]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60, check=False)
     assert done.returncode == 2 and "START/END" in done.stderr
+
+
+def test_all_names_every_public_name() -> None:
+    """``__all__`` is the vendored file's contract: every public name defined in the core, and nothing else."""
+    import types
+
+    defined = {
+        name
+        for name, value in vars(core).items()
+        if not name.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        and name != "TYPE_CHECKING"
+        and (getattr(value, "__module__", "carbonaware_core") == "carbonaware_core" or not callable(value))
+        and name != "annotations"
+    }
+    assert set(core.__all__) - {"SeriesCallable", "ActualsReader"} == defined - {"SeriesCallable", "ActualsReader"}
+    assert len(core.__all__) == len(set(core.__all__))
