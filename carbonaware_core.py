@@ -3539,54 +3539,57 @@ def _usable(result: SourceResult, now: datetime) -> SourceResult:
     return result
 
 
+@dataclass(frozen=True)
+class _Answered:
+    """One source's answer, planned: the best start it allows and its figures, before the decision rule."""
+
+    label: str
+    start: datetime
+    expected: float | None
+    now_value: float | None
+    unit: str
+    floor: float  # the minimum predicted saving that applies: min_savings, or the source's own when higher
+    floor_name: str = "min_savings {:.1%}"
+    grid_zone: str | None = None
+    points: tuple[ForecastPoint, ...] = ()
+    stated: float | None = None  # the source's own saving, when its intensities do not tell
+    notes: tuple[str, ...] = ()  # what the plan's detail must add, in order
+
+
+_SHORTENED_NOTE = "the forecast ends before the job would, so only its covered part was compared"
+
+
 def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
     if isinstance(result, Decision):
         start = min(max(result.start, query.now), query.now + query.window)
-        notes = [note for note in (result.note, _decision_horizon_note(label, query, result)) if note]
-        return _decide(
-            query,
-            label,
-            start,
-            result.expected,
-            result.now,
-            result.unit,
-            min_savings,
-            None,
-            (),
-            stated=result.savings,
-            notes=tuple(notes),
-        )
+        notes = tuple(note for note in (result.note, _decision_horizon_note(label, query, result)) if note)
+        answered = _Answered(label, start, result.expected, result.now, result.unit, min_savings,
+                             stated=result.savings, notes=notes)  # fmt: skip
+        return _decide(query, answered)
     if not isinstance(result, Forecast):
         raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
     if not all(isinstance(p, ForecastPoint) for p in result.points):
         raise SourceError("source returned items that are not ForecastPoint")
     points = tuple(_aware(p) for p in result.points)
     choice = choose_start(points, query.now, query.window, query.duration)
-    start = _utc(choice.start)
     shortened = choice.length < query.duration.total_seconds() - 1e-6
-    floor, floor_name = min_savings, "min_savings {:.1%}"
-    own = result.min_savings
+    floor, floor_name = _floor(min_savings, result.min_savings, result.label or label, result.grid_zone)
+    notes = (_SHORTENED_NOTE,) if shortened else _series_horizon_notes(query, choice.data_end)
+    answered = _Answered(
+        result.label or label, _utc(choice.start), choice.expected, choice.now_value, result.unit, floor, floor_name,
+        result.grid_zone, points, notes=(*notes, *([result.attribution] if result.attribution else [])),
+    )  # fmt: skip
+    return _decide(query, answered)
+
+
+def _floor(min_savings: float, own: float | None, label: str, grid_zone: str | None) -> tuple[float, str]:
+    """The minimum predicted saving that applies, and how the detail names it: the source's own when higher."""
     if isinstance(own, (int, float)) and not isinstance(own, bool) and min_savings < own < 1:
-        floor = float(own)
-        floor_name = (
-            f"the {result.label or label} model's minimum for {result.grid_zone or 'this zone'}, {{:.1%}} (in its "
+        return float(own), (
+            f"the {label} model's minimum for {grid_zone or 'this zone'}, {{:.1%}} (in its "
             "backtest, smaller predicted savings too often ended dirtier than starting at once)"
         )
-    return _decide(
-        query,
-        result.label or label,
-        start,
-        choice.expected,
-        choice.now_value,
-        result.unit,
-        floor,
-        result.grid_zone,
-        points,
-        shortened=shortened,
-        attribution=result.attribution,
-        floor_name=floor_name,
-        notes=() if shortened else _series_horizon_notes(query, choice.data_end),
-    )
+    return min_savings, "min_savings {:.1%}"
 
 
 def _series_horizon_notes(query: Query, data_end: float) -> tuple[str, ...]:
@@ -3612,52 +3615,34 @@ def _decision_horizon_note(label: str, query: Query, decision: Decision) -> str 
     return f"{label} looks only {_human(ahead)} ahead, so starts after {_iso(until)} were not compared"
 
 
-def _decide(
-    query: Query,
-    label: str,
-    start: datetime,
-    expected: float | None,
-    now_value: float | None,
-    unit: str,
-    min_savings: float,
-    grid_zone: str | None,
-    points: tuple[ForecastPoint, ...],
-    shortened: bool = False,
-    stated: float | None = None,
-    attribution: str | None = None,
-    floor_name: str = "min_savings {:.1%}",
-    notes: tuple[str, ...] = (),
-) -> Plan:
-    reason, savings = decide(now_value, expected, start <= query.now, min_savings, stated)
+def _decide(query: Query, answered: _Answered) -> Plan:
+    """The decision rule (``decide``) applied to one source's answer, then worded and built into a Plan."""
+    start, expected, now_value = answered.start, answered.expected, answered.now_value
+    reason, savings = decide(now_value, expected, start <= query.now, answered.floor, answered.stated)
     if reason == "already-best":
         start, expected, savings = query.now, now_value if now_value is not None else expected, 0.0
         detail = "now is already the best time in the window"
     elif reason == "below-threshold":
-        detail = _below_threshold_detail(savings, floor_name.format(min_savings))
+        detail = _below_threshold_detail(savings, answered.floor_name.format(answered.floor))
         start, expected, savings = query.now, now_value, 0.0
     else:
         detail = f"best start in the next {_human(query.window)}"
-    if shortened:
-        detail += "; the forecast ends before the job would, so only its covered part was compared"
-    for note in notes:
-        detail += f"; {note}"
-    if attribution:
-        detail += f"; {attribution}"
+    detail += "".join(f"; {note}" for note in answered.notes)
     return Plan(
         start=start,
         delay=start - query.now,
         zone=query.zone,
-        source=label,
+        source=answered.label,
         expected=expected,
         now=now_value,
         savings=savings,
-        unit=unit,
+        unit=answered.unit,
         reason=reason,
         detail=detail,
-        grid_zone=grid_zone or query.grid_zone,
+        grid_zone=answered.grid_zone or query.grid_zone,
         duration=query.duration,
         window=query.window,
-        forecast=points,
+        forecast=answered.points,
     )
 
 
@@ -3978,11 +3963,7 @@ def _joint_plan(
     baseline = answers[0].first_mean if _comparable(answers[0].unit) == unit else None
     earliest = intervals[0][0]
     start_is_now = chosen == 0 and (best.start or earliest) <= earliest + 1e-6
-    floor, floor_name = question.min_savings, "min_savings {:.1%}"
-    own = best.floor
-    if isinstance(own, (int, float)) and not isinstance(own, bool) and question.min_savings < own < 1:
-        floor = float(own)
-        floor_name = f"the {best.label} model's minimum for {best.grid_zone or 'this zone'}, {{:.1%}}"
+    floor, floor_name = _floor(question.min_savings, best.floor, best.label, best.grid_zone)
     reason, savings = decide(baseline, best.mean, start_is_now, floor)
     if reason == "optimal":
         where, start, expected = best, _utc(best.start or earliest), best.mean
