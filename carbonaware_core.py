@@ -4064,6 +4064,11 @@ def _hosted_once(
         decision = decisions[asked.zone]
         if decision.expected is None:
             raise _NotAmongOptions(decision.note or "not among the hosted scheduler's options", decision.now)
+        if intervals[-1][1] > horizon_end:  # it sees ~24 h whatever it is asked (protocols.md §7)
+            seen = f"starts after {_iso(_utc(horizon_end))} were not compared"
+            return replace(
+                decision, note=f"the hosted scheduler looks only {_human(SCHEDULER_HORIZON)} ahead, so {seen}"
+            )
         return decision
 
     return decision_for

@@ -409,3 +409,26 @@ def test_all_names_every_public_name() -> None:
     }
     assert set(core.__all__) - {"SeriesCallable", "ActualsReader"} == defined - {"SeriesCallable", "ActualsReader"}
     assert len(core.__all__) == len(set(core.__all__))
+
+
+@pytest.mark.parametrize("asynchronous", [False, True])
+def test_the_wait_keeps_to_the_windows(flat_offline: Path, monkeypatch: pytest.MonkeyPatch, asynchronous: bool) -> None:
+    """A wait with windows sleeps until the chosen start even when that start is "already-best" (the earliest
+    allowed), and never past it; the replay clock is the fake one, so the sleeps are what the wait asked for."""
+    import asyncio
+
+    from tests.fake_providers import fake_clock
+
+    clock = fake_clock(monkeypatch, NOW)
+    window = (NOW + timedelta(hours=2), NOW + timedelta(hours=3))  # 14:00 .. 15:00, flat 300: the earliest wins
+    arguments: dict[str, object] = {"source": "offline", "windows": [window], "replan": False}
+    if asynchronous:
+        plan = asyncio.run(core.carbonaware_delay_async(timedelta(hours=6), timedelta(hours=1), "aws", "eu-west-1",
+                                                        **arguments))  # fmt: skip
+        slept = sum(clock.asleeps)
+    else:
+        plan = core.carbonaware_delay(timedelta(hours=6), timedelta(hours=1), "aws", "eu-west-1", **arguments)
+        slept = sum(clock.sleeps)
+    assert (plan.reason, plan.start) == ("already-best", window[0])
+    assert slept == pytest.approx(2 * 3600, abs=1.0)
+    assert clock.now() >= window[0]

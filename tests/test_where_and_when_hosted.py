@@ -280,3 +280,17 @@ def test_an_unknown_zone_is_an_argument_error_before_any_request(server: Loopbac
         plan_delay(timedelta(hours=6), timedelta(hours=1), "aws", "eu-west-1", source="electricitymaps", now=NOW,
                    zones=["aws-eu:west-1"])  # fmt: skip
     assert em.calls == []
+
+
+def test_windows_beyond_the_hosted_schedulers_day_are_not_sent_and_the_plan_says_so(
+    server: LoopbackServer, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", server.url)
+    scheduler = ManyZoneScheduler(server, clock, {"aws:eu-west-1": dip(NOW + timedelta(hours=5), 100.0, 400.0)})
+    tonight = (NOW + timedelta(hours=4), NOW + timedelta(hours=8))
+    later = (NOW + timedelta(hours=30), NOW + timedelta(hours=33))  # past its ~24 h of data
+    plan = plan_delay(timedelta(hours=40), timedelta(minutes=30), "aws", "eu-west-1", windows=[tonight, later])
+    [seen] = scheduler.calls
+    assert seen.json()["windows"] == [{"start": iso(tonight[0]), "end": iso(tonight[1])}]
+    assert plan.start == NOW + timedelta(hours=4, minutes=35) and plan.source == "carbonaware"
+    assert "looks only 24h00m ahead" in plan.detail
