@@ -92,6 +92,22 @@ def test_the_first_zone_is_home_and_wins_when_nothing_is_cleaner() -> None:
     assert flow_run.deployment_id == eu
 
 
+def test_the_async_helper_creates_the_winners_run_too() -> None:
+    import asyncio
+
+    prefect_helpers.scheduled_flow.to_deployment(name="q-eu-3").apply()
+    nordic = prefect_helpers.scheduled_flow.to_deployment(name="q-nordic-3").apply()
+    targets = {
+        "aws:eu-west-1": "carbonaware-scheduled/q-eu-3",
+        ("aws", "eu-north-1"): "carbonaware-scheduled/q-nordic-3",
+    }
+    flow_run, plan = asyncio.run(
+        cp.acarbonaware_run_deployment(targets, WINDOW, DURATION, parameters={"label": "a"}, source=per_zone)
+    )
+    assert flow_run.deployment_id == nordic and plan.start == START + 2 * HOUR
+    assert flow_run.state is not None and flow_run.state.state_details.scheduled_time == plan.start
+
+
 def test_argument_errors_of_the_zone_mapping_raise_before_any_call() -> None:
     with pytest.raises(TypeError, match="the candidate zones are its keys"):
         cp.carbonaware_run_deployment({"aws:eu-west-1": "a/b"}, provider="aws", region="eu-west-1")
