@@ -12,9 +12,9 @@ CLI: ``python -m carbonaware_core plan|wait|run|detect|report --help``.
 One file of code and one optional data file (``carbonaware_offline.json``, kept apart for its ODbL licence). The
 sections, in reading order (each uses only those above it): data; time and durations; the planner; forecast
 arithmetic (live correction); HTTP (bounded calls); secrets (redaction); HTTP transports; the cache; zone detection;
-region tables; sources (hosted scheduler, series documents, Electricity Maps, WattTime, NESO, GSF SDK, offline,
-live-corrected); planning (arguments, then zone, chain and decision); the wait; reasons to start now; ledger,
-grams, ledger file, realised outcomes, report; CLI.
+sources (hosted scheduler, series documents, Electricity Maps, WattTime, NESO, GSF SDK, offline, live-corrected);
+planning (arguments, then zone, chain and decision); the wait; reasons to start now; ledger, grams, ledger file,
+realised outcomes, report; CLI; appendix: the generated region tables.
 """
 
 from __future__ import annotations
@@ -36,34 +36,151 @@ if TYPE_CHECKING:
     from typing import Any, TypeGuard
 
 __version__ = "0.2.0"
-__all__ = [
+__all__ = [  # the contract of the vendored file: every public name; tests/test_where_and_when.py keeps it whole
+    "CACHE",
+    "CARBONAWARE_BASE_URL",
+    "CLOCK",
+    "CREDENTIAL_NAMES",
+    "DEFAULT_DURATION",
+    "DEFAULT_WINDOW",
+    "DETECT_RETRY_SECONDS",
+    "DETECT_TIMEOUT_SECONDS",
+    "ELECTRICITYMAPS_BASE_URL",
+    "FAILURE_TTL_SECONDS",
+    "G_PER_KWH",
+    "HISTORY_SOURCES",
+    "HORIZON_CAP",
+    "HTTP_TIMEOUT_SECONDS",
+    "LBS_PER_MWH_TO_G_PER_KWH",
+    "LEDGER_LOCK_SECONDS",
+    "LEDGER_VERSION",
+    "LIVE_HALF_LIFE",
+    "LIVE_HISTORY",
+    "LIVE_MAX_AGE",
+    "LIVE_SPAN",
+    "LIVE_YESTERDAY_WEIGHT",
+    "MARGINAL_SOURCES",
+    "MAX_BODY_BYTES",
+    "MAX_INTENSITY",
+    "MAX_LEDGER_LINE",
+    "MAX_POWER_KW",
+    "MAX_REMEMBERED_SECRETS",
+    "MAX_RETRY_AFTER_SECONDS",
+    "METADATA_HOST",
+    "NEGLIGIBLE_SAVINGS",
+    "OFFLINE_ATTRIBUTION",
+    "OFFLINE_DATA_FILE",
+    "OFFLINE_KINDS",
+    "OPTIONS",
+    "OUTCOME_PATIENCE",
+    "OUTCOME_STATUSES",
+    "PROVIDERS",
+    "REASONS",
+    "REGION_ZONES",
+    "REPLAN_AFTER",
+    "REPLAN_EVERY",
+    "REPORT_RESOLVE_SECONDS",
+    "SCHEDULER_HORIZON",
+    "SCHEDULER_REGIONS",
+    "SCHEDULER_SHORTEST_JOB",
+    "SOURCES",
+    "SOURCE_CHAINS",
+    "UKGRID_BASE_URL",
+    "UKGRID_MAX_RANGE",
+    "WAIT_CHUNK_SECONDS",
+    "WATTTIME_BASE_URL",
+    "WATTTIME_TOKEN_TTL_SECONDS",
+    "ZONE_WATTTIME",
+    "ActualsReader",
+    "Alternative",
+    "Anomaly",
+    "Choice",
+    "Clock",
     "CloudZone",
     "Decision",
     "Forecast",
     "ForecastPoint",
     "ForecastRefused",
+    "HttpResponse",
     "Outcome",
+    "Place",
     "Plan",
     "Query",
+    "Question",
+    "SeriesCallable",
+    "SingleFlightCache",
     "Source",
     "SourceError",
+    "SourceResult",
+    "anomaly_weight",
+    "append_records",
+    "avoided_g",
+    "base_url",
+    "best_place",
+    "blended_with_yesterday",
+    "build_report",
     "carbonaware_delay",
     "carbonaware_delay_async",
+    "check_ledger_option",
+    "check_power_kw",
+    "check_source_spec",
+    "choose_start",
     "clear_cache",
+    "complete_outcomes",
+    "decide",
+    "decision_record",
+    "decisions_between",
+    "describe",
     "detect_cloud_zone",
+    "emissions_g",
+    "energy_kwh",
+    "expect_json",
+    "feasible_starts",
     "fetch_actuals",
     "format_iso_duration",
+    "grid_zone_for",
+    "http_request",
     "immediate_plan",
     "interrupt_waits",
+    "interval_mean",
+    "is_grams_per_kwh",
+    "latest_outcomes",
+    "ledger_path",
+    "live_corrected",
+    "logger",
     "lowest_mean_start",
+    "lowest_mean_start_within",
+    "main",
+    "mean_over",
+    "measured_by",
+    "offline_model",
+    "outcome_from_record",
+    "parse_datetime",
     "parse_duration",
+    "parse_series_csv",
+    "parse_series_document",
+    "parse_zone",
+    "plan_and_report",
     "plan_delay",
+    "profile_series",
+    "profile_value",
+    "read_ledger",
+    "recent_anomaly",
     "record_decision",
     "record_outcome",
     "register_source",
+    "remember_secrets",
+    "render_alternatives",
+    "render_chart",
+    "render_report",
     "report_plan",
     "resolve_outcome",
+    "series_from_starts",
+    "signal_of",
+    "validate_arguments",
     "watch_interrupts",
+    "windows_option",
+    "zones_option",
 ]
 
 logger = logging.getLogger("carbonaware")
@@ -101,6 +218,40 @@ class CloudZone:
 
 
 @dataclass(frozen=True)
+class Place:
+    """A candidate place to run: a cloud zone, or a grid zone alone (on-premises, written ``grid:FR``). A grid
+    place's plan has ``zone`` None and ``grid_zone`` set, as a plan for ``grid_zone="FR"`` has today."""
+
+    cloud: CloudZone | None = None
+    grid: str | None = None
+
+    def __str__(self) -> str:
+        return str(self.cloud) if self.cloud is not None else f"grid:{self.grid}"
+
+
+@dataclass(frozen=True)
+class Alternative:
+    """One candidate place of a plan over several: its best allowed start and mean there, or why it has none."""
+
+    zone: str  # as written in ``zones``: "aws:eu-west-1", "grid:FR"
+    start: datetime | None
+    mean: float | None
+    unit: str
+    source: str
+    note: str = ""  # why it was not compared (its sources failed, its unit differs), when it was not
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "zone": self.zone,
+            "start": None if self.start is None else _iso(self.start),
+            "mean": _round_or_none(self.mean),
+            "unit": self.unit,
+            "source": self.source,
+            "note": self.note,
+        }
+
+
+@dataclass(frozen=True)
 class ForecastPoint:
     """Mean carbon intensity over [start, end): providers report interval averages, not instants."""
 
@@ -130,10 +281,16 @@ class Plan:
     forecast: tuple[ForecastPoint, ...] = field(default=(), repr=False, compare=False)
     power_kw: float | None = None  # the job's average draw, as the caller gave it: no grams without it
     id: str = field(default="", compare=False)  # links the decision to its outcome in a ledger
+    # a plan over several places (``zones``): every candidate's best start, home first; and what moving the start
+    # alone would save in the home zone (``savings`` is the saving of moving both, against starting there at once)
+    alternatives: tuple[Alternative, ...] = ()
+    time_savings: float | None = None
 
     @property
     def waits(self) -> bool:
-        return self.delay > timedelta(0) and self.reason == "optimal"
+        """Whether the work starts later. Without ``windows`` only optimal starts are later; with them the earliest
+        allowed start may lie ahead whatever the reason (already-best, below-threshold, a failed source)."""
+        return self.delay > timedelta(0) and self.reason not in ("disabled", "dry-run")
 
     @property
     def energy_kwh(self) -> float | None:
@@ -176,6 +333,15 @@ class Plan:
             "emissions_g": _round_or_none(self.emissions_g, 3),
             "emissions_now_g": _round_or_none(self.emissions_now_g, 3),
             "avoided_g": _round_or_none(self.avoided_g, 3),
+            **self._where_dict(),
+        }
+
+    def _where_dict(self) -> dict[str, Any]:
+        if not self.alternatives:  # a one-place plan's document stays as it was
+            return {}
+        return {
+            "alternatives": [alternative.to_dict() for alternative in self.alternatives],
+            "time_savings": _round_or_none(self.time_savings, 4),
         }
 
 
@@ -619,6 +785,125 @@ def _covered_from(starts: Sequence[float], ends: Sequence[float], t: float) -> f
 
 def _utc(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The planner over places and allowed starts: the question, feasible starts, the joint optimum, the decision rule
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Question:
+    """What a plan answers: where (``places``; ``places[0]`` is home, the baseline for savings and the winner of
+    ties) and when (a start in [earliest, earliest + window], inside ``allowed`` when given, finishing by
+    ``finish_by`` when given). How to ask it (sources, timeout, hooks) is not part of the question."""
+
+    places: tuple[Place, ...]
+    duration: timedelta
+    earliest: datetime
+    window: timedelta
+    finish_by: datetime | None = None
+    allowed: tuple[tuple[datetime, datetime], ...] = ()
+    min_savings: float = 0.0
+    power_kw: float | None = None
+    replay: bool = False  # ``earliest`` is the caller's ``now``, not the clock's
+
+    def start_intervals(self) -> tuple[tuple[datetime, datetime], ...]:
+        """[earliest, earliest + window] ∩ allowed ∩ (-inf, finish_by - duration], as sorted disjoint intervals."""
+        t0 = self.earliest.timestamp()
+        found = feasible_starts(
+            t0,
+            t0 + self.window.total_seconds(),
+            [(lo.timestamp(), hi.timestamp()) for lo, hi in self.allowed],
+            None if self.finish_by is None else self.finish_by.timestamp(),
+            self.duration.total_seconds(),
+        )
+        return tuple((_utc(lo), _utc(hi)) for lo, hi in found)
+
+
+def feasible_starts(
+    earliest: float,
+    latest: float,
+    allowed: Sequence[tuple[float, float]],
+    finish_by: float | None,
+    length: float,
+) -> list[tuple[float, float]]:
+    """The starts a job may take, as sorted disjoint closed intervals: inside [earliest, latest], inside one of
+    ``allowed`` (all of the range when empty), and early enough to end by ``finish_by``."""
+    top = latest if finish_by is None else min(latest, finish_by - length)
+    pieces = sorted((max(lo, earliest), min(hi, top)) for lo, hi in (allowed or [(earliest, top)]))
+    merged: list[tuple[float, float]] = []
+    for lo, hi in pieces:
+        if lo > hi:
+            continue
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return merged
+
+
+def lowest_mean_start_within(
+    starts: Sequence[float],
+    ends: Sequence[float],
+    values: Sequence[float],
+    intervals: Sequence[tuple[float, float]],
+    length: float,
+) -> tuple[float, float] | None:
+    """``lowest_mean_start`` over a union of sorted disjoint start intervals: (start, mean) of the lowest mean,
+    the earliest start among equals; None if no allowed start is covered."""
+    best: tuple[float, float] | None = None
+    for lo, hi in intervals:
+        found = lowest_mean_start(starts, ends, values, lo, hi, length)
+        if found is not None and (best is None or _better(found[1], found[0], best[1], best[0])):
+            best = found
+    return best
+
+
+def best_place(candidates: Sequence[tuple[float, float] | None]) -> int | None:
+    """Index of the best (start, mean) among places (None: no answer). The lowest mean wins; among equal means
+    (within 1e-9 relative) the home place (index 0), then the earliest start, then the order given."""
+    chosen: int | None = None
+    for index, candidate in enumerate(candidates):
+        if candidate is None:
+            continue
+        if chosen is None:
+            chosen = index
+            continue
+        best = candidates[chosen]
+        assert best is not None
+        tolerance = 1e-9 * max(1.0, abs(best[1]))
+        lower = candidate[1] < best[1] - tolerance
+        if lower or (abs(candidate[1] - best[1]) <= tolerance and chosen != 0 and candidate[0] < best[0]):
+            chosen = index
+    return chosen
+
+
+def decide(
+    now_mean: float | None,
+    best_mean: float | None,
+    start_is_now: bool,
+    min_savings: float,
+    stated: float | None = None,
+) -> tuple[str, float | None]:
+    """The rule every plan follows, public so that backtests apply the same: (reason, predicted saving of the best
+    start against starting at once). "already-best" when the best start is now or saves a negligible amount,
+    "below-threshold" when ``min_savings`` > 0 and the saving is below it or unknown, else "optimal".
+    ``stated``: the source's own saving, used when the means do not tell."""
+    savings = _savings(now_mean, best_mean)
+    if savings is None:
+        savings = stated
+    if start_is_now or (savings is not None and savings < NEGLIGIBLE_SAVINGS):
+        return "already-best", savings
+    if min_savings > 0 and (savings is None or savings < min_savings):
+        return "below-threshold", savings
+    return "optimal", savings
+
+
+def _savings(now_value: float | None, expected: float | None) -> float | None:
+    if now_value is None or expected is None or now_value <= 0:
+        return None
+    return (now_value - expected) / now_value
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1715,223 +2000,6 @@ def detect_cloud_zone(timeout: float = DETECT_TIMEOUT_SECONDS) -> CloudZone | No
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Region tables (data; regenerate with scripts/build_region_table.py)
-# --------------------------------------------------------------------------------------------------------------
-
-# Cloud region -> Electricity Maps zone key. Built by scripts/build_region_table.py from facts in:
-#   Electricity Maps data_centers.json (electricitymaps-contrib @b354f28) -- wins on disagreement,
-#   Cloud Carbon Footprint packages/*/src/lib/*Regions.ts, umassos/decarbonization-potential mapper.
-# Disagreements resolved in favour of Electricity Maps (else CCF):
-#   azure northcentralus (US-MIDA-PJM vs CCF US-MIDW-MISO), azure westus2 (US-NW-BPAT vs CCF US-NW-PACE),
-#   azure westus3 (US-SW-AZPS vs CCF US-NW-PACE), gcp us-central1 (US-CENT-SWPP vs CCF US-MIDW-MISO),
-#   gcp us-east1 (US-CAR-SCEG vs UMass US-CAR-SC)
-# Obsolete UMass zone keys normalised: AUS-NSW->AU-NSW, AUS-VIC->AU-VIC, IN-DL->IN-NO, IN-MH->IN-WE
-# Dropped: azure eastus3 (Atlanta, GA; CCF's US-MIDA-PJM is wrong),
-#   azure unitedstates (geography alias spanning many zones),
-#   azure unitedstateseuap (geography alias spanning many zones)
-#   and Azure *stage names (internal staging, not customer regions).
-REGION_ZONES: dict[tuple[str, str], str] = {
-    ("aws", "af-south-1"): "ZA",
-    ("aws", "ap-east-1"): "HK",
-    ("aws", "ap-northeast-1"): "JP-TK",
-    ("aws", "ap-northeast-2"): "KR",
-    ("aws", "ap-northeast-3"): "JP-KN",
-    ("aws", "ap-south-1"): "IN-WE",
-    ("aws", "ap-south-2"): "IN-SO",
-    ("aws", "ap-southeast-1"): "SG",
-    ("aws", "ap-southeast-2"): "AU-NSW",
-    ("aws", "ap-southeast-3"): "ID",
-    ("aws", "ap-southeast-4"): "AU-VIC",
-    ("aws", "ap-southeast-5"): "MY-WM",
-    ("aws", "ap-southeast-6"): "NZ",
-    ("aws", "ap-southeast-7"): "TH",
-    ("aws", "ca-central-1"): "CA-QC",
-    ("aws", "ca-west-1"): "CA-AB",
-    ("aws", "eu-central-1"): "DE",
-    ("aws", "eu-central-2"): "CH",
-    ("aws", "eu-north-1"): "SE-SE3",
-    ("aws", "eu-south-1"): "IT-NO",
-    ("aws", "eu-south-2"): "ES",
-    ("aws", "eu-west-1"): "IE",
-    ("aws", "eu-west-2"): "GB",
-    ("aws", "eu-west-3"): "FR",
-    ("aws", "il-central-1"): "IL",
-    ("aws", "me-central-1"): "AE",
-    ("aws", "me-south-1"): "BH",
-    ("aws", "mx-central-1"): "MX",
-    ("aws", "sa-east-1"): "BR-CS",
-    ("aws", "us-east-1"): "US-MIDA-PJM",
-    ("aws", "us-east-2"): "US-MIDA-PJM",
-    ("aws", "us-gov-east-1"): "US-MIDA-PJM",
-    ("aws", "us-gov-west-1"): "US-NW-PACW",
-    ("aws", "us-west-1"): "US-CAL-CISO",
-    ("aws", "us-west-2"): "US-NW-PACW",
-    ("azure", "apsoutheast"): "SG",
-    ("azure", "australiacentral"): "AU-NSW",
-    ("azure", "australiacentral2"): "AU-NSW",
-    ("azure", "australiaeast"): "AU-NSW",
-    ("azure", "australiasoutheast"): "AU-VIC",
-    ("azure", "brazilsouth"): "BR-CS",
-    ("azure", "brazilsoutheast"): "BR-CS",
-    ("azure", "canadacentral"): "CA-ON",
-    ("azure", "canadaeast"): "CA-QC",
-    ("azure", "centralindia"): "IN-WE",
-    ("azure", "centralus"): "US-MIDW-MISO",
-    ("azure", "centraluseuap"): "US-MIDW-MISO",
-    ("azure", "chinaeast"): "CN",
-    ("azure", "chinaeast2"): "CN",
-    ("azure", "chinanorth"): "CN",
-    ("azure", "chinanorth2"): "CN",
-    ("azure", "chinanorth3"): "CN",
-    ("azure", "eastasia"): "HK",
-    ("azure", "eastus"): "US-MIDA-PJM",
-    ("azure", "eastus2"): "US-MIDA-PJM",
-    ("azure", "eastus2euap"): "US-MIDA-PJM",
-    ("azure", "francecentral"): "FR",
-    ("azure", "francesouth"): "FR",
-    ("azure", "germany"): "DE",
-    ("azure", "germanynorth"): "DE",
-    ("azure", "germanywestcentral"): "DE",
-    ("azure", "indonesiacentral"): "ID",
-    ("azure", "israelcentral"): "IL",
-    ("azure", "italynorth"): "IT-NO",
-    ("azure", "japaneast"): "JP-TK",
-    ("azure", "japanwest"): "JP-KN",
-    ("azure", "koreacentral"): "KR",
-    ("azure", "koreasouth"): "KR",
-    ("azure", "mexicocentral"): "MX",
-    ("azure", "newzealandnorth"): "NZ",
-    ("azure", "northcentralus"): "US-MIDA-PJM",
-    ("azure", "northeurope"): "IE",
-    ("azure", "norwayeast"): "NO-NO1",
-    ("azure", "norwaywest"): "NO-NO2",
-    ("azure", "polandcentral"): "PL",
-    ("azure", "qatarcentral"): "QA",
-    ("azure", "southafricanorth"): "ZA",
-    ("azure", "southafricawest"): "ZA",
-    ("azure", "southcentralus"): "US-TEX-ERCO",
-    ("azure", "southeastasia"): "SG",
-    ("azure", "southindia"): "IN-SO",
-    ("azure", "spaincentral"): "ES",
-    ("azure", "swedencentral"): "SE-SE3",
-    ("azure", "switzerlandnorth"): "CH",
-    ("azure", "switzerlandwest"): "CH",
-    ("azure", "uaecentral"): "AE",
-    ("azure", "uaenorth"): "AE",
-    ("azure", "uk"): "GB",
-    ("azure", "uksouth"): "GB",
-    ("azure", "ukwest"): "GB",
-    ("azure", "usnorth"): "US-MIDW-MISO",
-    ("azure", "westcentralus"): "US-NW-PACE",
-    ("azure", "westeurope"): "NL",
-    ("azure", "westindia"): "IN-WE",
-    ("azure", "westus"): "US-CAL-CISO",
-    ("azure", "westus2"): "US-NW-BPAT",
-    ("azure", "westus3"): "US-SW-AZPS",
-    ("gcp", "africa-south1"): "ZA",
-    ("gcp", "asia-east1"): "TW",
-    ("gcp", "asia-east2"): "HK",
-    ("gcp", "asia-northeast1"): "JP-TK",
-    ("gcp", "asia-northeast2"): "JP-KN",
-    ("gcp", "asia-northeast3"): "KR",
-    ("gcp", "asia-south1"): "IN-WE",
-    ("gcp", "asia-south2"): "IN-NO",
-    ("gcp", "asia-southeast1"): "SG",
-    ("gcp", "asia-southeast2"): "ID",
-    ("gcp", "asia-southeast3"): "TH",
-    ("gcp", "australia-southeast1"): "AU-NSW",
-    ("gcp", "australia-southeast2"): "AU-VIC",
-    ("gcp", "europe-central2"): "PL",
-    ("gcp", "europe-north1"): "FI",
-    ("gcp", "europe-north2"): "SE-SE3",
-    ("gcp", "europe-southwest1"): "ES",
-    ("gcp", "europe-west1"): "BE",
-    ("gcp", "europe-west10"): "DE",
-    ("gcp", "europe-west12"): "IT-NO",
-    ("gcp", "europe-west2"): "GB",
-    ("gcp", "europe-west3"): "DE",
-    ("gcp", "europe-west4"): "NL",
-    ("gcp", "europe-west6"): "CH",
-    ("gcp", "europe-west8"): "IT-NO",
-    ("gcp", "europe-west9"): "FR",
-    ("gcp", "me-central1"): "QA",
-    ("gcp", "me-central2"): "SA",
-    ("gcp", "me-west1"): "IL",
-    ("gcp", "northamerica-northeast1"): "CA-QC",
-    ("gcp", "northamerica-northeast2"): "CA-ON",
-    ("gcp", "northamerica-south1"): "MX",
-    ("gcp", "southamerica-east1"): "BR-CS",
-    ("gcp", "southamerica-west1"): "CL-SEN",
-    ("gcp", "us-central1"): "US-CENT-SWPP",
-    ("gcp", "us-central2"): "US-MIDW-MISO",
-    ("gcp", "us-east1"): "US-CAR-SCEG",
-    ("gcp", "us-east4"): "US-MIDA-PJM",
-    ("gcp", "us-east5"): "US-MIDA-PJM",
-    ("gcp", "us-south1"): "US-TEX-ERCO",
-    ("gcp", "us-west1"): "US-NW-PACW",
-    ("gcp", "us-west2"): "US-CAL-CISO",
-    ("gcp", "us-west3"): "US-NW-PACE",
-    ("gcp", "us-west4"): "US-NW-NEVP",
-}
-
-# Electricity Maps zone -> WattTime region (signal co2_moer). Sources:
-#   [M] WattTime/watttime-python-client data/us_region_meta_data.csv @1282382 (WattTime's own list of
-#       v3 co2_moer regions with full names, e.g. PACW = PacifiCorp West).
-#   [R] carbon-aware/scheduler scheduler/src/regions/mapping.json @cb0d9b9: answers of WattTime's
-#       /v3/region-from-loc at Electricity Maps' data-centre coordinates, for the cloud regions listed.
-# Not mapped: US-CENT-SWPP ([R] puts gcp us-central1 in MISO_WORTHINGTON, not SPP).
-ZONE_WATTTIME: dict[str, str] = {
-    "AE": "ARE",  # [R] aws me-central-1, azure uaenorth
-    "AU-NSW": "NEM_NSW",  # [R] aws ap-southeast-2, azure australiaeast, azure australiacentral
-    "AU-VIC": "NEM_VIC",  # [R] aws ap-southeast-4, azure australiasoutheast
-    "BE": "BE",  # [R] gcp europe-west1
-    "BR-CS": "BRA",  # [R] aws sa-east-1, azure brazilsouth
-    "CA-AB": "AESO",  # [R] aws ca-west-1
-    "CA-ON": "IESO_NORTH",  # [R] azure canadacentral; [R] gcp Toronto -> PJM_WESTERN_KY ignored
-    "CA-QC": "HQ",  # [R] aws ca-central-1, azure canadaeast
-    "CH": "CH",  # [R] aws eu-central-2, azure switzerlandnorth
-    "CL-SEN": "CHL",  # [R] gcp southamerica-west1
-    "CN": "CHN",  # [R] azure chinaeast2, azure chinanorth
-    "DE": "DE",  # [R] aws eu-central-1, azure germanywestcentral, gcp europe-west3
-    "ES": "ES",  # [R] aws eu-south-2, azure spaincentral
-    "FI": "FI",  # [R] gcp europe-north1
-    "FR": "FR",  # [R] aws eu-west-3, azure francecentral
-    "GB": "UK",  # [R] aws eu-west-2, azure uksouth, azure ukwest
-    "HK": "HKG",  # [R] aws ap-east-1, azure eastasia
-    "ID": "IDN",  # [R] aws ap-southeast-3, azure indonesiacentral
-    "IE": "IE",  # [R] aws eu-west-1, azure northeurope
-    "IL": "ISR",  # [R] aws il-central-1; [R] azure israelcentral -> JOR ignored
-    "IN-SO": "IND",  # [R] aws ap-south-2, azure southindia
-    "IN-WE": "IND",  # [R] aws ap-south-1, azure centralindia
-    "IT-NO": "IT",  # [R] aws eu-south-1, azure italynorth
-    "JP-KN": "JP_KN",  # [R] aws ap-northeast-3, azure japanwest
-    "JP-TK": "JP_TK",  # [R] aws ap-northeast-1, gcp asia-northeast1; [R] azure japaneast -> JP_TH ignored
-    "KR": "KOR",  # [R] aws ap-northeast-2, azure koreacentral
-    "MX": "MX_SIN",  # [R] aws mx-central-1, azure mexicocentral
-    "MY-WM": "MYS",  # [R] aws ap-southeast-5
-    "NL": "NL",  # [R] gcp europe-west4; [R] azure westeurope -> DE ignored
-    "NO-NO1": "NO",  # [R] azure norwayeast
-    "NZ": "NZL",  # [R] azure newzealandnorth
-    "PL": "PL",  # [R] azure polandcentral
-    "SE-SE3": "SE",  # [R] aws eu-north-1, azure swedencentral
-    "SG": "SGP",  # [R] gcp asia-southeast1
-    "TH": "THA",  # [R] aws ap-southeast-7
-    "TW": "TWN",  # [R] gcp asia-east1
-    "US-CAL-CISO": "CAISO_NORTH",  # [M]; [R] aws us-west-1, azure westus; gcp us-west2 is Los Angeles
-    "US-CAR-SCEG": "SCEG",  # [M]; [R] gcp us-east1
-    "US-MIDA-PJM": "PJM_DC",  # [R] aws us-east-1, azure eastus; N. Virginia; Ohio/Chicago sites differ
-    "US-MIDW-MISO": "MISO_WORTHINGTON",  # [R] azure centralus; older mappings: MISO_MASON_CITY
-    "US-NW-BPAT": "BPA",  # [M]; same BA; [R] puts azure westus2 in CHPD
-    "US-NW-NEVP": "NEVP",  # [M]; same BA
-    "US-NW-PACE": "PACE",  # [M]; [R] azure westcentralus; same BA
-    "US-NW-PACW": "PACW",  # [M]; same BA; [R] puts aws us-west-2, gcp us-west1 in BPA
-    "US-SW-AZPS": "AZPS",  # [M]; [R] azure westus3; same BA
-    "US-TEX-ERCO": "ERCOT_NORTHCENTRAL",  # [M]; Dallas; [R] azure southcentralus -> ERCOT_EASTTX
-    "ZA": "ZAF",  # [R] aws af-south-1, azure southafricanorth
-}
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Sources
 # --------------------------------------------------------------------------------------------------------------
 
@@ -2077,12 +2145,6 @@ def _moer_g_per_kwh(value: Any, where: str) -> float | None:
             f"scheduler: {where}.co2_intensity is not a valid intensity ({_quote(repr(value), limit=40)})"
         )
     return float(value) * LBS_PER_MWH_TO_G_PER_KWH
-
-
-def _savings(now_value: float | None, expected: float | None) -> float | None:
-    if now_value is None or expected is None or now_value <= 0:
-        return None
-    return (now_value - expected) / now_value
 
 
 register_source(
@@ -2960,6 +3022,7 @@ OPTIONS = frozenset(
     {"source", "min_savings", "now", "timeout", "logger", "grid_zone", "on_plan", "replan", "replan_every"}
     | {"credentials", "disable", "dry_run"}
     | {"power_kw", "ledger"}
+    | {"zones", "home", "windows", "deadline"}
 )
 CREDENTIAL_NAMES = frozenset({"ELECTRICITYMAPS_API_KEY", "WATTTIME_USERNAME", "WATTTIME_PASSWORD"})
 REPLAN_AFTER = timedelta(hours=1)  # waits longer than this re-check the forecast by default
@@ -2985,6 +3048,28 @@ class _Request:
     dry_run: bool | str | None = None  # None: CARBONAWARE_DRY_RUN
     power_kw: float | None = None
     ledger: str | None = None  # None: CARBONAWARE_LEDGER, read when a record is written
+    places: tuple[Place, ...] = ()  # ``zones``: candidates besides home
+    home: bool = True  # the home zone (given or detected) is a candidate, and the baseline
+    allowed: tuple[tuple[datetime, datetime], ...] = ()  # ``windows``: allowed start intervals, UTC
+    finish_by: datetime | None = None  # ``deadline``, UTC
+
+    @property
+    def where_and_when(self) -> bool:
+        """Whether the question goes beyond one zone and one window from now (then the joint planner answers)."""
+        return bool(self.places or self.allowed or self.finish_by is not None or not self.home)
+
+    def question(self, now: datetime, places: tuple[Place, ...]) -> Question:
+        return Question(
+            places=places,
+            duration=self.duration,
+            earliest=now,
+            window=self.window,
+            finish_by=self.finish_by,
+            allowed=self.allowed,
+            min_savings=self.min_savings,
+            power_kw=self.power_kw,
+            replay=self.now is not None,
+        )
 
 
 def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, options: Mapping[str, Any]) -> _Request:
@@ -3027,7 +3112,11 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
     if not isinstance(replan_every, timedelta) or replan_every < timedelta(minutes=1):
         raise ValueError("replan_every must be a timedelta of at least one minute")
     credentials = _credentials_option(options.get("credentials"))
-    switches = {name: _switch_option(name, options.get(name)) for name in ("disable", "dry_run")}
+    disable, dry_run = (
+        _switch_option("disable", options.get("disable")),
+        _switch_option("dry_run", options.get("dry_run")),
+    )
+    where: dict[str, Any] = _where_and_when_options(now or _utc(CLOCK.time()), window, duration, zone, options)
     return _Request(
         window=window,
         duration=duration,
@@ -3042,10 +3131,111 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         replan=replan,
         replan_every=replan_every,
         credentials=credentials,
-        **switches,
+        disable=disable,
+        dry_run=dry_run,
         power_kw=check_power_kw(options.get("power_kw")),
         ledger=check_ledger_option(options.get("ledger")),
+        **where,
     )
+
+
+def _where_and_when_options(
+    now: datetime, window: timedelta, duration: timedelta, zone: CloudZone | None, options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``zones``, ``home``, ``windows`` and ``deadline``, checked, and checked to leave at least one start."""
+    places = zones_option(options.get("zones"))
+    home = options.get("home", True)
+    if not isinstance(home, bool):
+        raise TypeError("home must be True or False (False: only the given zones are candidates)")
+    if not home and not places:
+        raise ValueError("home=False leaves no candidate: give zones, e.g. zones=['aws:eu-north-1']")
+    allowed = windows_option(options.get("windows"))
+    finish_by = _aware_option("deadline", options.get("deadline"))
+    question = Question((), duration, now, window, finish_by, allowed)
+    if not question.start_intervals():
+        raise ValueError(_no_start_message(now, window, duration, allowed, finish_by))
+    places = tuple(dict.fromkeys(place for place in places if home is False or place.cloud != zone or zone is None))
+    return {"places": places, "home": home, "allowed": allowed, "finish_by": finish_by}
+
+
+def _no_start_message(
+    now: datetime, window: timedelta, duration: timedelta, allowed: Sequence[Any], finish_by: datetime | None
+) -> str:
+    if finish_by is not None and finish_by - duration < now:
+        return f"deadline {_iso(finish_by)} leaves no room for a {_human(duration)} job starting at {_iso(now)}"
+    if finish_by is not None and allowed:
+        return f"no window allows a start that finishes by the deadline {_iso(finish_by)}"
+    if finish_by is not None:
+        return f"deadline {_iso(finish_by)} leaves no start in the window"
+    return f"the windows lie wholly outside [{_iso(now)}, {_iso(now + window)}] (now plus the window)"
+
+
+def parse_zone(text: Any) -> Place:
+    """A candidate zone: "aws:eu-west-1" (provider:region), "grid:FR" (a grid zone, for on-premises), a
+    ``(provider, region)`` pair, a CloudZone or a Place. Unknown providers and malformed strings raise."""
+    if isinstance(text, Place):
+        return text
+    if isinstance(text, CloudZone):
+        return Place(cloud=_explicit_zone(text.provider, text.region))
+    if isinstance(text, tuple) and len(text) == 2:
+        return Place(cloud=_explicit_zone(*text))
+    if not isinstance(text, str):
+        raise TypeError(f"a zone is 'provider:region', 'grid:ZONE' or a (provider, region) pair, not {text!r}")
+    kind, sep, rest = text.strip().partition(":")
+    if not sep or not rest.strip():
+        raise ValueError(f"unknown zone {text!r}: write 'aws:eu-west-1', 'gcp:europe-west1' or 'grid:FR'")
+    if kind.strip().lower() == "grid":
+        key = rest.strip()
+        if not re.fullmatch(r"[A-Za-z]{2}(?:-[A-Za-z0-9]+)*", key):
+            raise ValueError(f"unknown grid zone {key!r}: an Electricity Maps zone key such as FR, DE or US-CAL-CISO")
+        return Place(grid=key)
+    if kind.strip().lower() not in PROVIDERS:
+        raise ValueError(f"unknown provider {kind.strip()!r} in zone {text!r}; expected grid or {', '.join(PROVIDERS)}")
+    return Place(cloud=_explicit_zone(kind, rest))
+
+
+def zones_option(value: Any) -> tuple[Place, ...]:
+    """``zones``: None, one zone string (commas separate several), or an iterable of zones (see parse_zone)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, tuple) and len(value) == 2 and all(isinstance(part, str) for part in value):
+        value = [value]  # one (provider, region) pair
+    if not _is_iterable(value):
+        raise TypeError(f"zones must be zone strings or (provider, region) pairs, not {type(value).__name__}")
+    places = tuple(parse_zone(item) for item in value)
+    if not places:
+        raise ValueError("zones is empty: give at least one, e.g. zones=['aws:eu-north-1'], or leave it out")
+    return places
+
+
+def windows_option(value: Any) -> tuple[tuple[datetime, datetime], ...]:
+    """``windows``: (start, end) pairs of aware datetimes, start before end; UTC, sorted."""
+    if value is None:
+        return ()
+    if not _is_iterable(value) or isinstance(value, (str, bytes)):
+        raise TypeError("windows must be (start, end) pairs of timezone-aware datetimes")
+    pairs = []
+    for item in value:
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise TypeError(f"a window is a (start, end) pair of datetimes, not {item!r}")
+        start, end = (_aware_option("a window's start", item[0]), _aware_option("a window's end", item[1]))
+        assert start is not None and end is not None
+        if not start < end:
+            raise ValueError(f"window {_iso(start)}..{_iso(end)} is empty or inverted: its start must come first")
+        pairs.append((start, end))
+    if not pairs:
+        raise ValueError("windows is empty: give at least one (start, end) pair, or leave it out")
+    return tuple(sorted(pairs))
+
+
+def _aware_option(name: str, value: Any) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime, not {value!r}")
+    return value.astimezone(timezone.utc)
 
 
 def _credentials_option(credentials: Any) -> tuple[tuple[str, str], ...]:
@@ -3194,7 +3384,7 @@ def _plan(request: _Request) -> Plan:
     if (disabled := _switched_on(request.disable, "CARBONAWARE_DISABLE")) is not None:
         return _run_now(request, now, None, "-", "disabled", disabled)
     try:
-        plan = _plan_with_sources(request, now)
+        plan = _plan_where_and_when(request, now) if request.where_and_when else _plan_with_sources(request, now)
     except Exception as exc:  # noqa: BLE001 - last line of fail-open: a bug here must not break user work
         detail = f"internal error: {type(exc).__name__}: {exc}"
         plan = _run_now(request, now, request.zone, "-", "source-failed", detail)
@@ -3349,54 +3539,57 @@ def _usable(result: SourceResult, now: datetime) -> SourceResult:
     return result
 
 
+@dataclass(frozen=True)
+class _Answered:
+    """One source's answer, planned: the best start it allows and its figures, before the decision rule."""
+
+    label: str
+    start: datetime
+    expected: float | None
+    now_value: float | None
+    unit: str
+    floor: float  # the minimum predicted saving that applies: min_savings, or the source's own when higher
+    floor_name: str = "min_savings {:.1%}"
+    grid_zone: str | None = None
+    points: tuple[ForecastPoint, ...] = ()
+    stated: float | None = None  # the source's own saving, when its intensities do not tell
+    notes: tuple[str, ...] = ()  # what the plan's detail must add, in order
+
+
+_SHORTENED_NOTE = "the forecast ends before the job would, so only its covered part was compared"
+
+
 def _plan_from(result: SourceResult, label: str, query: Query, min_savings: float) -> Plan:
     if isinstance(result, Decision):
         start = min(max(result.start, query.now), query.now + query.window)
-        notes = [note for note in (result.note, _decision_horizon_note(label, query, result)) if note]
-        return _decide(
-            query,
-            label,
-            start,
-            result.expected,
-            result.now,
-            result.unit,
-            min_savings,
-            None,
-            (),
-            stated=result.savings,
-            notes=tuple(notes),
-        )
+        notes = tuple(note for note in (result.note, _decision_horizon_note(label, query, result)) if note)
+        answered = _Answered(label, start, result.expected, result.now, result.unit, min_savings,
+                             stated=result.savings, notes=notes)  # fmt: skip
+        return _decide(query, answered)
     if not isinstance(result, Forecast):
         raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
     if not all(isinstance(p, ForecastPoint) for p in result.points):
         raise SourceError("source returned items that are not ForecastPoint")
     points = tuple(_aware(p) for p in result.points)
     choice = choose_start(points, query.now, query.window, query.duration)
-    start = _utc(choice.start)
     shortened = choice.length < query.duration.total_seconds() - 1e-6
-    floor, floor_name = min_savings, "min_savings {:.1%}"
-    own = result.min_savings
+    floor, floor_name = _floor(min_savings, result.min_savings, result.label or label, result.grid_zone)
+    notes = (_SHORTENED_NOTE,) if shortened else _series_horizon_notes(query, choice.data_end)
+    answered = _Answered(
+        result.label or label, _utc(choice.start), choice.expected, choice.now_value, result.unit, floor, floor_name,
+        result.grid_zone, points, notes=(*notes, *([result.attribution] if result.attribution else [])),
+    )  # fmt: skip
+    return _decide(query, answered)
+
+
+def _floor(min_savings: float, own: float | None, label: str, grid_zone: str | None) -> tuple[float, str]:
+    """The minimum predicted saving that applies, and how the detail names it: the source's own when higher."""
     if isinstance(own, (int, float)) and not isinstance(own, bool) and min_savings < own < 1:
-        floor = float(own)
-        floor_name = (
-            f"the {result.label or label} model's minimum for {result.grid_zone or 'this zone'}, {{:.1%}} (in its "
+        return float(own), (
+            f"the {label} model's minimum for {grid_zone or 'this zone'}, {{:.1%}} (in its "
             "backtest, smaller predicted savings too often ended dirtier than starting at once)"
         )
-    return _decide(
-        query,
-        result.label or label,
-        start,
-        choice.expected,
-        choice.now_value,
-        result.unit,
-        floor,
-        result.grid_zone,
-        points,
-        shortened=shortened,
-        attribution=result.attribution,
-        floor_name=floor_name,
-        notes=() if shortened else _series_horizon_notes(query, choice.data_end),
-    )
+    return min_savings, "min_savings {:.1%}"
 
 
 def _series_horizon_notes(query: Query, data_end: float) -> tuple[str, ...]:
@@ -3422,66 +3615,52 @@ def _decision_horizon_note(label: str, query: Query, decision: Decision) -> str 
     return f"{label} looks only {_human(ahead)} ahead, so starts after {_iso(until)} were not compared"
 
 
-def _decide(
-    query: Query,
-    label: str,
-    start: datetime,
-    expected: float | None,
-    now_value: float | None,
-    unit: str,
-    min_savings: float,
-    grid_zone: str | None,
-    points: tuple[ForecastPoint, ...],
-    shortened: bool = False,
-    stated: float | None = None,
-    attribution: str | None = None,
-    floor_name: str = "min_savings {:.1%}",
-    notes: tuple[str, ...] = (),
-) -> Plan:
-    savings = _savings(now_value, expected)
-    if savings is None:
-        savings = stated  # the source's own figure, when its intensities do not tell
-    if start <= query.now or (savings is not None and savings < NEGLIGIBLE_SAVINGS):
-        reason, start, expected, savings = (
-            "already-best",
-            query.now,
-            now_value if now_value is not None else expected,
-            0.0,
-        )
+def _decide(query: Query, answered: _Answered) -> Plan:
+    """The decision rule (``decide``) applied to one source's answer, then worded and built into a Plan."""
+    start, expected, now_value = answered.start, answered.expected, answered.now_value
+    reason, savings = decide(now_value, expected, start <= query.now, answered.floor, answered.stated)
+    if reason == "already-best":
+        start, expected, savings = query.now, now_value if now_value is not None else expected, 0.0
         detail = "now is already the best time in the window"
-    elif min_savings > 0 and (savings is None or savings < min_savings):
-        known = "an unknown amount" if savings is None else f"{savings:.1%}"
-        detail = f"waiting would save {known}, below {floor_name.format(min_savings)}"
-        reason, start, expected, savings = "below-threshold", query.now, now_value, 0.0
+    elif reason == "below-threshold":
+        detail = _below_threshold_detail(savings, answered.floor_name.format(answered.floor))
+        start, expected, savings = query.now, now_value, 0.0
     else:
-        reason, detail = "optimal", f"best start in the next {_human(query.window)}"
-    if shortened:
-        detail += "; the forecast ends before the job would, so only its covered part was compared"
-    for note in notes:
-        detail += f"; {note}"
-    if attribution:
-        detail += f"; {attribution}"
+        detail = f"best start in the next {_human(query.window)}"
+    detail += "".join(f"; {note}" for note in answered.notes)
     return Plan(
         start=start,
         delay=start - query.now,
         zone=query.zone,
-        source=label,
+        source=answered.label,
         expected=expected,
         now=now_value,
         savings=savings,
-        unit=unit,
+        unit=answered.unit,
         reason=reason,
         detail=detail,
-        grid_zone=grid_zone or query.grid_zone,
+        grid_zone=answered.grid_zone or query.grid_zone,
         duration=query.duration,
         window=query.window,
-        forecast=points,
+        forecast=answered.points,
     )
 
 
+def _below_threshold_detail(savings: float | None, floor: str) -> str:
+    known = "an unknown amount" if savings is None else f"{savings:.1%}"
+    return f"waiting would save {known}, below {floor}"
+
+
 def _run_now(request: _Request, now: datetime, zone: CloudZone | None, source: str, reason: str, detail: str) -> Plan:
+    """Start at once -- or, with ``windows``, at the earliest allowed start: failing open never breaks the caller's
+    rule of when work may run (only the operator's ``disable`` switch does)."""
     plan = immediate_plan(reason, detail, window=request.window, duration=request.duration, now=now, zone=zone)
-    return replace(plan, source=source, grid_zone=request.grid_zone)
+    plan = replace(plan, source=source, grid_zone=request.grid_zone)
+    if reason == "disabled" or not request.allowed:
+        return plan
+    intervals = request.question(now, ()).start_intervals()
+    start = intervals[0][0] if intervals else now
+    return replace(plan, start=start, delay=start - now)
 
 
 def immediate_plan(
@@ -3518,12 +3697,15 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
     ``scheduled=True``: a run that Prefect's scheduler starts at the plan's start, nothing sleeps either)."""
     where = str(plan.zone) if plan.zone else (plan.grid_zone or "unknown zone")
     fell_back = f" (after {'; '.join(plan.fallbacks)})" if plan.fallbacks else ""
-    if plan.reason in ("optimal", "dry-run") and plan.delay > timedelta(0):
+    if plan.delay > timedelta(0) and plan.reason != "disabled":
         numbers = ""
         if plan.now is not None and plan.expected is not None:
             numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
             if plan.savings is not None:
                 numbers += f" (-{plan.savings:.1%})"
+        numbers += _time_only_text(plan)
+        if plan.reason not in ("optimal", "dry-run"):  # the earliest allowed start lies ahead
+            numbers, fell_back = f"{numbers} ({plan.reason}: {plan.detail})", ""  # the detail names the failures
         if scheduled:
             verb = "would schedule the run" if plan.reason == "dry-run" else "run scheduled"
             when = f"{verb} {_human(plan.delay)} later, at {_iso(plan.start)},"
@@ -3533,7 +3715,18 @@ def describe(plan: Plan, *, waiting: bool = True, scheduled: bool = False) -> st
         when = f"{verb} {_human(plan.delay)} until {_iso(plan.start)}"
         return f"carbonaware: {when} for {where} via {plan.source}{numbers}{_grams_text(plan)}{fell_back}"
     verb = "run starts now" if scheduled else "running now" if waiting else "start now"
+    if plan.reason == "optimal" and plan.now is not None and plan.expected is not None:  # another zone, at once
+        numbers = f": {plan.now:.0f} -> {plan.expected:.0f} {plan.unit}"
+        numbers += f" (-{plan.savings:.1%})" if plan.savings is not None else ""
+        return f"carbonaware: {verb} in {where} via {plan.source}{numbers}{_time_only_text(plan)}{_grams_text(plan)}"
     return f"carbonaware: {verb} for {where} ({plan.reason}: {plan.detail}){_grams_text(plan)}"
+
+
+def _time_only_text(plan: Plan) -> str:
+    """Beside the saving of moving place and start, what moving the start alone would save at home."""
+    if len(plan.alternatives) < 2 or plan.time_savings is None:
+        return ""
+    return f"; time only, in {plan.alternatives[0].zone}: -{plan.time_savings:.1%}"
 
 
 def report_plan(
@@ -3553,6 +3746,404 @@ def report_plan(
             on_plan(plan)
         except Exception as exc:  # noqa: BLE001 - a reporting hook must not break the work
             log.warning("carbonaware: on_plan hook failed: %s: %s", type(exc).__name__, exc)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning: where and when (several places, allowed starts, a finish-by deadline)
+# --------------------------------------------------------------------------------------------------------------
+# Each place's series comes through its own source chain and the one cache, all places at once (threads, each
+# bounded by what is left of the window); the hosted scheduler, whose API takes lists of zones and windows, is asked
+# once for every place it serves. Then one exact choice over (place, start): ``lowest_mean_start`` per place and
+# allowed interval, ``best_place`` across places, ``decide`` against starting at once in the home place.
+
+
+class _NotAmongOptions(SourceError):
+    """The hosted scheduler ranks its options across zones: a zone absent from them is no better than any listed,
+    which is an answer (no fallback to another source), though without a start of its own."""
+
+    def __init__(self, message: str, now_value: float | None) -> None:
+        super().__init__(message)
+        self.now_value = now_value
+
+
+@dataclass(frozen=True)
+class _PlaceAnswer:
+    """What one place's chain gave: its best allowed start and mean (epoch seconds), and the mean at the earliest
+    allowed start (for the home place: the baseline), or only the failures."""
+
+    place: Place
+    label: str = "-"
+    start: float | None = None
+    mean: float | None = None
+    first_mean: float | None = None
+    unit: str = G_PER_KWH
+    grid_zone: str | None = None
+    points: tuple[ForecastPoint, ...] = ()
+    floor: float | None = None  # the source's own minimum predicted saving (the offline model's)
+    notes: tuple[str, ...] = ()
+    failures: tuple[str, ...] = ()
+
+    @property
+    def answered(self) -> bool:
+        return self.start is not None and self.mean is not None
+
+
+def _candidate_places(request: _Request, spec: Any) -> tuple[Place, ...]:
+    """Home first (given, else detected when a source would use it; with the grid zone), then ``zones``."""
+    places: list[Place] = []
+    if request.home:
+        zone = request.zone or (detect_cloud_zone() if _uses_zone(spec) else None)
+        grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
+        if zone is not None or grid_zone is not None:
+            places.append(Place(zone, grid_zone))
+    for place in request.places:
+        if not any(place == known or (place.cloud and place.cloud == known.cloud) for known in places):
+            places.append(place)
+    return tuple(places)
+
+
+def _plan_where_and_when(request: _Request, now: datetime) -> Plan:
+    spec = _source_spec(request)
+    places = _candidate_places(request, spec)
+    if not places:
+        no_zone = "no cloud zone: give provider and region, or zones (or set CARBONAWARE_PROVIDER/CARBONAWARE_REGION)"
+        return _run_now(request, now, None, "-", "no-zone", no_zone)
+    question = request.question(now, places)
+    intervals = [(lo.timestamp(), hi.timestamp()) for lo, hi in question.start_intervals()]
+    if not intervals:  # time passed since the arguments were checked (a re-plan late in the window, say)
+        return _run_now(request, now, places[0].cloud, "-", "already-best", "no allowed start is left in the window")
+    deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
+    queries = [
+        Query(place.cloud, place.grid, now, request.window, request.duration, request.timeout, None,
+              request.now is not None, deadline, credentials=request.credentials)
+        for place in places
+    ]  # fmt: skip
+    hosted = _hosted_once(places, intervals, queries[0])
+    jobs = [_place_job(place, spec, query, intervals, hosted) for place, query in zip(places, queries, strict=True)]
+    answers = _answers_within(jobs, places, deadline)
+    return _joint_plan(question, intervals, answers, request)
+
+
+def _place_job(
+    place: Place,
+    spec: Any,
+    query: Query,
+    intervals: Sequence[tuple[float, float]],
+    hosted: Callable[[Query], Decision],
+) -> Callable[[], _PlaceAnswer]:
+    return lambda: _place_answer(place, spec, query, intervals, hosted)
+
+
+def _place_answer(
+    place: Place,
+    spec: Any,
+    query: Query,
+    intervals: Sequence[tuple[float, float]],
+    hosted: Callable[[Query], Decision],
+) -> _PlaceAnswer:
+    """The first source of the chain whose answer allows a start, measured over the allowed intervals."""
+    failures: list[str] = []
+    for label, attempt in _attempts(spec, query):
+        try:
+            result = hosted(query) if label == "carbonaware" and isinstance(spec, str) else attempt()
+            answer = _measured_answer(place, label, result, query, intervals)
+        except _NoZone:
+            failures.append(f"{label}: no cloud or grid zone")
+            continue
+        except _NotAmongOptions as bound:
+            unit = "gCO2/kWh (marginal)"
+            return _PlaceAnswer(place, label, first_mean=bound.now_value, unit=unit, notes=(str(bound),))
+        except SourceError as error:
+            failures.append(f"{label}: {error}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - a broken source must not end the chain
+            failures.append(f"{label}: internal error: {type(exc).__name__}: {_quote(str(exc), limit=160)}")
+            continue
+        return replace(answer, failures=tuple(failures))
+    return _PlaceAnswer(place, failures=tuple(failures) or ("no source answered",))
+
+
+def _measured_answer(
+    place: Place, label: str, result: SourceResult, query: Query, intervals: Sequence[tuple[float, float]]
+) -> _PlaceAnswer:
+    if isinstance(result, Decision):
+        start = _allowed_start(result.start.timestamp(), intervals)
+        if start is None:
+            raise SourceError(f"its start {_iso(result.start)} is not an allowed start")
+        return _PlaceAnswer(place, label, start, result.expected, result.now, result.unit, place.grid,
+                            notes=(result.note,) if result.note else ())  # fmt: skip
+    if not isinstance(result, Forecast):
+        raise SourceError(f"source returned {type(result).__name__}, not a Forecast or Decision")
+    if not all(isinstance(p, ForecastPoint) for p in result.points):
+        raise SourceError("source returned items that are not ForecastPoint")
+    points = tuple(_aware(p) for p in result.points)
+    starts, ends, values = _series_arrays(points, query.now.timestamp())
+    length = min(query.duration, HORIZON_CAP).total_seconds()
+    best = lowest_mean_start_within(starts, ends, values, intervals, length)
+    if best is None:
+        raise SourceError("its forecast covers no allowed start and the whole job after it")
+    first = lowest_mean_start(starts, ends, values, intervals[0][0], intervals[0][0], length)
+    notes = (result.attribution,) if result.attribution else ()
+    return _PlaceAnswer(
+        place, result.label or label, best[0], best[1], None if first is None else first[1], result.unit,
+        result.grid_zone or place.grid, points, result.min_savings, notes,
+    )  # fmt: skip
+
+
+def _allowed_start(start: float, intervals: Sequence[tuple[float, float]]) -> float | None:
+    """A decided start inside an allowed interval, or one 5-minute step past its end (the hosted scheduler's grid):
+    then the interval's end; None when it is not allowed."""
+    step = _DECISION_STEP.total_seconds()
+    for lo, hi in intervals:
+        if lo - 1 <= start <= hi + step:
+            return min(max(start, lo), hi)
+    return None
+
+
+def _answers_within(
+    jobs: Sequence[Callable[[], _PlaceAnswer]], places: Sequence[Place], deadline: float
+) -> list[_PlaceAnswer]:
+    """Every place's answer, all asked at once; a place without an answer when the window ends has failed."""
+    if len(jobs) == 1:
+        return [jobs[0]()]
+    answers: list[_PlaceAnswer | None] = [None] * len(jobs)
+
+    def run(index: int) -> None:
+        answers[index] = jobs[index]()
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True, name="carbonaware-place") for i in range(len(jobs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(max(0.0, deadline - CLOCK.monotonic()))
+    return [
+        answer if answer is not None else _PlaceAnswer(place, failures=("no answer within the window",))
+        for answer, place in zip(answers, places, strict=True)
+    ]
+
+
+def _comparable(unit: str) -> tuple[str, bool]:
+    return signal_of(unit), is_grams_per_kwh(unit)
+
+
+def _agreeing_unit(answers: Sequence[_PlaceAnswer]) -> tuple[str, bool] | None:
+    """The unit places are compared in: the home place's when it answered, else the most common (first wins)."""
+    answered = [answer for answer in answers if answer.answered]
+    if not answered:
+        return None
+    if answers[0].answered or answers[0].first_mean is not None:
+        return _comparable(answers[0].unit)
+    kinds = [_comparable(answer.unit) for answer in answered]
+    return max(kinds, key=kinds.count)
+
+
+def _joint_plan(
+    question: Question, intervals: Sequence[tuple[float, float]], answers: Sequence[_PlaceAnswer], request: _Request
+) -> Plan:
+    now, several = question.earliest, len(answers) > 1
+    unit = _agreeing_unit(answers)
+    dropped = [
+        answer for answer in answers if answer.answered and unit is not None and _comparable(answer.unit) != unit
+    ]
+    home_said = answers[0].answered or answers[0].first_mean is not None
+    reference = answers[0].unit if home_said else "the other zones'"
+    notes = [f"{a.place} left out: {a.label} gives {a.unit}, not comparable with {reference}" for a in dropped]
+    usable = [answer if answer.answered and answer not in dropped else None for answer in answers]
+    failures = [
+        f"{answer.place}: {failure}" if several else failure for answer in answers for failure in answer.failures
+    ]
+    chosen = best_place([None if a is None else (a.start or 0.0, a.mean or 0.0) for a in usable])
+    alternatives = tuple(_alternative(answer, answer in dropped) for answer in answers) if several else ()
+    if chosen is None:
+        detail = "; ".join([*failures, *notes]) or "no source answered"
+        plan = _run_now(request, now, answers[0].place.cloud, "-", "source-failed", detail)
+        return replace(plan, fallbacks=tuple(failures), alternatives=alternatives)
+    best = answers[chosen]
+    home = usable[0]
+    baseline = answers[0].first_mean if _comparable(answers[0].unit) == unit else None
+    earliest = intervals[0][0]
+    start_is_now = chosen == 0 and (best.start or earliest) <= earliest + 1e-6
+    floor, floor_name = _floor(question.min_savings, best.floor, best.label, best.grid_zone)
+    reason, savings = decide(baseline, best.mean, start_is_now, floor)
+    if reason == "optimal":
+        where, start, expected = best, _utc(best.start or earliest), best.mean
+        detail = _where_and_when_detail(question, len(answers))
+    else:
+        where, start, expected = answers[0], _utc(earliest), baseline
+        detail = (
+            "the earliest allowed start is already the best"
+            if reason == "already-best"
+            else _below_threshold_detail(savings, floor_name.format(floor))
+        )
+        savings = 0.0
+    for note in (*notes, *best.notes):
+        detail += f"; {note}"
+    if failures:
+        detail += f"; after {'; '.join(failures)}"
+    time_savings = _savings(baseline, home.mean) if home is not None and several else None
+    return Plan(
+        start=start,
+        delay=start - now,
+        zone=where.place.cloud,
+        source=where.label,
+        expected=expected,
+        now=baseline,
+        savings=savings,
+        unit=where.unit,
+        reason=reason,
+        detail=detail,
+        grid_zone=where.grid_zone,
+        duration=question.duration,
+        window=question.window,
+        fallbacks=tuple(failures),
+        forecast=where.points,
+        alternatives=alternatives,
+        time_savings=time_savings,
+    )
+
+
+def _where_and_when_detail(question: Question, places: int) -> str:
+    what = f"best zone and start of {places} zones" if places > 1 else "best start"
+    constraints = []
+    if question.allowed:
+        constraints.append("inside the allowed windows")
+    if question.finish_by is not None:
+        constraints.append(f"finishing by {_iso(question.finish_by)}")
+    return f"{what} in the next {_human(question.window)}" + "".join(f", {c}" for c in constraints)
+
+
+def _alternative(answer: _PlaceAnswer, dropped: bool) -> Alternative:
+    if not answer.answered:
+        why = "; ".join(answer.failures or answer.notes)
+        return Alternative(str(answer.place), None, None, answer.unit, answer.label, why)
+    note = "unit not comparable with the home zone's: left out" if dropped else ""
+    return Alternative(str(answer.place), _utc(answer.start or 0.0), answer.mean, answer.unit, answer.label, note)
+
+
+# ---- the hosted scheduler, asked once for every zone and window ---------------------------------------------------
+
+
+def _hosted_once(
+    places: Sequence[Place], intervals: Sequence[tuple[float, float]], query: Query
+) -> Callable[[Query], Decision]:
+    """Each place's hosted-scheduler decision, from one request naming every cloud zone it serves and every allowed
+    window (through the cache: concurrent places wait for that one request)."""
+    zones = tuple(
+        place.cloud
+        for place in places
+        if place.cloud is not None and place.cloud.region in SCHEDULER_REGIONS.get(place.cloud.provider, frozenset())
+    )
+    horizon_end = query.now.timestamp() + SCHEDULER_HORIZON.total_seconds()
+    windows = tuple(
+        (lo, max(hi, lo + SCHEDULER_SHORTEST_JOB.total_seconds())) for lo, hi in intervals if lo < horizon_end
+    )
+
+    def decision_for(asked: Query) -> Decision:
+        if asked.zone is None:
+            raise SourceError("the hosted scheduler needs a cloud zone")
+        if asked.zone not in zones:
+            raise SourceError(f"{asked.zone} is not supported by the hosted scheduler")
+        if asked.duration > SCHEDULER_HORIZON:
+            raise SourceError(f"a job over {_human(SCHEDULER_HORIZON)} is longer than the hosted scheduler's forecast")
+        if not windows:
+            raise SourceError(f"no allowed start lies within the hosted scheduler's {_human(SCHEDULER_HORIZON)}")
+        base = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL)
+        key = ("carbonaware-many", base, zones, asked.duration, windows, asked.now if asked.fixed_now else None)
+
+        def fetch_once() -> dict[CloudZone, Decision]:
+            CACHE.check_not_blocked("carbonaware")
+            try:
+                return _fetch_carbonaware_many(asked, zones, windows)
+            except SourceError as error:
+                if error.retry_after:
+                    CACHE.block("carbonaware", error)
+                raise
+
+        wait = min(asked.timeout + 1.0, max(0.0, asked.deadline - CLOCK.monotonic()))
+        decisions: dict[CloudZone, Decision] = CACHE.get(key, _shared_fetch(asked, fetch_once), ttl=300.0, wait=wait)
+        decision = decisions[asked.zone]
+        if decision.expected is None:
+            raise _NotAmongOptions(decision.note or "not among the hosted scheduler's options", decision.now)
+        if intervals[-1][1] > horizon_end:  # it sees ~24 h whatever it is asked (protocols.md §7)
+            seen = f"starts after {_iso(_utc(horizon_end))} were not compared"
+            return replace(
+                decision, note=f"the hosted scheduler looks only {_human(SCHEDULER_HORIZON)} ahead, so {seen}"
+            )
+        return decision
+
+    return decision_for
+
+
+def _fetch_carbonaware_many(
+    query: Query, zones: Sequence[CloudZone], windows: Sequence[tuple[float, float]]
+) -> dict[CloudZone, Decision]:
+    url = base_url("CARBONAWARE_SCHEDULER_BASE_URL", CARBONAWARE_BASE_URL) + "/v0/schedule/"
+    _require_safe_url(url, carries_secret=False)
+    payload = {
+        "duration": format_iso_duration(max(query.duration, SCHEDULER_SHORTEST_JOB)),
+        "windows": [{"start": _iso(_utc(lo)), "end": _iso(_utc(hi))} for lo, hi in windows],
+        "zones": [{"provider": zone.provider, "region": zone.region} for zone in zones],
+        "num_options": 3 * len(zones),  # options are ranked across zones: room for each zone's best
+    }
+    headers = {"Content-Type": "application/json", "Accept": "application/json"}
+    response = http_request("POST", url, headers=headers, body=_json_bytes(payload), timeout=query.budget())
+    if response.status == 422 and b"enum[" in response.body[:65536]:
+        raise SourceError("a zone is not supported by the hosted scheduler (HTTP 422)")
+    return _decisions_by_zone(expect_json(response, "scheduler"), zones, windows, query.now)
+
+
+def _decisions_by_zone(
+    document: Any, zones: Sequence[CloudZone], windows: Sequence[tuple[float, float]], now: datetime
+) -> dict[CloudZone, Decision]:
+    """Per zone, its lowest option (ideal included) starting in an allowed window (or one step past its end); the
+    naive case (the earliest start) gives the figure for starting at once in its zone."""
+    _field(document, "ideal", dict)
+    options = [document["ideal"], *(document.get("options") or [])]
+    naive = document.get("naive_case")
+    best: dict[CloudZone, tuple[float, float]] = {}  # zone -> (g/kWh, start)
+    for option in options if isinstance(options, list) else ():
+        found = _zoned_option(option, windows)
+        if found is None:
+            continue
+        zone, start, value = found
+        if zone in zones and (zone not in best or (value, start) < best[zone]):
+            best[zone] = (value, start)
+    naive_found = _zoned_option(naive, [(now.timestamp() - 900, now.timestamp() + 900)])
+    listed = [value for value, _start in best.values()]
+    decisions = {}
+    for zone in zones:
+        now_value = naive_found[2] if naive_found is not None and naive_found[0] == zone else None
+        if zone in best:
+            value, start = best[zone]
+            decisions[zone] = Decision(_utc(start), value, now_value, _savings(now_value, value), "gCO2/kWh (marginal)")
+        else:  # "expected" None: no start of its own, every listed option is at least as low
+            note = f"not among the hosted scheduler's {len(options)} lowest options" + (
+                f" (all at most {max(listed):.0f} gCO2/kWh)" if listed else ""
+            )
+            decisions[zone] = Decision(now, None, now_value, None, "gCO2/kWh (marginal)", note=note)
+    return decisions
+
+
+def _zoned_option(option: Any, windows: Sequence[tuple[float, float]]) -> tuple[CloudZone, float, float] | None:
+    """(zone, allowed start, g/kWh) of one scheduler option, or None when malformed or not an allowed start."""
+    if not isinstance(option, dict) or not _valid_intensity(option.get("co2_intensity")):
+        return None
+    where = option.get("zone")
+    if (
+        not isinstance(where, dict)
+        or not isinstance(where.get("provider"), str)
+        or not isinstance(where.get("region"), str)
+    ):
+        return None
+    try:
+        moment = parse_datetime(str(option.get("time")))
+    except ValueError:
+        return None
+    start = _allowed_start(moment.timestamp(), windows)
+    if start is None:
+        return None
+    zone = CloudZone(where["provider"].lower(), where["region"])
+    return zone, start, float(option["co2_intensity"]) * LBS_PER_MWH_TO_G_PER_KWH
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -4518,6 +5109,14 @@ def _cli_parser() -> Any:
         sub.add_argument("--now", type=parse_datetime, help="plan as if it were this time (ISO-8601)")
         sub.add_argument("--power-kw", type=float, help="the job's average draw in kW: gives kWh and grams")
         sub.add_argument("--ledger", help="append the decision (and, for run, the outcome) to this JSON Lines file")
+        sub.add_argument(
+            "--zones", help="other candidate zones, comma-separated: aws:eu-north-1,gcp:europe-west1,grid:FR"
+        )
+        sub.add_argument("--no-home", action="store_true", help="only --zones are candidates, not the home zone")
+        sub.add_argument(
+            "--windows", type=_cli_windows, help="allowed starts, comma-separated START/END ISO-8601 pairs"
+        )
+        sub.add_argument("--deadline", type=parse_datetime, help="ISO-8601 time by which the job must finish")
         sub.add_argument("--json", action="store_true", help="print the plan as JSON")
         sub.add_argument("--quiet", action="store_true", help="no log lines on stderr")
 
@@ -4550,12 +5149,50 @@ def _cli_duration(text: str) -> timedelta:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _cli_windows(text: str) -> tuple[tuple[datetime, datetime], ...]:
+    """``START/END[,START/END...]`` (ISO-8601 date-times; naive means UTC)."""
+    import argparse
+
+    pairs = []
+    for item in (part.strip() for part in text.split(",") if part.strip()):
+        start, sep, end = item.partition("/")
+        try:
+            if not sep:
+                raise ValueError(f"a window is START/END, not {item!r}")
+            pairs.append((parse_datetime(start), parse_datetime(end)))
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return tuple(pairs)
+
+
 def _cli_options(args: Any) -> dict[str, Any]:
     options: dict[str, Any] = {"min_savings": args.min_savings}
-    for name in ("source", "now", "grid_zone", "power_kw", "ledger"):
+    for name in ("source", "now", "grid_zone", "power_kw", "ledger", "zones", "windows", "deadline"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
+    if args.no_home:
+        options["home"] = False
     return options
+
+
+def render_alternatives(plan: Plan) -> str:
+    """One line per candidate zone of a plan over several: its best start and mean, the chosen one marked."""
+    lines = [
+        f"zones compared (home first; time only in {plan.alternatives[0].zone}: "
+        + ("unknown)" if plan.time_savings is None else f"-{plan.time_savings:.1%})")
+    ]
+    chosen = str(plan.zone) if plan.zone is not None else f"grid:{plan.grid_zone}"
+    for alternative in plan.alternatives:
+        mark = " <- chosen" if alternative.zone == chosen and plan.reason == "optimal" else ""
+        if alternative.start is None or alternative.mean is None:
+            lines.append(f"  {alternative.zone:<24} no answer ({alternative.note})")
+            continue
+        note = f" ({alternative.note})" if alternative.note else ""
+        lines.append(
+            f"  {alternative.zone:<24} {_iso(alternative.start)} {alternative.mean:8.1f} {alternative.unit} "
+            f"via {alternative.source}{note}{mark}"
+        )
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -4606,6 +5243,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe(plan, waiting=False))
         if plan.forecast:
             print(render_chart(plan))
+        if len(plan.alternatives) > 1:
+            print(render_alternatives(plan))
     if args.command == "run":
         sys.stdout.flush()  # the plan before the command's own output
         started, began = CLOCK.now(), CLOCK.monotonic()
@@ -4736,5 +5375,225 @@ def _send(child: Any, signum: int) -> None:
     logger.info("carbonaware: passed %s on to the command (pid %d); waiting for it", _signal_name(signum), child.pid)
 
 
-if __name__ == "__main__":
+# --------------------------------------------------------------------------------------------------------------
+# Appendix: region tables (generated data; rewrite with python scripts/build_region_table.py --write)
+# --------------------------------------------------------------------------------------------------------------
+# The functions above read these tables only when called, so the data can sit at the end of the file.
+
+# BEGIN GENERATED by scripts/build_region_table.py -- edits between the markers are overwritten
+# Cloud region -> Electricity Maps zone key. Built by scripts/build_region_table.py from facts in:
+#   Electricity Maps data_centers.json (electricitymaps-contrib @b354f28) -- wins on disagreement,
+#   Cloud Carbon Footprint packages/*/src/lib/*Regions.ts, umassos/decarbonization-potential mapper.
+# Disagreements resolved in favour of Electricity Maps (else CCF):
+#   azure northcentralus (US-MIDA-PJM vs CCF US-MIDW-MISO), azure westus2 (US-NW-BPAT vs CCF US-NW-PACE),
+#   azure westus3 (US-SW-AZPS vs CCF US-NW-PACE), gcp us-central1 (US-CENT-SWPP vs CCF US-MIDW-MISO),
+#   gcp us-east1 (US-CAR-SCEG vs UMass US-CAR-SC)
+# Obsolete UMass zone keys normalised: AUS-NSW->AU-NSW, AUS-VIC->AU-VIC, IN-DL->IN-NO, IN-MH->IN-WE
+# Dropped: azure eastus3 (Atlanta, GA; CCF's US-MIDA-PJM is wrong),
+#   azure unitedstates (geography alias spanning many zones),
+#   azure unitedstateseuap (geography alias spanning many zones)
+#   and Azure *stage names (internal staging, not customer regions).
+REGION_ZONES: dict[tuple[str, str], str] = {
+    ("aws", "af-south-1"): "ZA",
+    ("aws", "ap-east-1"): "HK",
+    ("aws", "ap-northeast-1"): "JP-TK",
+    ("aws", "ap-northeast-2"): "KR",
+    ("aws", "ap-northeast-3"): "JP-KN",
+    ("aws", "ap-south-1"): "IN-WE",
+    ("aws", "ap-south-2"): "IN-SO",
+    ("aws", "ap-southeast-1"): "SG",
+    ("aws", "ap-southeast-2"): "AU-NSW",
+    ("aws", "ap-southeast-3"): "ID",
+    ("aws", "ap-southeast-4"): "AU-VIC",
+    ("aws", "ap-southeast-5"): "MY-WM",
+    ("aws", "ap-southeast-6"): "NZ",
+    ("aws", "ap-southeast-7"): "TH",
+    ("aws", "ca-central-1"): "CA-QC",
+    ("aws", "ca-west-1"): "CA-AB",
+    ("aws", "eu-central-1"): "DE",
+    ("aws", "eu-central-2"): "CH",
+    ("aws", "eu-north-1"): "SE-SE3",
+    ("aws", "eu-south-1"): "IT-NO",
+    ("aws", "eu-south-2"): "ES",
+    ("aws", "eu-west-1"): "IE",
+    ("aws", "eu-west-2"): "GB",
+    ("aws", "eu-west-3"): "FR",
+    ("aws", "il-central-1"): "IL",
+    ("aws", "me-central-1"): "AE",
+    ("aws", "me-south-1"): "BH",
+    ("aws", "mx-central-1"): "MX",
+    ("aws", "sa-east-1"): "BR-CS",
+    ("aws", "us-east-1"): "US-MIDA-PJM",
+    ("aws", "us-east-2"): "US-MIDA-PJM",
+    ("aws", "us-gov-east-1"): "US-MIDA-PJM",
+    ("aws", "us-gov-west-1"): "US-NW-PACW",
+    ("aws", "us-west-1"): "US-CAL-CISO",
+    ("aws", "us-west-2"): "US-NW-PACW",
+    ("azure", "apsoutheast"): "SG",
+    ("azure", "australiacentral"): "AU-NSW",
+    ("azure", "australiacentral2"): "AU-NSW",
+    ("azure", "australiaeast"): "AU-NSW",
+    ("azure", "australiasoutheast"): "AU-VIC",
+    ("azure", "brazilsouth"): "BR-CS",
+    ("azure", "brazilsoutheast"): "BR-CS",
+    ("azure", "canadacentral"): "CA-ON",
+    ("azure", "canadaeast"): "CA-QC",
+    ("azure", "centralindia"): "IN-WE",
+    ("azure", "centralus"): "US-MIDW-MISO",
+    ("azure", "centraluseuap"): "US-MIDW-MISO",
+    ("azure", "chinaeast"): "CN",
+    ("azure", "chinaeast2"): "CN",
+    ("azure", "chinanorth"): "CN",
+    ("azure", "chinanorth2"): "CN",
+    ("azure", "chinanorth3"): "CN",
+    ("azure", "eastasia"): "HK",
+    ("azure", "eastus"): "US-MIDA-PJM",
+    ("azure", "eastus2"): "US-MIDA-PJM",
+    ("azure", "eastus2euap"): "US-MIDA-PJM",
+    ("azure", "francecentral"): "FR",
+    ("azure", "francesouth"): "FR",
+    ("azure", "germany"): "DE",
+    ("azure", "germanynorth"): "DE",
+    ("azure", "germanywestcentral"): "DE",
+    ("azure", "indonesiacentral"): "ID",
+    ("azure", "israelcentral"): "IL",
+    ("azure", "italynorth"): "IT-NO",
+    ("azure", "japaneast"): "JP-TK",
+    ("azure", "japanwest"): "JP-KN",
+    ("azure", "koreacentral"): "KR",
+    ("azure", "koreasouth"): "KR",
+    ("azure", "mexicocentral"): "MX",
+    ("azure", "newzealandnorth"): "NZ",
+    ("azure", "northcentralus"): "US-MIDA-PJM",
+    ("azure", "northeurope"): "IE",
+    ("azure", "norwayeast"): "NO-NO1",
+    ("azure", "norwaywest"): "NO-NO2",
+    ("azure", "polandcentral"): "PL",
+    ("azure", "qatarcentral"): "QA",
+    ("azure", "southafricanorth"): "ZA",
+    ("azure", "southafricawest"): "ZA",
+    ("azure", "southcentralus"): "US-TEX-ERCO",
+    ("azure", "southeastasia"): "SG",
+    ("azure", "southindia"): "IN-SO",
+    ("azure", "spaincentral"): "ES",
+    ("azure", "swedencentral"): "SE-SE3",
+    ("azure", "switzerlandnorth"): "CH",
+    ("azure", "switzerlandwest"): "CH",
+    ("azure", "uaecentral"): "AE",
+    ("azure", "uaenorth"): "AE",
+    ("azure", "uk"): "GB",
+    ("azure", "uksouth"): "GB",
+    ("azure", "ukwest"): "GB",
+    ("azure", "usnorth"): "US-MIDW-MISO",
+    ("azure", "westcentralus"): "US-NW-PACE",
+    ("azure", "westeurope"): "NL",
+    ("azure", "westindia"): "IN-WE",
+    ("azure", "westus"): "US-CAL-CISO",
+    ("azure", "westus2"): "US-NW-BPAT",
+    ("azure", "westus3"): "US-SW-AZPS",
+    ("gcp", "africa-south1"): "ZA",
+    ("gcp", "asia-east1"): "TW",
+    ("gcp", "asia-east2"): "HK",
+    ("gcp", "asia-northeast1"): "JP-TK",
+    ("gcp", "asia-northeast2"): "JP-KN",
+    ("gcp", "asia-northeast3"): "KR",
+    ("gcp", "asia-south1"): "IN-WE",
+    ("gcp", "asia-south2"): "IN-NO",
+    ("gcp", "asia-southeast1"): "SG",
+    ("gcp", "asia-southeast2"): "ID",
+    ("gcp", "asia-southeast3"): "TH",
+    ("gcp", "australia-southeast1"): "AU-NSW",
+    ("gcp", "australia-southeast2"): "AU-VIC",
+    ("gcp", "europe-central2"): "PL",
+    ("gcp", "europe-north1"): "FI",
+    ("gcp", "europe-north2"): "SE-SE3",
+    ("gcp", "europe-southwest1"): "ES",
+    ("gcp", "europe-west1"): "BE",
+    ("gcp", "europe-west10"): "DE",
+    ("gcp", "europe-west12"): "IT-NO",
+    ("gcp", "europe-west2"): "GB",
+    ("gcp", "europe-west3"): "DE",
+    ("gcp", "europe-west4"): "NL",
+    ("gcp", "europe-west6"): "CH",
+    ("gcp", "europe-west8"): "IT-NO",
+    ("gcp", "europe-west9"): "FR",
+    ("gcp", "me-central1"): "QA",
+    ("gcp", "me-central2"): "SA",
+    ("gcp", "me-west1"): "IL",
+    ("gcp", "northamerica-northeast1"): "CA-QC",
+    ("gcp", "northamerica-northeast2"): "CA-ON",
+    ("gcp", "northamerica-south1"): "MX",
+    ("gcp", "southamerica-east1"): "BR-CS",
+    ("gcp", "southamerica-west1"): "CL-SEN",
+    ("gcp", "us-central1"): "US-CENT-SWPP",
+    ("gcp", "us-central2"): "US-MIDW-MISO",
+    ("gcp", "us-east1"): "US-CAR-SCEG",
+    ("gcp", "us-east4"): "US-MIDA-PJM",
+    ("gcp", "us-east5"): "US-MIDA-PJM",
+    ("gcp", "us-south1"): "US-TEX-ERCO",
+    ("gcp", "us-west1"): "US-NW-PACW",
+    ("gcp", "us-west2"): "US-CAL-CISO",
+    ("gcp", "us-west3"): "US-NW-PACE",
+    ("gcp", "us-west4"): "US-NW-NEVP",
+}
+
+# Electricity Maps zone -> WattTime region (signal co2_moer). Sources:
+#   [M] WattTime/watttime-python-client data/us_region_meta_data.csv @1282382 (WattTime's own list of
+#       v3 co2_moer regions with full names, e.g. PACW = PacifiCorp West).
+#   [R] carbon-aware/scheduler scheduler/src/regions/mapping.json @cb0d9b9: answers of WattTime's
+#       /v3/region-from-loc at Electricity Maps' data-centre coordinates, for the cloud regions listed.
+# Not mapped: US-CENT-SWPP ([R] puts gcp us-central1 in MISO_WORTHINGTON, not SPP).
+ZONE_WATTTIME: dict[str, str] = {
+    "AE": "ARE",  # [R] aws me-central-1, azure uaenorth
+    "AU-NSW": "NEM_NSW",  # [R] aws ap-southeast-2, azure australiaeast, azure australiacentral
+    "AU-VIC": "NEM_VIC",  # [R] aws ap-southeast-4, azure australiasoutheast
+    "BE": "BE",  # [R] gcp europe-west1
+    "BR-CS": "BRA",  # [R] aws sa-east-1, azure brazilsouth
+    "CA-AB": "AESO",  # [R] aws ca-west-1
+    "CA-ON": "IESO_NORTH",  # [R] azure canadacentral; [R] gcp Toronto -> PJM_WESTERN_KY ignored
+    "CA-QC": "HQ",  # [R] aws ca-central-1, azure canadaeast
+    "CH": "CH",  # [R] aws eu-central-2, azure switzerlandnorth
+    "CL-SEN": "CHL",  # [R] gcp southamerica-west1
+    "CN": "CHN",  # [R] azure chinaeast2, azure chinanorth
+    "DE": "DE",  # [R] aws eu-central-1, azure germanywestcentral, gcp europe-west3
+    "ES": "ES",  # [R] aws eu-south-2, azure spaincentral
+    "FI": "FI",  # [R] gcp europe-north1
+    "FR": "FR",  # [R] aws eu-west-3, azure francecentral
+    "GB": "UK",  # [R] aws eu-west-2, azure uksouth, azure ukwest
+    "HK": "HKG",  # [R] aws ap-east-1, azure eastasia
+    "ID": "IDN",  # [R] aws ap-southeast-3, azure indonesiacentral
+    "IE": "IE",  # [R] aws eu-west-1, azure northeurope
+    "IL": "ISR",  # [R] aws il-central-1; [R] azure israelcentral -> JOR ignored
+    "IN-SO": "IND",  # [R] aws ap-south-2, azure southindia
+    "IN-WE": "IND",  # [R] aws ap-south-1, azure centralindia
+    "IT-NO": "IT",  # [R] aws eu-south-1, azure italynorth
+    "JP-KN": "JP_KN",  # [R] aws ap-northeast-3, azure japanwest
+    "JP-TK": "JP_TK",  # [R] aws ap-northeast-1, gcp asia-northeast1; [R] azure japaneast -> JP_TH ignored
+    "KR": "KOR",  # [R] aws ap-northeast-2, azure koreacentral
+    "MX": "MX_SIN",  # [R] aws mx-central-1, azure mexicocentral
+    "MY-WM": "MYS",  # [R] aws ap-southeast-5
+    "NL": "NL",  # [R] gcp europe-west4; [R] azure westeurope -> DE ignored
+    "NO-NO1": "NO",  # [R] azure norwayeast
+    "NZ": "NZL",  # [R] azure newzealandnorth
+    "PL": "PL",  # [R] azure polandcentral
+    "SE-SE3": "SE",  # [R] aws eu-north-1, azure swedencentral
+    "SG": "SGP",  # [R] gcp asia-southeast1
+    "TH": "THA",  # [R] aws ap-southeast-7
+    "TW": "TWN",  # [R] gcp asia-east1
+    "US-CAL-CISO": "CAISO_NORTH",  # [M]; [R] aws us-west-1, azure westus; gcp us-west2 is Los Angeles
+    "US-CAR-SCEG": "SCEG",  # [M]; [R] gcp us-east1
+    "US-MIDA-PJM": "PJM_DC",  # [R] aws us-east-1, azure eastus; N. Virginia; Ohio/Chicago sites differ
+    "US-MIDW-MISO": "MISO_WORTHINGTON",  # [R] azure centralus; older mappings: MISO_MASON_CITY
+    "US-NW-BPAT": "BPA",  # [M]; same BA; [R] puts azure westus2 in CHPD
+    "US-NW-NEVP": "NEVP",  # [M]; same BA
+    "US-NW-PACE": "PACE",  # [M]; [R] azure westcentralus; same BA
+    "US-NW-PACW": "PACW",  # [M]; same BA; [R] puts aws us-west-2, gcp us-west1 in BPA
+    "US-SW-AZPS": "AZPS",  # [M]; [R] azure westus3; same BA
+    "US-TEX-ERCO": "ERCOT_NORTHCENTRAL",  # [M]; Dallas; [R] azure southcentralus -> ERCOT_EASTTX
+    "ZA": "ZAF",  # [R] aws af-south-1, azure southafricanorth
+}
+# END GENERATED
+
+
+if __name__ == "__main__":  # after the appendix: the tables must exist before main() runs
     sys.exit(main())

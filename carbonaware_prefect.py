@@ -139,6 +139,13 @@ def _settings(
     job_inside: bool = True,
 ) -> _Settings:
     """Split Prefect options from core options and raise every argument error now, not at run time."""
+    if options.get("zones") is not None or options.get("home") is False:
+        raise ValueError(
+            "zones: the decorator and the delay task wait inside the running process, which cannot move to another "
+            "zone; to run where and when it is cleanest, create the run of that zone's deployment with "
+            "carbonaware_run_deployment({'aws:eu-west-1': 'etl/eu', 'aws:eu-north-1': 'etl/nordic'}, ...) or hand "
+            "over with reschedule_current_flow_run(..., zones={'aws:eu-north-1': 'etl/nordic'})"
+        )
     core_options = {k: v for k, v in options.items() if k not in PREFECT_OPTIONS}
     zone = core.validate_arguments(window, duration, provider, region, core_options).zone
     delay_on_retry = options.get("delay_on_retry", False)
@@ -1002,8 +1009,48 @@ def _announce(plan: Plan, flow_run: FlowRun, name: str | UUID, artifact: bool | 
         _publish(plan, key, None, logger, scheduled=True)
 
 
+def _zone_deployments(targets: Mapping[Any, Any]) -> dict[str, str | UUID]:
+    """``{zone: deployment}`` keyed as the plan names zones ("aws:eu-west-1", "grid:FR"); argument errors raise."""
+    if not targets:
+        raise ValueError("the mapping of zones to deployments is empty")
+    checked: dict[str, str | UUID] = {}
+    for zone, deployment in targets.items():
+        if not isinstance(deployment, (str, UUID)):
+            raise TypeError(
+                f"the deployment for {zone!r} must be a name ('flow/deployment') or an id, not {deployment!r}"
+            )
+        checked[str(core.parse_zone(zone))] = deployment
+    return checked
+
+
+def _chosen_zone(plan: Plan) -> str:
+    return str(core.Place(plan.zone)) if plan.zone is not None else f"grid:{plan.grid_zone}"
+
+
+def _deployment_for(plan: Plan, name: str | UUID | Mapping[Any, Any], targets: Mapping[str, str | UUID]) -> str | UUID:
+    """The deployment to run: ``name`` itself, or the chosen zone's (the first zone's when the plan names none)."""
+    if not targets:
+        return cast("str | UUID", name)
+    return targets.get(_chosen_zone(plan), next(iter(targets.values())))
+
+
+def _run_deployment_arguments(
+    name: str | UUID | Mapping[Any, Any], provider: str | None, region: str | None, run_kwargs: dict[str, Any]
+) -> tuple[dict[str, str | UUID], dict[str, Any]]:
+    """With a ``{zone: deployment}`` mapping, the zones to plan over are its keys, the first one home."""
+    if not isinstance(name, Mapping):
+        return {}, run_kwargs
+    if provider is not None or region is not None or "zones" in run_kwargs or "home" in run_kwargs:
+        raise TypeError(
+            "with a mapping of zones to deployments, the candidate zones are its keys (the first one is home, the "
+            "baseline for savings): give no provider, region, zones or home"
+        )
+    targets = _zone_deployments(name)
+    return targets, {**run_kwargs, "zones": list(targets), "home": False}
+
+
 def carbonaware_run_deployment(
-    name: str | UUID,
+    name: str | UUID | Mapping[Any, str | UUID],
     window: timedelta = DEFAULT_WINDOW,
     duration: timedelta = DEFAULT_DURATION,
     provider: str | None = None,
@@ -1015,21 +1062,27 @@ def carbonaware_run_deployment(
 
     Nothing sleeps: the run waits in Prefect's scheduler, so no worker or machine idles through the window. Other
     ``run_kwargs`` go to ``prefect.deployments.run_deployment`` (tags, flow_run_name, job_variables, as_subflow, ...);
-    library options (``source``, ``min_savings``, ...) are recognised by name.
+    library options (``source``, ``min_savings``, ``windows``, ``deadline``, ...) are recognised by name.
+
+    Where and when: ``name`` may map zones to deployments, e.g. ``{"aws:eu-west-1": "etl/eu", "aws:eu-north-1":
+    "etl/nordic"}``: one plan over every (zone, start) creates the run of the winning zone's deployment at its
+    start. The first zone is home: the baseline for savings and the winner of ties.
     """
+    targets, run_kwargs = _run_deployment_arguments(name, provider, region, run_kwargs)
     options, artifact, config = _deployment_options(run_kwargs)
     core.validate_arguments(window, duration, provider, region, options)  # argument errors raise before any API call
     plan = _plan_deployment(window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
+    target = _deployment_for(plan, name, targets)
     # _sync: this function is sync even when called inside an async flow (async callers: the "a" variant).
     schedule = cast(Any, run_deployment)
-    flow_run = schedule(name, parameters=parameters, scheduled_time=scheduled, timeout=0, _sync=True, **run_kwargs)
-    _announce(plan, flow_run, name, artifact)
+    flow_run = schedule(target, parameters=parameters, scheduled_time=scheduled, timeout=0, _sync=True, **run_kwargs)
+    _announce(plan, flow_run, target, artifact)
     return flow_run, plan
 
 
 async def acarbonaware_run_deployment(
-    name: str | UUID,
+    name: str | UUID | Mapping[Any, str | UUID],
     window: timedelta = DEFAULT_WINDOW,
     duration: timedelta = DEFAULT_DURATION,
     provider: str | None = None,
@@ -1038,12 +1091,14 @@ async def acarbonaware_run_deployment(
     **run_kwargs: Any,
 ) -> tuple[FlowRun, Plan]:
     """As ``carbonaware_run_deployment``, for async code (planning runs in a worker thread)."""
+    targets, run_kwargs = _run_deployment_arguments(name, provider, region, run_kwargs)
     options, artifact, config = _deployment_options(run_kwargs)
     core.validate_arguments(window, duration, provider, region, options)
     plan = await asyncio.to_thread(_plan_deployment, window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
-    flow_run = await arun_deployment(name, parameters=parameters, scheduled_time=scheduled, timeout=0, **run_kwargs)
-    await asyncio.to_thread(_announce, plan, flow_run, name, artifact)
+    target = _deployment_for(plan, name, targets)
+    flow_run = await arun_deployment(target, parameters=parameters, scheduled_time=scheduled, timeout=0, **run_kwargs)
+    await asyncio.to_thread(_announce, plan, flow_run, target, artifact)
     return flow_run, plan
 
 
@@ -1056,7 +1111,7 @@ async def acarbonaware_run_deployment(
 class _Handover:
     """Everything needed to create the later run, read from the current flow run."""
 
-    deployment_id: UUID
+    deployment_id: UUID | str  # this run's deployment, or another zone's (by name or id)
     kwargs: dict[str, Any]
     plan: Plan
 
@@ -1069,7 +1124,9 @@ def _handover(
     options: Mapping[str, Any],
     config: str | SettingsBlock | None = None,
 ) -> _Handover | None:
-    """The later run to create, or None when the current run should simply go on now (logged)."""
+    """The later run to create, or None when the current run should simply go on now (logged). With ``zones``
+    mapping zones to deployments, the later run may be another zone's deployment (at once, if it is cleaner now)."""
+    targets, options = _handover_zones(options)
     core.validate_arguments(window, duration, provider, region, options)
     ctx = FlowRunContext.get()
     run = ctx.flow_run if ctx is not None else None
@@ -1081,6 +1138,17 @@ def _handover(
         logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
         return None
     plan = _plan_deployment(window, duration, provider, region, options, config)  # logs the decision
+    elsewhere = _elsewhere(plan, targets)
+    if elsewhere is not None:
+        kwargs_elsewhere = {
+            "parameters": dict(run.parameters),
+            "scheduled_time": plan.start,
+            "timeout": 0,
+            "tags": [*run.tags, RESCHEDULED_TAG],
+            "as_subflow": False,
+            "idempotency_key": f"carbonaware-reschedule-{run.id}",
+        }  # its own work queue and job variables: this deployment's belong to this zone
+        return _Handover(elsewhere, kwargs_elsewhere, plan)
     if not plan.waits:
         return None
     kwargs = {
@@ -1096,9 +1164,32 @@ def _handover(
     return _Handover(run.deployment_id, kwargs, plan)
 
 
+def _handover_zones(options: Mapping[str, Any]) -> tuple[dict[str, str | UUID], dict[str, Any]]:
+    """``zones`` here maps each other zone to its deployment; the core plans over its keys and the home zone."""
+    zones = options.get("zones")
+    if zones is None:
+        return {}, dict(options)
+    if not isinstance(zones, Mapping):
+        raise TypeError(
+            "zones maps each zone to the deployment that runs there, e.g. zones={'aws:eu-north-1': 'etl/nordic'}: "
+            "the run can only be handed over to a deployment"
+        )
+    targets = _zone_deployments(zones)
+    return targets, {**options, "zones": list(targets)}
+
+
+def _elsewhere(plan: Plan, targets: Mapping[str, str | UUID]) -> str | UUID | None:
+    """The other zone's deployment when the plan chose a zone other than home's, else None."""
+    if not targets or plan.reason != "optimal" or not plan.alternatives:
+        return None
+    chosen = _chosen_zone(plan)
+    return targets.get(chosen) if chosen != plan.alternatives[0].zone else None
+
+
 def _handed_over(handover: _Handover, new_run: FlowRun, artifact: bool | str) -> State[Any]:
     start = handover.plan.to_dict()["start"]
-    message = f"carbonaware: handed over to flow run {new_run.name!r} scheduled at {start}"
+    where = f" in {_chosen_zone(handover.plan)}" if handover.plan.alternatives else ""
+    message = f"carbonaware: handed over to flow run {new_run.name!r}{where} scheduled at {start}"
     logger = _run_logger()
     logger.info(message)
     if artifact:
@@ -1126,6 +1217,10 @@ def reschedule_current_flow_run(
     The new run has the same parameters, work queue and job variables plus the tag ``carbonaware-rescheduled``,
     which keeps it from rescheduling again. Any failure to create it is logged and the current run goes on.
     ``artifact`` (default True: key ``carbonaware-reschedule``; False for none, or a key) reports the decision.
+
+    ``zones`` maps other zones to the deployments that run there (``zones={"aws:eu-north-1": "etl/nordic"}``): the
+    plan then covers them and the home zone, and when another zone wins, the later run is created for its
+    deployment (with the same parameters; its own work queue and job variables), at once if it is cleaner now.
     """
     artifact = _artifact_option(options.pop("artifact", True))
     config = _settings_option(options.pop("settings", None))

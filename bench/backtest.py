@@ -200,20 +200,15 @@ def plan_start(forecast: Series, now_h: float, config: Config) -> float:
 
 def library_decision(forecast: Series, now_h: float, config: Config) -> float:
     """What the library decides on a forecast: the planner's start, unless the forecast itself says waiting saves
-    less than NEGLIGIBLE_SAVINGS (then: at once)."""
-    start = plan_start(forecast, now_h, config)
-    if _negligible(forecast.mean(now_h, config.job_h), forecast.mean(start, config.job_h)):
-        return now_h
-    return start
+    less than NEGLIGIBLE_SAVINGS (then: at once) -- the core's own rule, ``carbonaware_core.decide``."""
+    return thresholded_decision(forecast, now_h, config)
 
 
 def thresholded_decision(forecast: Series, now_h: float, config: Config, minimum: float = 0.0) -> float:
     """``library_decision`` with a minimum predicted saving (the planner's below-threshold rule)."""
-    start = library_decision(forecast, now_h, config)
-    at_once = forecast.mean(now_h, config.job_h)
-    if start > now_h and (at_once - forecast.mean(start, config.job_h)) / at_once < minimum:
-        return now_h
-    return start
+    start = plan_start(forecast, now_h, config)
+    at_once, chosen = forecast.mean(now_h, config.job_h), forecast.mean(start, config.job_h)
+    return start if _waits(at_once, chosen, start <= now_h, minimum) else now_h
 
 
 def grid_start(forecast: Series, now_h: float, config: Config, step_h: float = 1.0) -> float:
@@ -242,14 +237,16 @@ def library_start(profile: Any, kind: str, origin: float, now_h: float, config: 
     now = datetime.fromtimestamp(origin + now_h * HOUR, timezone.utc)
     window, job = timedelta(hours=config.window_h), timedelta(hours=config.job_h)
     choice = core.choose_start(core.profile_series(profile, kind, now, now + window + job), now, window, job)
-    if _negligible(choice.now_value, choice.expected):
+    if not _waits(choice.now_value, choice.expected, choice.start <= now.timestamp(), 0.0):
         return now_h
     return (choice.start - origin) / HOUR
 
 
-def _negligible(at_once: float, chosen: float) -> bool:
-    """The library's rule: a predicted saving below NEGLIGIBLE_SAVINGS is no reason to wait."""
-    return at_once <= 0 or (at_once - chosen) / at_once < core.NEGLIGIBLE_SAVINGS
+def _waits(at_once: float, chosen: float, start_is_now: bool, minimum: float) -> bool:
+    """The library's rule, called rather than copied: waiting must save more than NEGLIGIBLE_SAVINGS and at least
+    ``minimum`` (an unknown saving -- a zero intensity at once -- is no reason to wait either)."""
+    reason, savings = core.decide(at_once, chosen, start_is_now, minimum)
+    return reason == "optimal" and savings is not None
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -531,7 +528,7 @@ def check_live_path(offline: Series, truth: Series, first_test: int, setting: Li
                 fading = timedelta(hours=setting.half_life_h) if math.isfinite(setting.half_life_h) else timedelta.max
                 corrected = core.live_corrected(blended, anomaly, fading)
                 choice = core.choose_start(corrected, now, window, job)
-                waits = not _negligible(choice.now_value, choice.expected)
+                waits = _waits(choice.now_value, choice.expected, choice.start <= now.timestamp(), 0.0)
                 slow = (choice.start - truth.origin) / HOUR if waits else now_h
                 fast = live_decision(offline, truth, now_h, config, setting)
                 if abs(fast - slow) > 1e-6:

@@ -1,11 +1,11 @@
 """Build the cloud-region -> Electricity Maps zone table and the zone -> WattTime table.
 
-Run from the repository root; prints a Python snippet on stdout (diagnostics go to stderr):
+Run from the repository root; prints a Python snippet on stdout (diagnostics go to stderr), or with ``--write``
+rewrites the block between ``# BEGIN GENERATED`` and ``# END GENERATED`` at the end of carbonaware_core.py in place:
 
-    python scripts/build_region_table.py [--data DIR]
+    python scripts/build_region_table.py [--data DIR] [--write [carbonaware_core.py]]
 
-The output is pasted into carbonaware_core.py (section "Region tables"); tests/test_region_table.py checks that
-the two agree.
+tests/test_region_table.py checks that the two agree.
 
 Only facts (which region lies in which zone) are taken from the inputs in DIR
 (default ../shared/data/mappings/, see ../shared/data/README.md):
@@ -243,12 +243,33 @@ def build(data: Path) -> tuple[list[str], list[str]]:
     return lines, problems
 
 
+BEGIN_MARKER = "# BEGIN GENERATED"
+END_MARKER = "# END GENERATED"
+
+
+def replace_generated(text: str, lines: list[str]) -> str:
+    """``text`` with the lines between its generated-block markers (kept as they are) replaced by ``lines``."""
+    rows = text.split("\n")
+    begins = [i for i, row in enumerate(rows) if row.startswith(BEGIN_MARKER)]
+    ends = [i for i, row in enumerate(rows) if row.startswith(END_MARKER)]
+    if len(begins) != 1 or len(ends) != 1 or ends[0] < begins[0]:
+        raise ValueError(f"expected one {BEGIN_MARKER!r} line followed by one {END_MARKER!r} line")
+    return "\n".join([*rows[: begins[0] + 1], *lines, *rows[ends[0] :]])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=Path("../shared/data/mappings"), help="mappings dir")
+    parser.add_argument(
+        "--write", nargs="?", const=Path("carbonaware_core.py"), type=Path, help="rewrite the generated block in place"
+    )
     args = parser.parse_args()
     lines, problems = build(args.data)
-    print("\n".join(lines))
+    if args.write is None:
+        print("\n".join(lines))
+    else:
+        args.write.write_text(replace_generated(args.write.read_text(), lines))
+        print(f"rewrote the generated block of {args.write}", file=sys.stderr)
     counts = {p: sum(line.startswith(f'    ("{p}"') for line in lines) for p in PROVIDERS}
     print(f"regions per provider: {counts}", file=sys.stderr)
     for problem in problems:
