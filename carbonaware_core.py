@@ -2,7 +2,8 @@
 
 One stdlib-only file (Python 3.10+) that can be copied into any tree. It detects the cloud zone, asks a forecast
 source, plans the start exactly, and waits at most ``window`` -- failing open: whatever goes wrong, the work runs
-at once and one log line says why. ``requests`` is used for HTTP when importable, urllib otherwise.
+at once and one log line says why. ``requests`` is used for HTTP when importable (from the second request of a
+process on: the first goes by urllib rather than wait for the import), urllib otherwise.
 
     from carbonaware_core import carbonaware_delay
     plan = carbonaware_delay(window=timedelta(hours=6), duration=timedelta(minutes=30))
@@ -1022,6 +1023,25 @@ def _http_backend() -> str:
     return "requests"
 
 
+_REQUEST_SENT = threading.Event()  # set once this process has sent a request through http_request
+
+
+def _transport(backend: str | None) -> str:
+    """The transport for one request: ``backend`` when given, else _http_backend() -- except that, unless
+    CARBONAWARE_HTTP_CLIENT asks for requests, the process's first request goes by urllib while requests is not
+    imported yet. A kept-alive connection is all requests adds, the first request has none to reuse, and importing
+    requests takes longer than a whole request to a nearby API: the first decision in a process should not wait
+    for it. From the second request on, requests (imported then, once) keeps connections alive."""
+    if backend:
+        return backend
+    first = not _REQUEST_SENT.is_set()
+    _REQUEST_SENT.set()
+    wanted = os.environ.get("CARBONAWARE_HTTP_CLIENT", "").strip().lower()
+    if first and wanted != "requests" and "requests" not in sys.modules:
+        return "urllib"
+    return _http_backend()
+
+
 def http_request(
     method: str,
     url: str,
@@ -1041,7 +1061,7 @@ def http_request(
     strings to keep out of errors, besides credential headers and URL credentials (a password a server echoes).
     """
     deadline = time.monotonic() + timeout
-    chosen = backend or _http_backend()
+    chosen = _transport(backend)
     found = (*_secrets_in(headers or {}), *_url_secrets(url), *(secret for secret in secrets if secret))
     secrets = tuple(sorted(set(found), key=len, reverse=True))
     remember_secrets(secrets)
