@@ -413,7 +413,7 @@ def collect(quick: bool) -> tuple[list[Row], list[str]]:
     refused = measure_detection("refused", runs_ours=11 // scale, runs_original=7 // scale)
     holed = measure_detection("black-hole", runs_ours=9 // scale, runs_original=5 // scale)
     planner = measure_planner(runs=60 // scale)
-    zones = measure_zones(runs=15 // scale)
+    zones = measure_zones(runs=31 // scale)  # each run is short: more of them keep the median steady
     large, large_floor = measure_large_series(runs=5 if not quick else 3)
     offline = measure_offline_plans(runs=5)
     net = {name: seconds - imports["pass"] for name, seconds in imports.items()}
