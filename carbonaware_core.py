@@ -2,7 +2,8 @@
 
 One stdlib-only file (Python 3.10+) that can be copied into any tree. It detects the cloud zone, asks a forecast
 source, plans the start exactly, and waits at most ``window`` -- failing open: whatever goes wrong, the work runs
-at once and one log line says why. ``requests`` is used for HTTP when importable, urllib otherwise.
+at once and one log line says why. ``requests`` is used for HTTP when importable (from the second request of a
+process on: the first goes by urllib rather than wait for the import), urllib otherwise.
 
     from carbonaware_core import carbonaware_delay
     plan = carbonaware_delay(window=timedelta(hours=6), duration=timedelta(minutes=30))
@@ -10,11 +11,12 @@ at once and one log line says why. ``requests`` is used for HTTP when importable
 CLI: ``python -m carbonaware_core plan|wait|run|detect|report --help``.
 
 One file of code and one optional data file (``carbonaware_offline.json``, kept apart for its ODbL licence). The
-sections, in reading order (each uses only those above it): data; time and durations; the planner; forecast
-arithmetic (live correction); HTTP (bounded calls); secrets (redaction); HTTP transports; the cache; zone detection;
-sources (hosted scheduler, series documents, Electricity Maps, WattTime, NESO, GSF SDK, offline, live-corrected);
-planning (arguments, then zone, chain and decision); the wait; reasons to start now; ledger, grams, ledger file,
-realised outcomes, report; CLI; appendix: the generated region tables.
+sections, in reading order (each uses only those above it): data; time and durations; the planner (the optimum, then
+reading a series and choose_start, then where and when: allowed starts, the decision rule, the best place); forecast
+arithmetic (live correction); HTTP (bounded calls); secrets (redaction); HTTP transports; the cache; zone
+detection; sources (hosted scheduler, series documents, Electricity Maps, WattTime, NESO, GSF SDK, offline,
+live-corrected); planning (arguments, then zone, chain and decision, then where and when); the wait; reasons to
+start now; ledger, grams, ledger file, realised outcomes, report; CLI; appendix: the generated region tables.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import operator
 import os
 import re
 import sys
@@ -639,6 +642,20 @@ def lowest_mean_start(
     s + length meets an interval boundary, or at an end of the range: only those candidates are evaluated. A start
     counts only if [s, s + length] is covered without gaps. Returns (start, mean), or None if no start fits.
     """
+    return _lowest_mean_start(starts, ends, values, earliest, latest, length, known_grid=False)
+
+
+def _lowest_mean_start(
+    starts: Sequence[float],
+    ends: Sequence[float],
+    values: Sequence[float],
+    earliest: float,
+    latest: float,
+    length: float,
+    known_grid: bool,
+) -> tuple[float, float] | None:
+    """lowest_mean_start; ``known_grid``: the series is one gap-free whole-second grid after its first interval
+    (as _regular_series_arrays made it), so that is not checked again."""
     import bisect
 
     # only intervals that can hold a part of some job [s, s + length] matter: the "now" question reads one or two
@@ -646,23 +663,133 @@ def lowest_mean_start(
     if below > 0 or above < len(starts):
         starts, ends, values = starts[below:above], ends[below:above], values[below:above]
     best: tuple[float, float] | None = None
-    for lo, hi in _contiguous_runs(starts, ends):
+    runs = [(0, len(starts))] if known_grid and starts else _contiguous_runs(starts, ends)
+    for lo, hi in runs:
         first, last = max(earliest, starts[lo]), min(latest, ends[hi - 1] - length)
         if first <= last:
-            found = _best_in_run(starts[lo:hi], values[lo:hi], ends[hi - 1], first, last, length)
+            whole = lo == 0 and hi == len(starts)
+            run_starts, run_values = (starts, values) if whole else (starts[lo:hi], values[lo:hi])
+            found = _best_in_run(run_starts, run_values, ends[hi - 1], first, last, length, known_grid)
             if best is None or _better(found[1], found[0], best[1], best[0]):
                 best = found
     return best
 
 
 def _best_in_run(
-    starts: Sequence[float], values: Sequence[float], run_end: float, first: float, last: float, length: float
+    starts: Sequence[float],
+    values: Sequence[float],
+    run_end: float,
+    first: float,
+    last: float,
+    length: float,
+    known_grid: bool = False,
 ) -> tuple[float, float]:
-    """One gap-free run: sweep the candidate starts in order, both ends of the job moving forward only."""
-    count = len(starts)
+    """One gap-free run: the candidate starts in order, each mean from the run's running integral."""
     boundaries = [*starts[1:], run_end]
+    steps = _job_steps_on_grid(starts, run_end, length, known_grid)
+    if steps:  # every width after the first is the grid step, exactly
+        step = run_end - starts[-1]
+        widths: Iterable[float] = itertools.chain((boundaries[0] - starts[0],), itertools.repeat(step))
+    else:
+        widths = map(operator.sub, boundaries, starts)
     # integral of the series from starts[0] to starts[i]
-    cumulative = [0.0, *itertools.accumulate((b - a) * v for a, b, v in zip(starts, boundaries, values, strict=True))]
+    cumulative = [0.0, *itertools.accumulate(map(operator.mul, widths, values))]
+    if steps and math.isfinite(cumulative[-1]):
+        return _best_on_grid(starts, values, cumulative, boundaries[:steps], first, last, length, steps)
+    return _best_by_sweep(starts, values, cumulative, boundaries, first, last, length)
+
+
+def _job_steps_on_grid(starts: Sequence[float], run_end: float, length: float, known_grid: bool = False) -> int:
+    """How many grid steps the job spans, when the run after its first interval is a whole-second grid whose step
+    divides the job (then every ``boundary - length`` past the first ``steps`` boundaries is a boundary); else 0.
+
+    The first interval may differ: a forecast's first value is often carried back to now. Whole seconds below
+    2**52 keep every sum exact, so the grid's shortcut computes the very floats the sweep would."""
+    if len(starts) < 2:
+        return 0
+    step = run_end - starts[-1]
+    if not (step > 0 and length > 0 and starts[1] >= 0 and run_end < 2**52):
+        return 0
+    if starts[1] % 1 or step % 1 or length % step:
+        return 0
+    if not known_grid:
+        grid = [*itertools.accumulate(itertools.repeat(step, len(starts) - 2), initial=starts[1])]
+        if not _same(grid, starts[1:]):
+            return 0
+    return int(length // step)
+
+
+def _best_on_grid(
+    starts: Sequence[float],
+    values: Sequence[float],
+    cumulative: Sequence[float],
+    early_boundaries: Sequence[float],
+    first: float,
+    last: float,
+    length: float,
+    steps: int,
+) -> tuple[float, float]:
+    """The sweep's answer on a grid, the grid starts' means from one pass over the running integral.
+
+    Candidates, in order: ``first``; ``b - length`` for the first ``steps`` boundaries b (they fall inside the first
+    interval, or before the run); the grid starts strictly between; ``last``. Grid start k >= 1 ends exactly on grid
+    start k + steps, so its mean is a difference of two running integrals; the rest use the sweep's formula."""
+    import bisect
+
+    def mean_at(s: float) -> float:
+        end = s + length
+        left, right = bisect.bisect_right(starts, s) - 1, bisect.bisect_right(starts, end) - 1
+        integral_end = cumulative[right] + (end - starts[right]) * values[right]
+        return (integral_end - (cumulative[left] + (s - starts[left]) * values[left])) / length
+
+    best_start, best_mean = first, mean_at(first)
+    to_beat = best_mean - 1e-9 * max(1.0, abs(best_mean))
+    # the sweep's rule: candidates rise, so a tie never beats the earlier start and only a lower mean counts
+    for s in (b - length for b in early_boundaries):
+        if first < s < last and (mean := mean_at(s)) < to_beat:
+            best_start, best_mean, to_beat = s, mean, mean - 1e-9 * max(1.0, abs(mean))
+    lo, hi = bisect.bisect_right(starts, first), bisect.bisect_left(starts, last)  # grid starts in (first, last)
+    integrals = [*map(operator.sub, cumulative[lo + steps : hi + steps], cumulative[lo:hi])]
+    found = _first_clear_minimum(integrals, length, to_beat)
+    if found is not None:
+        best_start, best_mean = starts[lo + found], integrals[found] / length
+        to_beat = best_mean - 1e-9 * max(1.0, abs(best_mean))
+    elif integrals and min(integrals) / length < to_beat:  # a near tie before the minimum: the rule, one by one
+        for k, integral in enumerate(integrals, lo):
+            if (mean := integral / length) < to_beat:
+                best_start, best_mean, to_beat = starts[k], mean, mean - 1e-9 * max(1.0, abs(mean))
+    if last > first:
+        mean = mean_at(last)
+        if mean < to_beat:
+            best_start, best_mean = last, mean
+    return best_start, best_mean
+
+
+def _first_clear_minimum(integrals: list[float], length: float, to_beat: float) -> int | None:
+    """Where the sweep's rule ends among these candidates, when that is plainly the first lowest one: it beats
+    ``to_beat`` and every earlier candidate by more than the tolerance. None when a near tie needs the rule itself.
+
+    Dividing by ``length`` is monotonic, so the lowest integral is the lowest mean; so is the tolerance test."""
+    if not integrals:
+        return None
+    lowest = min(integrals)
+    floor, where = lowest / length, integrals.index(lowest)
+    runner_up = min(integrals[:where]) / length if where else math.inf
+    beaten = min(to_beat, runner_up - 1e-9 * max(1.0, abs(runner_up)))
+    return where if floor < beaten else None
+
+
+def _best_by_sweep(
+    starts: Sequence[float],
+    values: Sequence[float],
+    cumulative: Sequence[float],
+    boundaries: Sequence[float],
+    first: float,
+    last: float,
+    length: float,
+) -> tuple[float, float]:
+    """Any run: sweep the candidate starts in order, both ends of the job moving forward only."""
+    count = len(starts)
     candidates = sorted(  # a set: on a regular grid most "boundary - length" points are boundaries too
         {
             first,
@@ -699,9 +826,25 @@ def _better(mean: float, start: float, best_mean: float, best_start: float) -> b
 
 
 def _contiguous_runs(starts: Sequence[float], ends: Sequence[float]) -> Iterator[tuple[int, int]]:
+    if starts and _same(ends[:-1], starts[1:]):  # each interval ends where the next begins: one run
+        yield 0, len(starts)
+        return
     gaps = [i for i, (begin, end) in enumerate(zip(starts[1:], ends, strict=False), 1) if begin - end > 1e-6]
     edges = [0, *gaps, len(starts)] if starts else []
     yield from itertools.pairwise(edges)
+
+
+def _same(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Element-wise equality; two lists compare in C, skipping the floats they share."""
+    return a == b if isinstance(a, list) and isinstance(b, list) else all(map(operator.eq, a, b))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The planner: reading a series (epoch seconds, gaps, a shortcut for regular grids) and choose_start
+# --------------------------------------------------------------------------------------------------------------
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[float], list[float], list[float]]:
@@ -709,6 +852,24 @@ def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[fl
 
     Invalid values (NaN, infinite, negative) become gaps; overlaps are cut at the later start.
     """
+    starts, ends, values, _ = _series_arrays_and_grid(points, now)
+    return starts, ends, values
+
+
+def _series_arrays_and_grid(
+    points: Iterable[ForecastPoint], now: float
+) -> tuple[list[float], list[float], list[float], bool]:
+    """_series_arrays, and whether they are one gap-free whole-second grid after the first interval."""
+    points = points if isinstance(points, (list, tuple)) else [*points]
+    regular = _regular_series_arrays(points)
+    if regular is not None:
+        starts, ends, values, whole_seconds = regular
+        return (*_carried_back(starts, ends, values, now), whole_seconds)
+    return (*_carried_back(*_any_series_arrays(points), now), False)
+
+
+def _any_series_arrays(points: Iterable[ForecastPoint]) -> tuple[list[float], list[float], list[float]]:
+    """The general path: point by point, any order, invalid values and overlaps allowed."""
     rows = []
     previous_end, previous_seconds = None, 0.0
     for point in points:  # a year of hours on every offline plan, so _valid_intensity and _epoch are inlined
@@ -722,7 +883,7 @@ def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[fl
     rows.sort()
     if all(later[0] >= earlier[1] for earlier, later in itertools.pairwise(rows)):  # the usual case: nothing to cut
         starts, ends, values = ([*column] for column in zip(*rows, strict=True)) if rows else ([], [], [])
-        return _carried_back(starts, ends, values, now)
+        return starts, ends, values
     starts, ends, values = [], [], []
     for row_start, row_end, row_value in rows:
         if starts and row_start < ends[-1]:
@@ -732,7 +893,61 @@ def _series_arrays(points: Iterable[ForecastPoint], now: float) -> tuple[list[fl
         starts.append(row_start)
         ends.append(row_end)
         values.append(row_value)
-    return _carried_back(starts, ends, values, now)
+    return starts, ends, values
+
+
+def _regular_series_arrays(
+    points: Sequence[ForecastPoint],
+) -> tuple[list[float], list[float], list[float], bool] | None:
+    """The arrays of a series that is one gap-free grid of valid values -- what providers send -- without a
+    per-point conversion, or None for anything else (then the general path decides, point by point).
+
+    Each start is compared with ``first start + k * step`` built in the first start's zone, which must be UTC-like
+    (a fixed offset, or naive meaning UTC), so datetime arithmetic there is exact; a point in any other zone is
+    compared by its instant. The seconds are then computed as ``timestamp()`` would, from whole microseconds; the
+    flag says whether they are whole seconds below 2**52 (what _best_on_grid needs)."""
+    if len(points) < 2:
+        return None
+    values = [point.value for point in points]  # comprehensions: faster than attrgetter here
+    kinds = {*map(type, values)}
+    if not kinds <= {float, int}:  # bool, str, None, Decimal...: the general path's rules apply
+        return None
+    if not (min(values) >= 0 and max(values) <= MAX_INTENSITY and math.isfinite(sum(values))):  # sum: NaN
+        return None
+    begins = [point.start for point in points]
+    try:
+        zone, step = begins[0].tzinfo, begins[1] - begins[0]
+        if (zone is not None and type(zone) is not timezone) or step <= timedelta(0):
+            return None
+        grid = [*itertools.accumulate(itertools.repeat(step, len(points)), operator.add, initial=begins[0])]
+    except (AttributeError, TypeError, OverflowError):  # not datetimes, naive with aware, past year 9999
+        return None
+    if begins != grid[:-1]:
+        return None
+    finishes = [point.end for point in points]
+    shared = all(map(operator.is_, finishes[:-1], begins[1:]))  # a series made step by step
+    if not (finishes[-1] == grid[-1] and (shared or finishes == grid[1:])):
+        return None
+    found = _grid_seconds((begins[0] if zone else begins[0].replace(tzinfo=timezone.utc)) - _EPOCH, step, len(points))
+    if found is None:
+        return None
+    seconds, whole = found
+    return seconds[:-1], seconds[1:], [*map(float, values)] if int in kinds else values, whole
+
+
+def _grid_seconds(first: timedelta, step: timedelta, count: int) -> tuple[list[float], bool] | None:
+    """``count + 1`` grid boundaries as epoch seconds, each the float ``timestamp()`` gives (a whole number of
+    microseconds divided by 10**6), and whether they are whole seconds below 2**52; None where rounding far from
+    1970 could merge two of them."""
+    microsecond = timedelta(microseconds=1)
+    offset, stride = first // microsecond, step // microsecond
+    if offset % 10**6 == 0 and stride % 10**6 == 0 and abs(offset) + stride * count < 2**52 * 10**6:
+        # whole seconds below 2**52: float sums are exact, and cheaper than dividing each
+        whole = itertools.accumulate(itertools.repeat(float(stride // 10**6), count), initial=float(offset // 10**6))
+        return [*whole], True
+    moments = range(offset, offset + stride * (count + 1), stride)
+    seconds = [*map(operator.truediv, moments, itertools.repeat(10**6))]  # int / int, as timestamp() does
+    return (seconds, False) if all(map(operator.lt, seconds, seconds[1:])) else None
 
 
 def _carried_back(
@@ -762,11 +977,11 @@ def _valid_intensity(value: object) -> TypeGuard[float]:
 def choose_start(points: Iterable[ForecastPoint], now: datetime, window: timedelta, duration: timedelta) -> Choice:
     """Plan over a series; raises SourceError when the series cannot say anything about starting now."""
     t0 = now.timestamp()
-    starts, ends, values = _series_arrays(points, t0)
+    starts, ends, values, grid = _series_arrays_and_grid(points, t0)
     covered_until = _covered_from(starts, ends, t0)
     length = min(duration.total_seconds(), covered_until - t0)
-    now_mean = lowest_mean_start(starts, ends, values, t0, t0, length)
-    best = lowest_mean_start(starts, ends, values, t0, t0 + window.total_seconds(), length)
+    now_mean = _lowest_mean_start(starts, ends, values, t0, t0, length, grid)
+    best = _lowest_mean_start(starts, ends, values, t0, t0 + window.total_seconds(), length, grid)
     assert now_mean is not None and best is not None  # [t0, t0 + length] is covered by construction
     return Choice(start=best[0], expected=best[1], now_value=now_mean[1], length=length, data_end=ends[-1])
 
@@ -1094,6 +1309,25 @@ def _http_backend() -> str:
     return "requests"
 
 
+_REQUEST_SENT = threading.Event()  # set once this process has sent a request through http_request
+
+
+def _transport(backend: str | None) -> str:
+    """The transport for one request: ``backend`` when given, else _http_backend() -- except that, unless
+    CARBONAWARE_HTTP_CLIENT asks for requests, the process's first request goes by urllib while requests is not
+    imported yet. A kept-alive connection is all requests adds, the first request has none to reuse, and importing
+    requests takes longer than a whole request to a nearby API: the first decision in a process should not wait
+    for it. From the second request on, requests (imported then, once) keeps connections alive."""
+    if backend:
+        return backend
+    first = not _REQUEST_SENT.is_set()
+    _REQUEST_SENT.set()
+    wanted = os.environ.get("CARBONAWARE_HTTP_CLIENT", "").strip().lower()
+    if first and wanted != "requests" and "requests" not in sys.modules:
+        return "urllib"
+    return _http_backend()
+
+
 def http_request(
     method: str,
     url: str,
@@ -1113,7 +1347,7 @@ def http_request(
     strings to keep out of errors, besides credential headers and URL credentials (a password a server echoes).
     """
     deadline = time.monotonic() + timeout
-    chosen = backend or _http_backend()
+    chosen = _transport(backend)
     found = (*_secrets_in(headers or {}), *_url_secrets(url), *(secret for secret in secrets if secret))
     secrets = tuple(sorted(set(found), key=len, reverse=True))
     remember_secrets(secrets)

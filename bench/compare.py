@@ -467,19 +467,42 @@ def measure_imports(setup: Setup, runs: int) -> list[Line]:
 
 
 def measure_decision(setup: Setup, runs: int, warm: int) -> list[Line]:
+    """A fresh server per child, so the TCP connections each package opened for its 1 + ``warm`` calls count."""
     cold: dict[str, list[float]] = {ORIGINAL: [], OURS: []}
     later: dict[str, list[float]] = {ORIGINAL: [], OURS: []}
-    with scheduler() as server:
-        env = {"CARBONAWARE_SCHEDULER_BASE_URL": server.url}
-        for _ in range(runs):
-            for package in (ORIGINAL, OURS):
-                result = run_child(setup, package, "decide", env, warm=warm)
+    connections: dict[str, list[int]] = {ORIGINAL: [], OURS: []}
+    for _ in range(runs):
+        for package in (ORIGINAL, OURS):
+            with scheduler() as server:
+                accepted = _counting_connections(server)
+                result = run_child(setup, package, "decide", {"CARBONAWARE_SCHEDULER_BASE_URL": server.url}, warm=warm)
                 cold[package].append(result["cold"])
                 later[package] += result["warm"]
+                connections[package].append(len(accepted))
     return [
         Line("time to a decision, first call in a process", _median(cold[ORIGINAL]), _median(cold[OURS])),
         Line("time to a decision, later calls (no cache)", _median(later[ORIGINAL]), _median(later[OURS])),
+        Line(
+            f"↳ connections opened for those 1 + {warm} calls",
+            max(connections[ORIGINAL]),
+            max(connections[OURS]),
+            "count",
+        ),
     ]
+
+
+def _counting_connections(server: Any) -> list[Any]:
+    """The client addresses of the TCP connections the loopback server accepts from now on."""
+    accepted: list[Any] = []
+    accept = server.httpd.get_request
+
+    def counting() -> Any:
+        connection = accept()
+        accepted.append(connection[1])
+        return connection
+
+    server.httpd.get_request = counting
+    return accepted
 
 
 def measure_detection(setup: Setup, runs_refused: int, runs_holed: int) -> list[Line]:
