@@ -326,10 +326,13 @@ def measure_zones(runs: int) -> ZonesResult:
     arrays = [core._series_arrays(points, t0) for points in zones]
 
     def from_points() -> list[tuple[float, float] | None]:
+        """What the joint plan does once the series are in: the allowed starts, each zone's best, the best zone."""
+        intervals = core.feasible_starts(t0, latest, (), None, length)
         found = []
         for points in zones:
             starts, ends, values = core._series_arrays(points, t0)
-            found.append(core.lowest_mean_start(starts, ends, values, t0, latest, length))
+            found.append(core.lowest_mean_start_within(starts, ends, values, intervals, length))
+        assert core.best_place(found) is not None
         return found
 
     def on_arrays() -> list[tuple[float, float] | None]:
