@@ -68,6 +68,15 @@ delay_on_a_worker = carbonaware_delay_task(
     window=timedelta(hours=2), duration=timedelta(minutes=30), grid_zone="DE", dry_run=True, settings=WORKER_SETTINGS
 )
 
+
+@task
+def sends_reports_before_returning() -> bool:
+    """Whether a decorated run here would send its queued reports before returning (in worker processes only)."""
+    import carbonaware_prefect
+
+    return carbonaware_prefect._in_a_worker_process()
+
+
 # Ray: every decision also notes which worker process planned it, so a test can count requests per process.
 PLANNED_IN = "TEST_PLANNED_IN"  # environment variable: a directory, inherited by the worker processes
 RAY_OPTIONS: dict[str, Any] = {
