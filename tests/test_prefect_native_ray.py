@@ -61,18 +61,20 @@ def electricitymaps(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator
         monkeypatch.delenv("ELECTRICITYMAPS_API_KEY", raising=False)
         monkeypatch.setenv(helpers.PLANNED_IN, str(tmp_path))
         monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")  # Ray would report usage beyond loopback
+        # One node, every port on 127.0.0.1: without this Ray binds all interfaces and names the machine's address
+        # (``_node_ip_address="127.0.0.1"`` is not enough: Ray replaces a loopback address by that one).
+        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         yield fake
 
 
 def ray_runner() -> RayTaskRunner:
-    """A local Ray instance of two CPUs on loopback, small and without a dashboard, whose workers import this
+    """A local Ray instance of two CPUs, small and without a dashboard, whose workers import this
     checkout (not whatever ``carbonaware_prefect`` the environment has installed)."""
     path = os.pathsep.join(p for p in (ROOT, os.environ.get("PYTHONPATH")) if p)
     init = {
         "num_cpus": 2,
         "include_dashboard": False,
         "object_store_memory": 80 * 1024 * 1024,  # Ray's minimum is 75 MiB
-        "_node_ip_address": "127.0.0.1",
         "runtime_env": {"env_vars": {"PYTHONPATH": path}},
     }
     return RayTaskRunner(init_kwargs=init)
