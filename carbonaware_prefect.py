@@ -399,6 +399,12 @@ def _send_reports_from_a_worker_process() -> None:
         log.warning("carbonaware: could not send the reports from this worker process: %s: %s", type(exc).__name__, exc)
 
 
+async def _asend_reports_from_a_worker_process() -> None:
+    """The same for async runs: the waiting happens in a thread, never on the run's event loop."""
+    if _in_a_worker_process():
+        await asyncio.to_thread(_send_reports_from_a_worker_process)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Artifacts: one markdown artifact per decision, created before the wait
 # --------------------------------------------------------------------------------------------------------------
@@ -911,7 +917,7 @@ def _async_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[...,
             return await fn(*args, **kwargs)
         finally:
             outcome.done()
-            await asyncio.to_thread(_send_reports_from_a_worker_process)  # it blocks: not on the event loop
+            await _asend_reports_from_a_worker_process()
 
     return wrapper
 
@@ -948,7 +954,7 @@ def _async_generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Cal
         finally:
             await inner.aclose()
             outcome.done()
-            await asyncio.to_thread(_send_reports_from_a_worker_process)
+            await _asend_reports_from_a_worker_process()
 
     return wrapper
 
