@@ -78,6 +78,7 @@ LIBRARY_OPTIONS = core.OPTIONS | PREFECT_OPTIONS  # recognised by name among tas
 ARTIFACT_TIMEOUT_SECONDS = 30.0
 TIMEOUT_MARGIN_SECONDS = 2.0  # a delay task returns this long before its own timeout
 MIN_ROOM_SECONDS = 0.001  # less room than this before a timeout is no room to wait at all
+WORKER_FLUSH_SECONDS = 5.0  # in a distributed runner's worker process, a run's reports get this long at its end
 _ARTIFACT_KEY = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
 
 log = core.logger
@@ -378,6 +379,37 @@ def _failed(settings: _Settings, exc: Exception) -> Plan:
     plan = _skip_plan(settings, settings.window, detail, reason="source-failed")
     core.report_plan(plan, _run_logger())  # WARNING, as for any failure
     return plan
+
+
+def _in_a_worker_process() -> bool:
+    """Whether a distributed task runner (Dask, Ray, a process pool) sent this run here from the flow's process:
+    Prefect marks the run context it rebuilds there as detached. Threads of the flow's own process never are."""
+    ctx = FlowRunContext.get()
+    return ctx is not None and bool(getattr(ctx, "detached", False))
+
+
+def _send_reports_from_a_worker_process() -> None:
+    """At the end of a run in a worker process, send what the decision queued (artifacts, events, log lines) before
+    returning, within ``WORKER_FLUSH_SECONDS``: Ray ends its workers at once when the flow ends, and anything still
+    queued in them is lost. In the flow's own process the queues stay off the run's path. Never raises."""
+    if not _in_a_worker_process():
+        return
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        deadline = time.monotonic() + WORKER_FLUSH_SECONDS
+        _PUBLISHER.drain(WORKER_FLUSH_SECONDS)  # first: it creates artifacts and emits events
+        for service in (EventsWorker, APILogWorker):
+            service.drain_all(timeout=max(0.0, deadline - time.monotonic()))
+    except Exception as exc:  # noqa: BLE001 - reporting must not break the work
+        log.warning("carbonaware: could not send the reports from this worker process: %s: %s", type(exc).__name__, exc)
+
+
+async def _asend_reports_from_a_worker_process() -> None:
+    """The same for async runs: the waiting happens in a thread, never on the run's event loop."""
+    if _in_a_worker_process():
+        await asyncio.to_thread(_send_reports_from_a_worker_process)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -880,6 +912,7 @@ def _sync_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[..., 
             return fn(*args, **kwargs)
         finally:
             outcome.done()
+            _send_reports_from_a_worker_process()
 
     return wrapper
 
@@ -891,6 +924,7 @@ def _async_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[...,
             return await fn(*args, **kwargs)
         finally:
             outcome.done()
+            await _asend_reports_from_a_worker_process()
 
     return wrapper
 
@@ -902,6 +936,7 @@ def _generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Callable[
             return (yield from fn(*args, **kwargs))
         finally:
             outcome.done()
+            _send_reports_from_a_worker_process()
 
     return wrapper
 
@@ -926,6 +961,7 @@ def _async_generator_wrapper(fn: Callable[..., Any], settings: _Settings) -> Cal
         finally:
             await inner.aclose()
             outcome.done()
+            await _asend_reports_from_a_worker_process()
 
     return wrapper
 
@@ -956,7 +992,9 @@ def carbonaware_delay_task(
 
     def _carbonaware_delay_task() -> dict[str, Any]:
         """Wait for the lowest-carbon start within the window; return the decision."""
-        return _delay_sync(settings).to_dict()
+        plan = _delay_sync(settings).to_dict()
+        _send_reports_from_a_worker_process()
+        return plan
 
     return task(_carbonaware_delay_task, **task_kwargs)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from datetime import datetime, timedelta
+from typing import Any
 
 from prefect import flow, task
 
-from carbonaware_core import CloudZone, ForecastPoint
+from carbonaware_core import CloudZone, ForecastPoint, Plan
 from carbonaware_prefect import carbonaware_delay_decorator, carbonaware_delay_task, carbonaware_schedule
 
 WINDOW = timedelta(minutes=5)
@@ -40,7 +41,7 @@ def nightly_no_source(label: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Distributed task runners: tasks that Dask worker processes unpickle
+# Distributed task runners: tasks that Dask and Ray worker processes unpickle
 # --------------------------------------------------------------------------------------------------------------
 
 
@@ -66,3 +67,55 @@ def on_a_worker_with_block(item: int) -> tuple[int, int]:
 delay_on_a_worker = carbonaware_delay_task(
     window=timedelta(hours=2), duration=timedelta(minutes=30), grid_zone="DE", dry_run=True, settings=WORKER_SETTINGS
 )
+
+
+@task
+def sends_reports_before_returning() -> bool:
+    """Whether a decorated run here would send its queued reports before returning (in worker processes only)."""
+    import carbonaware_prefect
+
+    return carbonaware_prefect._in_a_worker_process()
+
+
+# Ray: every decision also notes which worker process planned it, so a test can count requests per process.
+PLANNED_IN = "TEST_PLANNED_IN"  # environment variable: a directory, inherited by the worker processes
+RAY_OPTIONS: dict[str, Any] = {
+    "window": timedelta(hours=2),
+    "duration": timedelta(minutes=30),
+    "grid_zone": "DE",
+    "dry_run": True,
+    "settings": WORKER_SETTINGS,
+}
+
+
+def note_planning_process(plan: Plan) -> None:
+    """An ``on_plan`` hook: one file per decision, named by the process that made it."""
+    import uuid
+
+    directory = os.environ.get(PLANNED_IN)
+    if directory:
+        with open(os.path.join(directory, f"{os.getpid()}-{uuid.uuid4().hex}"), "w") as handle:
+            handle.write(plan.reason)
+
+
+@task
+@carbonaware_delay_decorator(**RAY_OPTIONS, on_plan=note_planning_process)
+def on_a_ray_worker(item: int) -> tuple[int, int]:
+    return item, os.getpid()
+
+
+@task
+@carbonaware_delay_decorator(**RAY_OPTIONS, on_plan=note_planning_process)
+async def on_a_ray_worker_async(item: int) -> tuple[int, int]:
+    """prefect-ray runs async tasks with ``asyncio.run`` in the worker process."""
+    return item, os.getpid()
+
+
+delay_on_a_ray_worker = carbonaware_delay_task(**RAY_OPTIONS, on_plan=note_planning_process)
+
+
+def library_file() -> str:
+    """Which ``carbonaware_prefect`` a worker process imports (this checkout, or an installed one)."""
+    import carbonaware_prefect
+
+    return os.path.realpath(carbonaware_prefect.__file__)

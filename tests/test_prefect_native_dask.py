@@ -59,16 +59,17 @@ def test_decorated_tasks_and_the_delay_task_run_on_dask_worker_processes(electri
     runner = DaskTaskRunner(cluster_kwargs={**cluster, "dashboard_address": None})  # loopback only
 
     @flow(name="carbonaware-on-dask", task_runner=runner)
-    def pipeline() -> tuple[Any, list[tuple[int, int]], dict[str, Any]]:
+    def pipeline() -> tuple[Any, list[tuple[int, int]], dict[str, Any], bool]:
         ctx = FlowRunContext.get()
         assert ctx is not None and ctx.flow_run is not None
         results = helpers.on_a_worker_with_block.map(list(range(ITEMS))).result()
         plan = helpers.delay_on_a_worker.submit().result()
-        return ctx.flow_run.id, results, plan
+        return ctx.flow_run.id, results, plan, helpers.sends_reports_before_returning.submit().result()
 
     import os
 
-    flow_run_id, results, plan = pipeline()
+    flow_run_id, results, plan, sends_before_returning = pipeline()
+    assert sends_before_returning  # a worker process may be ended early: its runs send their reports at their end
     pids = {pid for _item, pid in results}
     assert sorted(item for item, _pid in results) == list(range(ITEMS))
     assert os.getpid() not in pids and len(pids) >= 1  # ran in worker processes, not here
@@ -90,3 +91,14 @@ def test_decorated_tasks_and_the_delay_task_run_on_dask_worker_processes(electri
     # not per mapped task run), so at least one and at most one per task
     assert 1 <= len(artifacts) <= ITEMS, [a.description for a in artifacts]
     assert_no_secrets(*logs, *(str(a.data) for a in artifacts))
+
+
+def test_in_the_flows_own_process_reports_stay_off_the_runs_path() -> None:
+    """Only runs that a distributed runner sent to another process send their reports before returning; tasks in
+    the flow's own threads (and direct calls) leave them to the background publisher."""
+
+    @flow(name="carbonaware-threads")
+    def threads() -> tuple[bool, bool]:
+        return helpers.sends_reports_before_returning.submit().result(), helpers.sends_reports_before_returning()
+
+    assert threads() == (False, False)
