@@ -191,27 +191,28 @@ def at_once_in_zone(index: int, forecast: Series, truth: Series, now_h: float, c
 
 
 def decide(candidates: Sequence[Candidate], home_now: Candidate, minimum: float | None) -> Candidate:
-    """The multi-zone decision rule: the lowest predicted mean, ties to the home zone, then the earliest start (then
-    the set order); with ``minimum`` (on a forecast), a predicted saving against running at once in the home zone
-    under it is no reason to wait or move: at once at home. The one place the integrator swaps for the core's rule.
-    """
-    best = home_now
-    for candidate in candidates:
-        tolerance = TOLERANCE * max(1.0, abs(best.predicted))
-        if candidate.predicted < best.predicted - tolerance or (
-            abs(candidate.predicted - best.predicted) <= tolerance
-            and _tie_key(candidate, home_now) < _tie_key(best, home_now)
-        ):
-            best = candidate
-    if minimum is not None and (
-        home_now.predicted <= 0 or (home_now.predicted - best.predicted) / home_now.predicted < minimum
-    ):
-        return home_now
-    return best
+    """The library's multi-zone rule (``carbonaware_core.best_place`` and ``decide``): the lowest predicted mean,
+    ties to the home zone, then the earliest start, then the set order; with ``minimum`` (on a forecast), a predicted
+    saving against running at once at home under it (or under the core's negligible saving) is no reason to wait or
+    move: at once at home. Without it (the perfect forecast) any lower mean is taken."""
+    home = [home_now, *(c for c in candidates if c.zone == home_now.zone)]
+    others = sorted((c for c in candidates if c.zone != home_now.zone), key=lambda c: c.zone)
+    places = [_best_of(home), *others]
+    best = places[_best_of_index(places)]
+    if minimum is None:
+        return best
+    reason, _saving = core.decide(home_now.predicted, best.predicted, best is home_now, minimum)
+    return best if reason == "optimal" else home_now
 
 
-def _tie_key(candidate: Candidate, home_now: Candidate) -> tuple[bool, float, int]:
-    return candidate.zone != home_now.zone, candidate.start_h, candidate.zone
+def _best_of(candidates: Sequence[Candidate]) -> Candidate:
+    return candidates[_best_of_index(candidates)]
+
+
+def _best_of_index(candidates: Sequence[Candidate]) -> int:
+    index = core.best_place([(c.start_h, c.predicted) for c in candidates])
+    assert index is not None
+    return index
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -17,6 +17,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import carbonaware_core as core
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = ROOT.parent / "shared" / "data"
 ORIGIN = datetime(2023, 1, 1, tzinfo=timezone.utc).timestamp()
@@ -125,7 +127,8 @@ def test_decide_picks_the_lowest_prediction_or_at_once_at_home(
     chosen = bl.decide(candidates, home_now, minimum)
     assert chosen is home_now or chosen in candidates
     lowest = min(now_value, *(c.predicted for c in candidates))
-    if minimum is None or (now_value - lowest) / now_value >= minimum * (1 + 1e-9) + 1e-12:
+    floor = None if minimum is None else max(minimum, core.NEGLIGIBLE_SAVINGS)  # the library's rule
+    if floor is None or (now_value - lowest) / now_value >= floor * (1 + 1e-9) + 1e-12:
         assert chosen.predicted <= lowest * (1 + 1e-9)
     if chosen is not home_now:
         assert minimum is None or (now_value - chosen.predicted) / now_value >= minimum
