@@ -90,14 +90,19 @@ def loopback_only() -> Iterator[None]:
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    """Attempts outside any test (a session fixture starting a server, say) fail the run too. The session's
-    Prefect test server (tests/prefect_helpers.py), if a module started one, stops here."""
-    helpers = sys.modules.get("tests.prefect_helpers")
-    if helpers is not None:
-        helpers.stop_session_server()
+    """Attempts outside any test (a session fixture starting a server, say) fail the run too."""
     if REACHED_BEYOND_LOOPBACK and exitstatus == 0:
         print(f"\nreached beyond loopback: {'; '.join(sorted(set(REACHED_BEYOND_LOOPBACK)))}", file=sys.stderr)
         session.exitstatus = 1
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prefect_session_server_stops() -> Iterator[None]:
+    """The session's Prefect test server (tests/prefect_helpers.py), if a module started one, stops last."""
+    yield
+    helpers = sys.modules.get("tests.prefect_helpers")
+    if helpers is not None:
+        helpers.stop_session_server()
 
 
 @pytest.fixture(autouse=True)
