@@ -7,6 +7,7 @@ import os
 import socket
 import sys
 import tempfile
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -95,6 +96,15 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = 1
 
 
+@pytest.fixture(scope="session", autouse=True)
+def prefect_session_server_stops() -> Iterator[None]:
+    """The session's Prefect test server (tests/prefect_helpers.py), if a module started one, stops last."""
+    yield
+    helpers = sys.modules.get("tests.prefect_helpers")
+    if helpers is not None:
+        helpers.stop_session_server()
+
+
 @pytest.fixture(autouse=True)
 def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every default endpoint points at a refused loopback port unless a test says otherwise."""
@@ -112,6 +122,36 @@ def isolated_environment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     carbonaware_core.clear_cache()
     yield
     carbonaware_core.clear_cache()
+
+
+def _touches_prefect(module: types.ModuleType) -> bool:
+    """A test module about the Prefect layer: named so, or importing Prefect or carbonaware_prefect."""
+    if "prefect" in module.__name__.rsplit(".", 1)[-1]:
+        return True
+    for value in vars(module).values():
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+        if isinstance(name, str) and "prefect" in name:
+            return True
+    return False
+
+
+_PREFECT_MODULES: dict[str, bool] = {}
+
+
+@pytest.fixture(autouse=True)
+def core_waits_without_prefect_switches(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outside the Prefect modules, a wait checks no Prefect Variables, as in a process that never imported
+    carbonaware_prefect. Once a Prefect module has imported it and the session's Prefect test server has set
+    ``PREFECT_API_URL``, every wait would read two Variables from that server each 30 s of the fake clock: a
+    5-hour fake wait cost a minute of real API reads, and a core test's behaviour depended on what ran before."""
+    module = request.module
+    if module is None:
+        return
+    touches = _PREFECT_MODULES.get(module.__name__)
+    if touches is None:
+        touches = _PREFECT_MODULES[module.__name__] = _touches_prefect(module)
+    if not touches:
+        monkeypatch.setattr(carbonaware_core, "_start_now_checks", [])
 
 
 @pytest.fixture(scope="module")

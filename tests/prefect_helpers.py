@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
@@ -62,19 +62,27 @@ async def handover_flow_async(label: str) -> State | str:
 # --------------------------------------------------------------------------------------------------------------
 
 
+_SESSION_SERVER = ExitStack()  # the test server this process started, and its settings; closed at session end
+
+
 @contextmanager
 def prefect_server() -> Iterator[str]:
-    """The API URL of the Prefect test server a module of this session already started (its settings stay active
-    until the session ends), or of a new one for as long as this context lasts: each start costs seconds."""
+    """The API URL of the session's Prefect test server, started by the first module that asks (each start costs
+    seconds, so it serves every later module too; its settings stay active until ``stop_session_server()``, which
+    tests/conftest.py calls when the session ends)."""
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     url = PREFECT_API_URL.value()
-    if url and urlsplit(url).hostname == "127.0.0.1":
-        yield url
-        return
-    with prefect_test_harness(server_startup_timeout=None):
-        yield PREFECT_API_URL.value()
+    if not (url and urlsplit(url).hostname == "127.0.0.1"):
+        _SESSION_SERVER.enter_context(prefect_test_harness(server_startup_timeout=None))
+        url = PREFECT_API_URL.value()
+    yield url
+
+
+def stop_session_server() -> None:
+    """Stop the session's test server, if this process started one (its logs and events drained first)."""
+    _SESSION_SERVER.close()
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId,
 from prefect.client.schemas.objects import FlowRun
 from prefect.runner import Runner
 from prefect.task_runners import ProcessPoolTaskRunner
-from prefect.testing.utilities import prefect_test_harness
 from prefect.utilities.callables import parameter_schema
 
 import carbonaware_core
@@ -41,10 +40,10 @@ SLACK = 1.0  # seconds a body may start after the ideal time (thread hand-offs, 
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_server() -> Iterator[None]:
-    """One Prefect server (SQLite in a temporary directory), started once for these tests (about 7 s)."""
-    with prefect_test_harness(server_startup_timeout=None):
-        yield
+def prefect_server() -> Iterator[str]:
+    """One Prefect server (SQLite in a temporary directory), started once per session (about 7 s)."""
+    with helpers.prefect_server() as url:
+        yield url
 
 
 @dataclass
