@@ -4120,10 +4120,17 @@ def record_outcome(plan: Plan, started: datetime, ended: datetime, *, ledger: st
     Nothing is fetched here, so the work is never held up: measured intensities are published after the fact, so
     the outcome is written "pending" and ``python -m carbonaware_core report`` completes it later (or call
     ``resolve_outcome``). Argument errors raise; a ledger that cannot be written costs a warning."""
+    outcome = pending_outcome(plan, started, ended)
+    _write(ledger_path(check_ledger_option(ledger)), [outcome.to_record()], logger)
+    return outcome
+
+
+def pending_outcome(plan: Plan, started: datetime, ended: datetime) -> Outcome:
+    """The outcome ``record_outcome`` records, not written anywhere (for integrations that write it later)."""
     started, ended = _aware_utc(started, "started"), _aware_utc(ended, "ended")
     if ended < started:
         raise ValueError("ended must not be before started")
-    outcome = Outcome(
+    return Outcome(
         decision=plan.id,
         called_at=plan.start - plan.delay,
         started=started,
@@ -4136,8 +4143,6 @@ def record_outcome(plan: Plan, started: datetime, ended: datetime, *, ledger: st
         planned_source=plan.source,
         detail="measured intensities are published after the fact; report completes this",
     )
-    _write(ledger_path(check_ledger_option(ledger)), [outcome.to_record()], logger)
-    return outcome
 
 
 def interval_mean(points: Iterable[ForecastPoint], start: datetime, end: datetime) -> float | None:

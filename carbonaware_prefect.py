@@ -1175,7 +1175,8 @@ def reschedule_current_flow_run(
 
     The new run has the same parameters, work queue and job variables plus the tag ``carbonaware-rescheduled``,
     which keeps it from rescheduling again. Any failure to create it is logged and the current run goes on.
-    ``artifact`` (default True: key ``carbonaware-reschedule``; False for none, or a key) reports the decision.
+    ``artifact`` (default True: the deployment's key, ``carbonaware-deployment-<flow>-<deployment>``; False for
+    none, or a key) reports the decision.
     """
     artifact = _artifact_option(options.pop("artifact", True))
     config = _settings_option(options.pop("settings", None))
@@ -1366,7 +1367,10 @@ class _Records:
     """Ledger records a run handed over: appended in the publisher's thread, in the order they were handed."""
 
     path: str
-    records: tuple[Mapping[str, Any], ...]
+    records: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]]  # built here, or built later
+
+    def built(self) -> Sequence[Mapping[str, Any]]:
+        return self.records() if callable(self.records) else self.records
 
 
 _Item = _Artifact | _Event | _Records
@@ -1458,8 +1462,8 @@ class _Publisher:
     def _append(items: Sequence[_Records]) -> None:
         """One append per ledger file for the whole batch (one write under the lock: atomic as ever)."""
         for path in dict.fromkeys(item.path for item in items):
-            records = [record for item in items if item.path == path for record in item.records]
             try:
+                records = [record for item in items if item.path == path for record in item.built()]
                 core.append_records(path, records)
             except Exception as exc:  # noqa: BLE001 - reporting must not break anything
                 log.warning("carbonaware: could not write to ledger %s: %s: %s", path, type(exc).__name__, exc)
@@ -1670,10 +1674,18 @@ def _prove_decision(
 
 
 def _alike(plan: Plan, scheduled: bool) -> Any:
-    """What makes two decisions' artifacts the same: the plan as shown -- to the second, without its id -- and its
-    forecast (the chart). Mapped tasks decide microseconds apart, which no artifact shows."""
-    start, delay = plan.start.replace(microsecond=0), timedelta(seconds=round(plan.delay.total_seconds()))
-    return (replace(plan, id="", start=start, delay=delay), plan.forecast, scheduled)
+    """What makes two decisions one artifact: the decision as the artifacts show it. Mapped tasks decide moments
+    apart: a start-now decision's "now" moves on, and so, in the third digit, do the intensities averaged over the
+    job from now; neither makes it another decision. The start of a wait, the reason, the source and the forecast
+    (the chart) do."""
+
+    def shown(value: float | None, digits: int) -> float | None:
+        return None if value is None else round(value, digits)
+
+    start = plan.start.replace(microsecond=0) if plan.waits else None
+    numbers = (shown(plan.now, 1), shown(plan.expected, 1), shown(plan.savings, 3), shown(plan.avoided_g, 0))
+    fields = (plan.zone, plan.grid_zone, plan.source, plan.unit, plan.reason, plan.detail, plan.fallbacks)
+    return (scheduled, start, *numbers, *fields, plan.duration, plan.window, plan.power_kw, plan.forecast)
 
 
 def _table(row: dict[str, Any], runs: int) -> tuple[Any, str]:
@@ -1712,15 +1724,13 @@ class _Outcome:
     def done(self) -> None:
         try:  # the runtime in elapsed time: a wall clock stepped meanwhile changes nothing
             ended = self.started + timedelta(seconds=max(0.0, core.CLOCK.monotonic() - self.began))
-            ledger = self.settings.options.get("ledger")
-            if core.ledger_path(ledger) is not None and self.plan.id:
-                outcome = core.record_outcome(self.plan, self.started, ended, ledger=ledger)  # a sink in runs
-            else:
-                outcome = core.Outcome(
-                    self.plan.id, self.plan.start - self.plan.delay, self.started, ended, "pending", "-",
-                    power_kw=self.plan.power_kw, zone=self.plan.zone, grid_zone=self.plan.grid_zone,
-                    planned_source=self.plan.source,
-                )  # fmt: skip
+            path = core.ledger_path(self.settings.options.get("ledger"))
+            outcome = core.pending_outcome(self.plan, self.started, ended)
+            if path is not None and self.plan.id:
+                if self.ids != (None, None):  # in a run: the record is built and written off the task's path
+                    _PUBLISHER.submit(_Records(path, lambda: [outcome.to_record()]))
+                else:
+                    core.record_outcome(self.plan, self.started, ended, ledger=path)
             if self.ids != (None, None):
                 item = _Event(OUTCOME_EVENT, self.plan, *self.ids, outcome.to_record, _configured_api_url())
                 _PUBLISHER.submit(item)

@@ -1,6 +1,6 @@
 """What reporting costs: decorated tasks (artifacts, events, ledger -- the defaults) against plain ones.
 
-    python bench/bench_proof_cost.py [--tasks 200] [--rounds 20] [--port 4299] [--no-artifacts]
+    python bench/bench_proof_cost.py [--tasks 200] [--rounds 20] [--port 4299] [--no-artifacts] [--log-level INFO]
 
 A real ``prefect server`` runs in its own process (SQLite in a temporary PREFECT_HOME), so the API's work is not
 timed inside the process under test. A second process runs flows that ``.map`` ``--tasks`` tasks needing no wait,
@@ -204,13 +204,23 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--no-artifacts", action="store_true", help="decorated with artifact=False (no reporting)")
     parser.add_argument("--json", help="also write the raw measurements to this file")
+    parser.add_argument(
+        "--log-level",
+        default="WARNING",
+        help="PREFECT_LOGGING_LEVEL of the flows (INFO: the decision line and Prefect's own go to the API as logs)",
+    )
     args = parser.parse_args()
     python = sys.executable
     home = tempfile.mkdtemp(prefix="carbonaware-bench-prefect-")
     env = clean_env({"PREFECT_HOME": home, "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"})
     load_before = os.getloadavg()
     with prefect_server(env, args.port) as url:
-        child_env = {**env, "PREFECT_API_URL": url, "PREFECT_LOGGING_LEVEL": "WARNING", "PYTHONPATH": str(REPO_ROOT)}
+        child_env = {
+            **env,
+            "PREFECT_API_URL": url,
+            "PREFECT_LOGGING_LEVEL": args.log_level,
+            "PYTHONPATH": str(REPO_ROOT),
+        }
         ledger = os.path.join(home, "ledger.jsonl")
         artifacts = "off" if args.no_artifacts else "on"
         done = subprocess.run(

@@ -331,3 +331,21 @@ def test_one_key_per_deployment_lists_every_decision_about_it() -> None:
     assert sorted(str(a.flow_run_id) for a in history) == sorted(map(str, [*by_name, by_id]))
     assert all(a.type == "table" for a in history)
     assert [a.flow_run_id for a in others] == [other]
+
+
+def test_mapped_decisions_moments_apart_are_one_artifact() -> None:
+    """Task runs of a ``.map`` decide moments apart: a start-now decision's start moves on and its intensities
+    change in the third digit, which no artifact shows; a wait to another start is another decision."""
+    base = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    series = [ForecastPoint(base + (i - 1) * HOUR, base + i * HOUR, 300.0 + i) for i in range(12)]
+    settings: dict[str, Any] = {"source": series, "grid_zone": "DE", "power_kw": 1.5}
+    moments = [base + timedelta(minutes=45, seconds=s) for s in (0, 1.4, 7)]  # the job straddles 13:00
+    now = [core.plan_delay(timedelta(hours=6), HOUR / 2, now=moment, **settings) for moment in moments]
+    assert {plan.reason for plan in now} == {"already-best"} and len({plan.now for plan in now}) == 3
+    assert len({cp._alike(plan, False) for plan in now}) == 1
+    assert cp._alike(now[0], True) != cp._alike(now[0], False)  # a scheduled run's wording differs
+    waits = [
+        core.plan_delay(timedelta(hours=6), HOUR, source=valley(None, base + s * HOUR, base), now=base) for s in (0, 1)
+    ]
+    assert all(plan.waits for plan in waits) and waits[0].start != waits[1].start
+    assert cp._alike(waits[0], False) != cp._alike(waits[1], False)
