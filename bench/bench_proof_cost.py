@@ -7,14 +7,17 @@ timed inside the process under test. A second process runs flows that ``.map`` `
 plain and decorated in pairs, the order flipped every pair (ABBA...: drift -- the database growing, a neighbour's
 load -- falls on both), ``--rounds`` pairs after one warm-up pair. Four figures, from noisiest to exact:
 
-1. End to end (wall time of a flow run): the median of the per-pair ratios decorated / plain with a bootstrap 95 %
-   interval, and the min-of-k ratio (fastest decorated over fastest plain: the runs least disturbed by other load).
-   "drained" adds the time until the background publisher has written and sent everything (the flow does not
-   wait for that).
+1. End to end: the median of the per-pair ratios decorated / plain with a bootstrap 95 % interval, and the
+   min-of-k ratio (fastest decorated over fastest plain: the runs least disturbed by other load); for the ``.map``
+   inside the flow run and for the whole flow run. The whole run includes creating it, which Prefect's client
+   retries with exponential backoff when the (SQLite) server is busy: 1, 2, 3 or 4 ``POST /flow_runs/`` (see 4.)
+   make it take about 1, 2-4, 8 or 16 s on this machine, whatever the tasks do. "drained" adds the time until the
+   background publisher has written and sent everything (the flow does not wait for that).
 2. Process CPU per flow run (all threads, the publisher's included): what the reporting costs in total, wherever
    it runs; much less disturbed by other processes than wall time.
 3. In-task overhead, measured inside each task: the time the decorator's wrapper takes around the body (wall and
-   this thread's CPU), against the same measurement around a plain task's body (the measurement's own floor).
+   this thread's CPU), against the same measurement around a plain task's body (the measurement's own floor);
+   beside it the publisher thread's CPU and the time in garbage collection per flow run.
 4. API traffic per flow run: every HTTP request to the server (method and path) and every event Prefect's events
    worker sends, counted in the process under test -- deterministic, and it shows what is on the wire.
 """
@@ -104,13 +107,32 @@ decorator = cp.carbonaware_delay_decorator(window=timedelta(hours=6), duration=t
 plain = task(name="plain")(around(body))
 decorated = task(name="decorated")(around(decorator(body)))
 
+MAPPED = {}  # seconds the .map took inside the flow run: no flow-run creation in it
+
 @flow(name="bench-plain")
 def run_plain():
+    began = time.perf_counter()
     plain.map(range(TASKS)).result()
+    MAPPED["seconds"] = time.perf_counter() - began
 
 @flow(name="bench-decorated")
 def run_decorated():
+    began = time.perf_counter()
     decorated.map(range(TASKS)).result()
+    MAPPED["seconds"] = time.perf_counter() - began
+
+# -- garbage collection: more objects alive for a moment means more collections of Prefect's large heap
+GC = {"seconds": 0.0, "full": 0}
+
+def _gc_timer(phase, info, _began=[0.0]):
+    if phase == "start":
+        _began[0] = time.perf_counter()
+    else:
+        GC["seconds"] += time.perf_counter() - _began[0]
+        GC["full"] += info["generation"] == 2
+
+import gc
+gc.callbacks.append(_gc_timer)
 
 def publisher_cpu():  # CPU seconds of the publisher's thread so far
     thread = cp._PUBLISHER._thread
@@ -123,6 +145,7 @@ def measured(name, fn):
     EventsWorker.drain_all(timeout=120.0)
     TRAFFIC.clear()
     OVERHEAD.clear()
+    GC.update(seconds=0.0, full=0)
     began, cpu, publisher = time.perf_counter(), time.process_time(), publisher_cpu()
     fn()
     flow_done, flow_cpu = time.perf_counter() - began, time.process_time() - cpu
@@ -132,8 +155,9 @@ def measured(name, fn):
     EventsWorker.drain_all(timeout=120.0)  # Prefect's own events of this flow run count as its traffic
     overhead = sorted(OVERHEAD)
     return {
-        "name": name, "wall": flow_done, "drained": drained, "cpu": flow_cpu, "cpu_drained": drained_cpu,
-        "publisher_cpu": publisher,
+        "name": name, "wall": flow_done, "mapped": MAPPED["seconds"], "drained": drained,
+        "cpu": flow_cpu, "cpu_drained": drained_cpu,
+        "publisher_cpu": publisher, "gc_seconds": GC["seconds"], "gc_full": GC["full"],
         "overhead_wall": [o[0] for o in overhead], "overhead_cpu": sorted(o[1] for o in overhead),
         "traffic": dict(TRAFFIC),
     }
@@ -183,6 +207,10 @@ def overhead_lines(pairs: Sequence[dict[str, Any]], tasks: int) -> list[str]:
     lines.append(
         f"  the decorated tasks' CPU in the wrapper, {tasks} tasks one after another: {share:.1%} of a plain flow run"
     )
+    for name in ("plain", "decorated"):
+        seconds = statistics.median(pair[name].get("gc_seconds", 0.0) for pair in pairs)
+        full = statistics.median(pair[name].get("gc_full", 0) for pair in pairs)
+        lines.append(f"  garbage collection, {name} flow run: {seconds * 1e3:.0f} ms ({full:g} full collections)")
     publisher = statistics.median(pair["decorated"]["publisher_cpu"] for pair in pairs)
     lines.append(f"  the publisher thread (off the tasks' path): {publisher / tasks * 1e3:.3f} ms CPU per task")
     return lines
@@ -265,6 +293,7 @@ def main() -> int:
               f"{decorated['wall'] / plain['wall']:>6.3f} {decorated['drained']:>9.2f} {plain['cpu']:>9.2f} "
               f"{decorated['cpu_drained']:>8.2f}{mark}")  # fmt: skip
     print("\n1. End to end, decorated / plain:")
+    print("  " + ratio_line("the .map inside the flow run", pairs, "mapped"))
     print("  " + ratio_line("flow run wall time", pairs, "wall"))
     print("  " + ratio_line("... with the publisher drained", [_drained(pair) for pair in pairs], "wall"))
     print("2. Process CPU per flow run (all threads), decorated / plain:")
