@@ -1733,7 +1733,7 @@ class _Outcome:
                     _PUBLISHER.submit(_Records(path, lambda: [outcome.to_record()]))
                 else:
                     core.record_outcome(self.plan, self.started, ended, ledger=path)
-            if self.ids != (None, None):
+            if self.ids != (None, None) and self.settings.artifact:  # artifact=False: no artifacts, no events
                 item = _Event(OUTCOME_EVENT, self.plan, *self.ids, outcome.to_record, _configured_api_url())
                 _PUBLISHER.submit(item)
         except Exception as exc:  # noqa: BLE001 - reporting must not break the work

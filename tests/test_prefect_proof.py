@@ -349,3 +349,35 @@ def test_mapped_decisions_moments_apart_are_one_artifact() -> None:
     ]
     assert all(plan.waits for plan in waits) and waits[0].start != waits[1].start
     assert cp._alike(waits[0], False) != cp._alike(waits[1], False)
+
+
+def test_artifact_false_switches_artifacts_and_events_off_not_the_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARBONAWARE_DRY_RUN", "1")
+    ledger = str(tmp_path / "quiet.jsonl")
+    settings: dict[str, Any] = {"window": timedelta(hours=6), "duration": HOUR, "source": valley, "grid_zone": "DE"}
+
+    @task(name="proof-quiet")
+    @cp.carbonaware_delay_decorator(artifact=False, ledger=ledger, **settings)
+    def quiet() -> str:
+        return "ran"
+
+    @task(name="proof-loud")  # the control: its two events show the flow run's events have arrived
+    @cp.carbonaware_delay_decorator(**settings)
+    def loud() -> str:
+        return "ran"
+
+    @flow(name="proof-quiet-flow")
+    def run() -> Any:
+        from prefect.runtime import flow_run
+
+        return quiet(), loud(), UUID(flow_run.id)
+
+    *values, flow_run_id = run()
+    assert values == ["ran", "ran"]
+    assert cp.flush_reports(60.0)
+    assert [r["kind"] for r in core.read_ledger(ledger)] == ["decision", "outcome"]
+    found = poll(lambda: events_of(flow_run_id), lambda e: len(e) >= 2)
+    task_runs = {r.id for event in found for r in event.related if r.role == "task-run"}
+    assert len(found) == 2 and len(task_runs) == 1  # the loud task's decision and outcome only
