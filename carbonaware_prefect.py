@@ -9,6 +9,7 @@ deployment runs at the best time so that no worker sits idle while waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import copy
 import functools
@@ -18,7 +19,7 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -324,8 +325,7 @@ def _plan_for_run(
     logger = settings.options.get("logger") or _run_logger()
     options = {**settings.options, "logger": logger}
     if run is not None and settings.artifact:
-        key = settings.artifact if isinstance(settings.artifact, str) else _artifact_key(run.name)
-        options["on_plan"] = _artifact_hook(key, loop, logger, settings.options.get("on_plan"))
+        options["on_plan"] = _artifact_hook(_task_key(settings, run), loop, logger, settings.options.get("on_plan"))
     if run is None:
         return settings.window, options
     if (attempt := run.retry()) is not None and not settings.delay_on_retry:
@@ -340,9 +340,18 @@ def _plan_for_run(
 
 
 def _skip(settings: _Settings, window: timedelta, detail: str, options: Mapping[str, Any]) -> Plan:
-    """Log and report (artifact, ``on_plan``) a decision not to wait, as the core does for its own."""
-    plan = _skip_plan(settings, window, detail)
-    core.report_plan(plan, options["logger"], options.get("on_plan"))
+    """Log and report (artifact, events, ledger, ``on_plan``) a decision not to wait, as the core does its own."""
+    return _decided_here(_skip_plan(settings, window, detail), settings, options["logger"], options.get("on_plan"))
+
+
+def _decided_here(plan: Plan, settings: _Settings, logger: Logger, on_plan: Callable[[Plan], None] | None) -> Plan:
+    """A decision made here, without the core: the same line, hook, artifact, events and ledger record as one the
+    core made (with an id, so that its outcome joins it, and the job's ``power_kw`` for the energy)."""
+    power_kw, grid_zone = settings.options.get("power_kw"), settings.options.get("grid_zone")
+    power = power_kw if isinstance(power_kw, (int, float)) else None
+    plan = replace(plan, power_kw=power, grid_zone=grid_zone if isinstance(grid_zone, str) else plan.grid_zone)
+    plan = core.record_decision(plan, settings.options.get("ledger"))  # assigns the id; a sink or a quick append
+    core.report_plan(plan, logger, on_plan)
     return plan
 
 
@@ -375,10 +384,25 @@ async def _delay_async(settings: _Settings) -> Plan:
 
 
 def _failed(settings: _Settings, exc: Exception) -> Plan:
+    """Start now after an error here; reported (WARNING, as for any failure) and recorded like any decision."""
     detail = f"internal error: {type(exc).__name__}: {exc}"
     plan = _skip_plan(settings, settings.window, detail, reason="source-failed")
-    core.report_plan(plan, _run_logger())  # WARNING, as for any failure
-    return plan
+    logger = settings.options.get("logger") or _run_logger()
+    try:
+        run = _current_run()
+        on_plan = settings.options.get("on_plan")
+        if run is not None and settings.artifact:
+            on_plan = _artifact_hook(_task_key(settings, run), None, logger, on_plan)
+        return _decided_here(plan, settings, logger, on_plan)
+    except Exception as again:  # noqa: BLE001 - the last line of fail-open: the line at least
+        core.report_plan(plan, logger)
+        logger.warning("carbonaware: could not report the decision: %s: %s", type(again).__name__, again)
+        return plan
+
+
+def _task_key(settings: _Settings, run: _Run) -> str:
+    """The artifact key of a task's or flow's decisions: the one given, or one per task (flow) name."""
+    return settings.artifact if isinstance(settings.artifact, str) else _artifact_key(run.name)
 
 
 def _in_a_worker_process() -> bool:
@@ -450,13 +474,14 @@ def _publish(
     ``scheduled``: the decision schedules a run for later (a deployment), nothing waits. A decision that waits
     publishes it now, before the wait; one that does not hands it to the publisher, off the task's path
     (``flush_reports()`` waits for it)."""
-    _prove_decision(plan, key)
+    ids, api_url = _run_ids(), _configured_api_url()
+    _prove_decision(plan, key, ids, api_url, scheduled=scheduled)
     try:
+        if not plan.waits:
+            _markdown_later(plan, key, ids, api_url, scheduled=scheduled)
+            return
         markdown = _render_markdown(plan, scheduled=scheduled)
         description = core.describe(_markdown_safe(plan), scheduled=scheduled)  # the UI renders both
-        if not plan.waits:
-            _markdown_later(plan, key, markdown, description)
-            return
         if loop is not None and not _on_loop_thread(loop):
             # Async runs: planning runs in a worker thread, so the run's own loop is free to create it.
             coroutine = acreate_markdown_artifact(markdown=markdown, key=key, description=description)
@@ -1043,7 +1068,7 @@ def _announce(plan: Plan, flow_run: FlowRun, name: str | UUID, artifact: bool | 
     when = plan.to_dict()["start"] if plan.waits else "now"
     logger.info("carbonaware: flow run %r of %s scheduled for %s", flow_run.name, name, when)
     if _current_run() is not None and artifact:
-        key = artifact if isinstance(artifact, str) else "carbonaware-deployment"
+        key = artifact if isinstance(artifact, str) else _deployment_key(name)
         _publish(plan, key, None, logger, scheduled=True)
 
 
@@ -1085,6 +1110,31 @@ def _run_deployment_arguments(
         )
     targets = _zone_deployments(name)
     return targets, {**run_kwargs, "zones": list(targets), "home": False}
+
+
+_DEPLOYMENT_NAMES: dict[UUID, str] = {}  # deployment id -> "flow/deployment", read once per process
+
+
+def _deployment_key(deployment: str | UUID) -> str:
+    """One artifact key per deployment, so that the key's history in the UI lists every decision about it:
+    ``carbonaware-deployment-<flow>-<deployment>`` (slugged). A deployment given by id is looked up by name;
+    if that fails, its id makes the key (stable too)."""
+    if isinstance(deployment, str):
+        try:
+            deployment = UUID(deployment)
+        except ValueError:
+            return _artifact_key(f"deployment-{deployment}")
+    name = _DEPLOYMENT_NAMES.get(deployment)
+    if name is None:
+        try:
+            with _api_client(_configured_api_url()) as client:
+                found = client.read_deployment(deployment)
+                name = f"{client.read_flow(found.flow_id).name}/{found.name}"
+            _DEPLOYMENT_NAMES[deployment] = name
+        except Exception as exc:  # noqa: BLE001 - the id serves as well
+            log.debug("carbonaware: deployment %s not read (%s); its id names the artifact", deployment, exc)
+            name = str(deployment)
+    return _artifact_key(f"deployment-{name}")
 
 
 def carbonaware_run_deployment(
@@ -1231,7 +1281,7 @@ def _handed_over(handover: _Handover, new_run: FlowRun, artifact: bool | str) ->
     logger = _run_logger()
     logger.info(message)
     if artifact:
-        key = artifact if isinstance(artifact, str) else "carbonaware-reschedule"
+        key = artifact if isinstance(artifact, str) else _deployment_key(handover.deployment_id)
         _publish(handover.plan, key, None, logger, scheduled=True)
     return Completed(name="Rescheduled", message=message)
 
@@ -1254,7 +1304,8 @@ def reschedule_current_flow_run(
 
     The new run has the same parameters, work queue and job variables plus the tag ``carbonaware-rescheduled``,
     which keeps it from rescheduling again. Any failure to create it is logged and the current run goes on.
-    ``artifact`` (default True: key ``carbonaware-reschedule``; False for none, or a key) reports the decision.
+    ``artifact`` (default True: the deployment's key, ``carbonaware-deployment-<flow>-<deployment>``; False for
+    none, or a key) reports the decision.
 
     ``zones`` maps other zones to the deployments that run there (``zones={"aws:eu-north-1": "etl/nordic"}``): the
     plan then covers them and the home zone, and when another zone wins, the later run is created for its
@@ -1408,63 +1459,88 @@ DECISION_EVENT = "carbonaware.decision"
 OUTCOME_EVENT = "carbonaware.outcome"
 PROOF_DRAIN_SECONDS = 10.0  # at exit, queued artifacts get this long to reach the API
 PROOF_LINGER_SECONDS = 0.25  # the publisher collects this long, so identical decisions become one artifact
+EVENTS_PER_REQUEST = 200  # events go to the API in batches (one POST /events each), not one request per event
+EVENT_MAX_BYTES = 1_500_000  # Prefect's default maximum event size (PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES)
 
 
 @dataclass(frozen=True)
 class _Artifact:
-    """An artifact to create off the task's path. Those that compare equal on ``same`` within one flow run are
-    one decision (200 mapped task runs with the same plan): one artifact says so, not 200."""
+    """An artifact to create off the task's path. Those that compare equal on ``same()`` within one flow run are
+    one decision (200 mapped task runs with the same plan): one artifact says so, not 200. ``same`` and
+    ``render`` run in the publisher's thread: the task only hands the plan over."""
 
     kind: str  # "markdown" or "table"
     key: str
     flow_id: UUID | None
     task_id: UUID | None
-    same: Any
+    same: Callable[[], Any]
     render: Callable[[int], tuple[Any, str]]  # given how many runs decided it: (data, description)
-    api_url: str | None = field(default_factory=lambda: _configured_api_url())  # the API of the run that asked
+    api_url: str | None  # the API of the run that asked (None: the ephemeral one)
 
     def group(self) -> tuple[Any, ...]:
-        return (self.kind, self.key, self.flow_id, self.same)
+        return (self.kind, self.key, self.flow_id, self.same())
 
 
 @dataclass(frozen=True)
 class _Event:
-    """A Prefect event to emit off the task's path (building one costs milliseconds)."""
+    """A Prefect event to build and send off the task's path (building one costs about a millisecond). Its related
+    resources are exactly the flow run and the task run given: nothing is read from any context."""
 
     name: str
-    zone: str
+    plan: Plan  # its zone is the event's resource
     flow_id: UUID | None
     task_id: UUID | None
-    payload: dict[str, Any]
-    api_url: str | None = field(default_factory=lambda: _configured_api_url())  # the API of the run that emitted it
+    payload: Callable[[], dict[str, Any]]
+    api_url: str | None
+    occurred: Any = field(default_factory=lambda: core.CLOCK.now())  # when it happened, not when it is sent
+
+
+@dataclass(frozen=True)
+class _Records:
+    """Ledger records a run handed over: appended in the publisher's thread, in the order they were handed."""
+
+    path: str
+    records: Sequence[Mapping[str, Any]] | Callable[[], Sequence[Mapping[str, Any]]]  # built here, or built later
+
+    def built(self) -> Sequence[Mapping[str, Any]]:
+        return self.records() if callable(self.records) else self.records
+
+
+_Item = _Artifact | _Event | _Records
 
 
 class _Publisher:
-    """One daemon thread that creates artifacts beside the tasks: a task hands them over and goes on, and the
-    API round trips happen off its path. Collects for ``PROOF_LINGER_SECONDS`` so that
-    identical decisions of one flow run become one artifact. Drained (bounded) at interpreter exit."""
+    """One daemon thread that does the reporting beside the tasks -- ledger appends, events, artifacts -- so a task
+    hands its decision over and goes on. Collects for ``PROOF_LINGER_SECONDS``: identical decisions of one flow run
+    become one artifact, a batch's ledger records one append per file and its events one request per API.
+    Drained (bounded) at interpreter exit and by ``flush_reports()``."""
 
     def __init__(self) -> None:
         import queue
         import threading
 
-        self._queue: queue.Queue[_Artifact | _Event | Callable[[], None]] = queue.Queue()
+        self._queue: queue.Queue[_Item | Callable[[], None]] = queue.Queue()
         self._thread: Any = None
         self._lock = threading.Lock()
         self._published: dict[tuple[Any, ...], None] = {}  # groups already out (bounded, oldest dropped)
+        self._clients: dict[str | None, Any] = {}  # one open client per API: no connection and token per batch
 
-    def submit(self, item: _Artifact | _Event) -> None:
+    def submit(self, item: _Item) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._start()
+        self._queue.put(item)
+
+    def _start(self) -> None:
         with self._lock:
             if self._thread is None or not self._thread.is_alive():
                 import atexit
                 import threading
 
-                # An empty context: no run's context (the one that started the thread) is attached to events.
+                # An empty context: no run's context (the one that started the thread) leaks into its work.
                 work = functools.partial(contextvars.Context().run, self._work)
                 self._thread = threading.Thread(target=work, name="carbonaware-publisher", daemon=True)
                 self._thread.start()
                 atexit.register(self.drain)
-        self._queue.put(item)
 
     def drain(self, timeout: float = PROOF_DRAIN_SECONDS) -> bool:
         """Wait (at most ``timeout``) until everything submitted so far is published; whether it all was."""
@@ -1479,51 +1555,106 @@ class _Publisher:
     def _work(self) -> None:
         while True:
             batch = self._collect()
-            waiters = [item for item in batch if not isinstance(item, (_Artifact, _Event))]
-            self._emit([item for item in batch if isinstance(item, _Event)])
-            groups: dict[tuple[Any, ...], list[_Artifact]] = {}
-            for item in batch:
-                if isinstance(item, _Artifact) and item.group() not in self._published:
-                    groups.setdefault(item.group(), []).append(item)
-            for group, items in groups.items():
-                self._create(items[0], len(items))
-                self._published[group] = None
-                while len(self._published) > 10_000:
-                    del self._published[next(iter(self._published))]
-            for waiter in waiters:
-                waiter()
+            try:
+                self._append([item for item in batch if isinstance(item, _Records)])
+                self._send([item for item in batch if isinstance(item, (_Event, _Artifact))])
+            except Exception as exc:  # noqa: BLE001 - the thread must outlive any bug in a batch
+                log.warning("carbonaware: could not publish reports: %s: %s", type(exc).__name__, exc)
+            for waiter in batch:
+                if not isinstance(waiter, (_Artifact, _Event, _Records)):
+                    waiter()
 
-    def _collect(self) -> list[_Artifact | _Event | Callable[[], None]]:
+    def _send(self, items: Sequence[_Event | _Artifact]) -> None:
+        """Events, then artifacts, per API, in one settings context each (entering one costs milliseconds)."""
+        from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+        for url in dict.fromkeys(item.api_url for item in items):
+            try:
+                # a dead API is retried once, not for a minute
+                with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 1}):
+                    self._emit([item for item in items if isinstance(item, _Event) and item.api_url == url])
+                    self._create_all([item for item in items if isinstance(item, _Artifact) and item.api_url == url])
+            except Exception as exc:  # noqa: BLE001 - reporting must not break anything
+                log.warning("carbonaware: could not publish to %s: %s: %s", url, type(exc).__name__, exc)
+
+    def _collect(self) -> list[_Item | Callable[[], None]]:
+        """What arrived while this thread slept ``PROOF_LINGER_SECONDS`` after the first item: it wakes once a
+        period, not once for every task handing something over (each wake-up takes the GIL from the tasks)."""
         import queue
 
-        batch: list[_Artifact | _Event | Callable[[], None]] = [self._queue.get()]
-        until = time.monotonic() + PROOF_LINGER_SECONDS
-        while isinstance(batch[-1], (_Artifact, _Event)):  # a drain request ends the batch
+        batch: list[_Item | Callable[[], None]] = [self._queue.get()]
+        if isinstance(batch[0], (_Artifact, _Event, _Records)):  # a lone drain request is answered at once
+            time.sleep(PROOF_LINGER_SECONDS)
+        while True:
             try:
-                batch.append(self._queue.get(timeout=max(0.0, until - time.monotonic())))
+                batch.append(self._queue.get_nowait())
             except queue.Empty:
-                break
-        return batch
+                return batch
 
     @staticmethod
-    def _emit(events: Sequence[_Event]) -> None:
-        """Emit in the settings of the runs that asked (entered once per API: settings cost milliseconds)."""
-        from prefect.settings import PREFECT_API_URL, temporary_settings
-
-        for url in dict.fromkeys(event.api_url for event in events):
+    def _append(items: Sequence[_Records]) -> None:
+        """One append per ledger file for the whole batch (one write under the lock: atomic as ever)."""
+        for path in dict.fromkeys(item.path for item in items):
             try:
-                with temporary_settings({PREFECT_API_URL: url}):
-                    for event in (e for e in events if e.api_url == url):
-                        _emit(event.name, event.zone, event.flow_id, event.task_id, event.payload)
+                records = [record for item in items if item.path == path for record in item.built()]
+                core.append_records(path, records)
             except Exception as exc:  # noqa: BLE001 - reporting must not break anything
-                log.warning("carbonaware: could not emit events: %s: %s", type(exc).__name__, exc)
+                log.warning("carbonaware: could not write to ledger %s: %s: %s", path, type(exc).__name__, exc)
+
+    @contextlib.contextmanager
+    def _client(self, url: str | None) -> Iterator[Any]:
+        """This thread's open client of the API at ``url`` (in ``_send``'s settings for it); one that failed is
+        closed and opened afresh next time."""
+        from prefect.client.orchestration import get_client
+
+        client = self._clients.get(url)
+        if client is None:
+            client = self._clients[url] = get_client(sync_client=True).__enter__()
+        try:
+            yield client
+        except BaseException:
+            self._clients.pop(url, None)
+            with contextlib.suppress(Exception):
+                client.__exit__(None, None, None)
+            raise
+
+    def _emit(self, events: Sequence[_Event]) -> None:
+        """``POST /events`` in batches, per API: no events worker, so no run context adds resources of its own."""
+        for url in dict.fromkeys(event.api_url for event in events):
+            built = [e for e in (_build_event(event) for event in events if event.api_url == url) if e is not None]
+            for first in range(0, len(built), EVENTS_PER_REQUEST):
+                chunk = built[first : first + EVENTS_PER_REQUEST]
+                body = ("[" + ",".join(text for _, text in chunk) + "]").encode()  # encoded once, when built
+                try:
+                    with self._client(url) as client:
+                        post = functools.partial(client.request, cast(Any, "POST"), cast(Any, "/events"))
+                        post(content=body, headers={"Content-Type": "application/json"}).raise_for_status()
+                except Exception as exc:  # noqa: BLE001 - reporting must not break anything
+                    names = ", ".join(sorted({name for name, _ in chunk}))
+                    log.warning(
+                        "carbonaware: could not emit %s (%d events): %s: %s", names, len(chunk), type(exc).__name__, exc
+                    )
+
+    def _create_all(self, items: Sequence[_Artifact]) -> None:
+        groups: dict[tuple[Any, ...], list[_Artifact]] = {}
+        for item in items:
+            try:
+                group = item.group()
+            except Exception as exc:  # noqa: BLE001 - reporting must not break anything
+                log.warning("carbonaware: could not create artifact %r: %s: %s", item.key, type(exc).__name__, exc)
+                continue
+            if group not in self._published:
+                groups.setdefault(group, []).append(item)
+        for group, alike in groups.items():
+            self._create(alike[0], len(alike))
+            self._published[group] = None
+            while len(self._published) > 10_000:
+                del self._published[next(iter(self._published))]
 
     def _create(self, item: _Artifact, runs: int) -> None:
         """One API call, in the submitting run's settings; a dead API is retried once, not for a minute."""
         try:
-            from prefect.client.orchestration import get_client
             from prefect.client.schemas.actions import ArtifactCreate
-            from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
             data, description = item.render(runs)
             artifact = ArtifactCreate(
@@ -1534,14 +1665,60 @@ class _Publisher:
                 flow_run_id=item.flow_id,
                 task_run_id=item.task_id,
             )
-            settings = {PREFECT_API_URL: item.api_url, PREFECT_CLIENT_MAX_RETRIES: 1}
-            with temporary_settings(settings), get_client(sync_client=True) as client:
+            with self._client(item.api_url) as client:
                 client.create_artifact(artifact)
         except Exception as exc:  # noqa: BLE001 - reporting must not break anything
             log.warning("carbonaware: could not create artifact %r: %s: %s", item.key, type(exc).__name__, exc)
 
 
+@contextlib.contextmanager
+def _api_client(url: str | None) -> Iterator[Any]:
+    """A sync client of the API at ``url`` that retries a dead API once, not for a minute."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 1}), get_client(sync_client=True) as c:
+        yield c
+
+
+def _build_event(item: _Event) -> tuple[str, str] | None:
+    """(name, JSON text) of the event as ``POST /events`` takes it (the server validates it; pydantic here would
+    cost a millisecond an event); one larger than the server takes is dropped with a warning."""
+    try:
+        import json
+        import uuid
+
+        event = {
+            "id": str(uuid.UUID(hex=core._new_id() + core._new_id(), version=4)),  # no os.urandom per event
+            "occurred": item.occurred.isoformat(),
+            "event": item.name,
+            "resource": _zone_resource(_zone_name(item.plan)),
+            "related": _related(item.flow_id, item.task_id),
+            "payload": item.payload(),
+        }
+        text = json.dumps(event, separators=(",", ":"), allow_nan=False)
+        if len(text.encode()) > EVENT_MAX_BYTES:
+            raise ValueError(f"{len(text.encode())} bytes, more than the {EVENT_MAX_BYTES} an event may have")
+        return item.name, text
+    except Exception as exc:  # noqa: BLE001 - an event too large, a payload that is not JSON: one warning
+        log.warning("carbonaware: could not emit %s: %s: %s", item.name, type(exc).__name__, exc)
+        return None
+
+
 _PUBLISHER = _Publisher()
+
+
+def _ledger_later(path: str, records: Sequence[Mapping[str, Any]]) -> bool:
+    """The core's ledger sink: inside a run, records go to the publisher (off the task's path, in order); outside
+    runs the core appends them at once, as without Prefect."""
+    if TaskRunContext.get() is None and FlowRunContext.get() is None:
+        return False
+    _PUBLISHER.submit(_Records(path, tuple(records)))
+    return True
+
+
+if hasattr(core, "ledger_sinks"):  # a vendored core without sinks appends at once
+    core.ledger_sinks.append(_ledger_later)
 
 
 def _configured_api_url() -> str | None:
@@ -1553,8 +1730,8 @@ def _configured_api_url() -> str | None:
 
 
 def flush_reports(timeout: float = PROOF_DRAIN_SECONDS) -> bool:
-    """Wait (at most ``timeout`` seconds) until the artifacts handed to the background publisher so far are in
-    the API; whether they all are. It also runs at interpreter exit."""
+    """Wait (at most ``timeout`` seconds) until the ledger records, events and artifacts handed to the background
+    publisher so far are written and in the API; whether they all are. It also runs at interpreter exit."""
     return _PUBLISHER.drain(timeout)
 
 
@@ -1584,16 +1761,6 @@ def _related(flow_id: UUID | None, task_id: UUID | None) -> list[dict[str, str]]
     return related
 
 
-def _emit(event: str, zone: str, flow_id: UUID | None, task_id: UUID | None, payload: dict[str, Any]) -> None:
-    """Emit a Prefect event (queued by Prefect's own events worker: no request on this path)."""
-    try:
-        from prefect.events import emit_event
-
-        emit_event(event, _zone_resource(zone), related=_related(flow_id, task_id), payload=payload)
-    except Exception as exc:  # noqa: BLE001 - EventTooLarge or a Prefect without events: one warning
-        log.warning("carbonaware: could not emit %s: %s: %s", event, type(exc).__name__, exc)
-
-
 def decision_row(plan: Plan) -> dict[str, Any]:
     """The table artifact's one row: what was decided, on which signal, and the grams behind it."""
     data = plan.to_dict()
@@ -1620,17 +1787,40 @@ def _table_key(key: str) -> str:
     return f"{key}-decisions"
 
 
-def _prove_decision(plan: Plan, key: str) -> None:
+def _prove_decision(
+    plan: Plan, key: str, ids: tuple[UUID | None, UUID | None], api_url: str | None, *, scheduled: bool = False
+) -> None:
     """Beside the markdown artifact: a table artifact (key ``<key>-decisions``, so the key's history lists every
-    decision) created off the task's path, and a ``carbonaware.decision`` event. Never raises."""
+    decision) and a ``carbonaware.decision`` event, both built and sent off the task's path. Never raises."""
     try:
-        flow_id, task_id = _run_ids()
-        row = decision_row(plan)
-        _PUBLISHER.submit(_Event(DECISION_EVENT, row["zone"], flow_id, task_id, core.decision_record(plan)))
-        same = tuple((name, value) for name, value in row.items() if name != "decision")
-        _PUBLISHER.submit(_Artifact("table", _table_key(key), flow_id, task_id, same, lambda runs: _table(row, runs)))
+        flow_id, task_id = ids
+        payload = functools.partial(core.decision_record, plan)
+        _PUBLISHER.submit(_Event(DECISION_EVENT, plan, flow_id, task_id, payload, api_url))
+
+        def same() -> Any:
+            return _alike(plan, scheduled)
+
+        def render(runs: int) -> tuple[Any, str]:
+            return _table(decision_row(plan), runs)
+
+        _PUBLISHER.submit(_Artifact("table", _table_key(key), flow_id, task_id, same, render, api_url))
     except Exception as exc:  # noqa: BLE001 - reporting must not break the work
         log.warning("carbonaware: could not report the decision: %s: %s", type(exc).__name__, exc)
+
+
+def _alike(plan: Plan, scheduled: bool) -> Any:
+    """What makes two decisions one artifact: the decision as the artifacts show it. Mapped tasks decide moments
+    apart: a start-now decision's "now" moves on, and so, in the third digit, do the intensities averaged over the
+    job from now; neither makes it another decision. The start of a wait, the reason, the source and the forecast
+    (the chart) do."""
+
+    def shown(value: float | None, digits: int) -> float | None:
+        return None if value is None else round(value, digits)
+
+    start = plan.start.replace(microsecond=0) if plan.waits else None
+    numbers = (shown(plan.now, 1), shown(plan.expected, 1), shown(plan.savings, 3), shown(plan.avoided_g, 0))
+    fields = (plan.zone, plan.grid_zone, plan.source, plan.unit, plan.reason, plan.detail, plan.fallbacks)
+    return (scheduled, start, *numbers, *fields, plan.duration, plan.window, plan.power_kw, plan.forecast)
 
 
 def _table(row: dict[str, Any], runs: int) -> tuple[Any, str]:
@@ -1640,14 +1830,22 @@ def _table(row: dict[str, Any], runs: int) -> tuple[Any, str]:
     return [{**row, "runs": runs}], description
 
 
-def _markdown_later(plan: Plan, key: str, markdown: str, description: str) -> None:
-    """A decision nobody waits on: its markdown artifact (rendered already) goes to the publisher."""
-    flow_id, task_id = _run_ids()
+def _markdown_later(
+    plan: Plan, key: str, ids: tuple[UUID | None, UUID | None], api_url: str | None, *, scheduled: bool = False
+) -> None:
+    """A decision nobody waits on: its markdown artifact is rendered and created by the publisher."""
+
+    def description() -> str:
+        return core.describe(_markdown_safe(plan), scheduled=scheduled)
 
     def render(runs: int) -> tuple[Any, str]:
-        return markdown, description + (f" (and {runs - 1} more task runs of this flow run alike)" if runs > 1 else "")
+        more = f" (and {runs - 1} more task runs of this flow run alike)" if runs > 1 else ""
+        return _render_markdown(plan, scheduled=scheduled), description() + more
 
-    _PUBLISHER.submit(_Artifact("markdown", key, flow_id, task_id, (description, plan.detail), render))
+    def same() -> Any:
+        return _alike(plan, scheduled)
+
+    _PUBLISHER.submit(_Artifact("markdown", key, *ids, same, render, api_url))
 
 
 class _Outcome:
@@ -1661,17 +1859,16 @@ class _Outcome:
     def done(self) -> None:
         try:  # the runtime in elapsed time: a wall clock stepped meanwhile changes nothing
             ended = self.started + timedelta(seconds=max(0.0, core.CLOCK.monotonic() - self.began))
-            ledger = self.settings.options.get("ledger")
-            if core.ledger_path(ledger) is not None and self.plan.id:
-                outcome = core.record_outcome(self.plan, self.started, ended, ledger=ledger)
-            else:
-                outcome = core.Outcome(
-                    self.plan.id, self.plan.start - self.plan.delay, self.started, ended, "pending", "-",
-                    power_kw=self.plan.power_kw, zone=self.plan.zone, grid_zone=self.plan.grid_zone,
-                    planned_source=self.plan.source,
-                )  # fmt: skip
-            if self.ids != (None, None):
-                _PUBLISHER.submit(_Event(OUTCOME_EVENT, _zone_name(self.plan), *self.ids, outcome.to_record()))
+            path = core.ledger_path(self.settings.options.get("ledger"))
+            outcome = core.pending_outcome(self.plan, self.started, ended)
+            if path is not None and self.plan.id:
+                if self.ids != (None, None):  # in a run: the record is built and written off the task's path
+                    _PUBLISHER.submit(_Records(path, lambda: [outcome.to_record()]))
+                else:
+                    core.record_outcome(self.plan, self.started, ended, ledger=path)
+            if self.ids != (None, None) and self.settings.artifact:  # artifact=False: no artifacts, no events
+                item = _Event(OUTCOME_EVENT, self.plan, *self.ids, outcome.to_record, _configured_api_url())
+                _PUBLISHER.submit(item)
         except Exception as exc:  # noqa: BLE001 - reporting must not break the work
             log.warning("carbonaware: could not record the outcome: %s: %s", type(exc).__name__, exc)
 

@@ -770,5 +770,7 @@ def test_deployment_runs_hand_themselves_over_to_later_runs(scheduler: Scheduler
         assert second.start_time is not None
         assert second.start_time.timestamp() >= min(ideal.timestamp() for ideal in scheduler.ideals) - 0.6
     assert len(scheduler.requests) == 2  # one per first run; the later runs did not plan again
-    assert helpers.published_artifact("carbonaware-reschedule") is not None  # the default key (sync flow)
+    assert (
+        helpers.published_artifact("carbonaware-deployment-carbonaware-handover-test") is not None
+    )  # one key per deployment
     assert helpers.published_artifact("handover-async") is not None  # the key the async flow chose

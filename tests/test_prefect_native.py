@@ -269,7 +269,7 @@ def test_run_deployment_logs_and_artifact_say_scheduled(caplog: pytest.LogCaptur
     lines = [r.getMessage() for r in caplog.records if "carbonaware:" in r.getMessage()]
     assert any("run scheduled 2h00m later" in line for line in lines)
     assert not any("would wait" in line or "waiting" in line for line in lines)
-    artifact = Artifact.get("carbonaware-deployment")
+    artifact = Artifact.get("carbonaware-deployment-carbonaware-scheduled-h5-wording")  # one key per deployment
     assert artifact is not None and "run scheduled" in str(artifact.description)
     assert "waiting" not in str(artifact.data)
 

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID
 
-import prefect.events
 import pytest
 from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.context import TaskRunContext
 from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 from prefect.events.worker import EventsWorker
 
@@ -122,11 +122,10 @@ def test_table_artifacts_events_and_outcomes(
     task_runs = set()
     for event in found:
         assert event.resource.id == "carbonaware.grid-zone.DE"
-        # ours come first; after other flows in the session Prefect may attach a stray run too (known issue)
-        ours = [(r.role, r.id) for r in event.related][:2]
-        assert ours[0] == ("flow-run", f"prefect.flow-run.{flow_run_id}")
-        assert ours[1][0] == "task-run" and ours[1][1].startswith("prefect.task-run.")
-        task_runs.add(ours[1][1])
+        related = [(r.role, r.id) for r in event.related]  # exactly the two runs: nothing Prefect adds in a run
+        assert len(related) == 2 and related[0] == ("flow-run", f"prefect.flow-run.{flow_run_id}")
+        assert related[1][0] == "task-run" and related[1][1].startswith("prefect.task-run.")
+        task_runs.add(related[1][1])
     assert len(task_runs) == 6  # every task run, each with its decision and outcome
     outcome_events = [e for e in found if e.event == cp.OUTCOME_EVENT]
     assert {e.payload["decision"] for e in outcome_events} == {d["id"] for d in decisions}
@@ -144,14 +143,8 @@ def test_a_failing_api_costs_the_work_nothing(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setenv("CARBONAWARE_DRY_RUN", "1")
-
-    def refuse(*_: Any, **__: Any) -> None:
-        raise RuntimeError("API down")
-
-    monkeypatch.setattr(
-        cp, "_configured_api_url", lambda: f"http://{refused_host()}/api"
-    )  # the artifacts' API: refused
-    monkeypatch.setattr(prefect.events, "emit_event", refuse)
+    # the API the publisher sends artifacts and events to: refused
+    monkeypatch.setattr(cp, "_configured_api_url", lambda: f"http://{refused_host()}/api")
 
     @task(name="proof-broken")
     @cp.carbonaware_delay_decorator(window=timedelta(hours=1), duration=HOUR, source=valley, grid_zone="DE")
@@ -166,7 +159,7 @@ def test_a_failing_api_costs_the_work_nothing(
     assert cp.flush_reports(30.0)
     warnings = [r.getMessage() for r in caplog.records if "could not" in r.getMessage()]
     assert any("could not create artifact 'carbonaware-proof-broken'" in w and "ConnectError" in w for w in warnings)
-    assert any("could not emit carbonaware.decision" in w for w in warnings)
+    assert any("could not emit carbonaware.decision" in w and "ConnectError" in w for w in warnings)
 
 
 def test_the_markdown_artifact_shows_grams_only_when_known() -> None:
@@ -199,3 +192,192 @@ def test_the_decorator_outside_prefect_records_the_bodys_runtime(
     decision, outcome = core.read_ledger(ledger)
     assert outcome["decision"] == decision["id"] and outcome["runtime_seconds"] == 90.0
     assert outcome["started"] == "2025-06-01T12:00:00Z" and outcome["energy_kwh"] == pytest.approx(0.1)
+
+
+def test_decisions_the_prefect_layer_makes_are_proved_like_the_cores(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A retry that runs at once, no room before a timeout, an internal error, and a wait switched off by a
+    Variable: each in the ledger (with its outcome), in the table artifact and as an event, like any decision."""
+    from prefect.variables import Variable
+
+    ledger = str(tmp_path / "layer.jsonl")
+    settings: dict[str, Any] = {"window": timedelta(hours=6), "duration": HOUR, "source": valley, "grid_zone": "DE"}
+    attempts: list[int] = []
+
+    @task(name="proof-retried", retries=1, retry_delay_seconds=0)
+    @cp.carbonaware_delay_decorator(power_kw=2.0, ledger=ledger, **settings)
+    def retried() -> int:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise RuntimeError("first attempt fails")
+        return len(attempts)
+
+    @task(name="proof-no-room", timeout_seconds=30)  # a 1 h job cannot fit: no wait
+    @cp.carbonaware_delay_decorator(power_kw=2.0, ledger=ledger, **settings)
+    def no_room() -> str:
+        return "ran"
+
+    @task(name="proof-broken-settings")
+    @cp.carbonaware_delay_decorator(ledger=ledger, **settings)
+    def broken() -> str:
+        return "ran"
+
+    @task(name="proof-switched-off")
+    @cp.carbonaware_delay_decorator(ledger=ledger, **settings)
+    def switched_off() -> str:
+        return "ran"
+
+    @flow(name="proof-layer-flow")
+    def run() -> Any:
+        from prefect.runtime import flow_run
+
+        return retried(), no_room(), broken(), switched_off(), UUID(flow_run.id)
+
+    real_configure = cp._configure
+
+    def configure(config: Any, options: Any, *args: Any) -> Any:
+        ctx = TaskRunContext.get()
+        if ctx is not None and ctx.task.name == "proof-broken-settings":
+            raise RuntimeError("configuration broke")
+        return real_configure(config, options, *args)
+
+    monkeypatch.setenv("CARBONAWARE_DRY_RUN", "1")  # the core's own decisions: the plan, no wait
+    monkeypatch.setattr(cp, "_configure", configure)
+    cp._CONFIG_CACHE.clear()
+    Variable.set(cp.VARIABLE_DISABLE, False, overwrite=True)
+    try:
+        cp._CONFIG_CACHE.clear()
+        *values, flow_run_id = run()
+        assert values == [2, "ran", "ran", "ran"]
+        Variable.set(cp.VARIABLE_DISABLE, True, overwrite=True)
+        cp._CONFIG_CACHE.clear()
+
+        @flow(name="proof-layer-flow")
+        def again() -> Any:
+            from prefect.runtime import flow_run
+
+            return switched_off(), UUID(flow_run.id)
+
+        ran, second_flow_run_id = again()
+        assert ran == "ran"
+    finally:
+        Variable.unset(cp.VARIABLE_DISABLE)
+        cp._CONFIG_CACHE.clear()
+    assert cp.flush_reports(60.0)
+
+    records = core.read_ledger(ledger)
+    decisions = {r["id"]: r["plan"] for r in records if r["kind"] == "decision"}
+    outcomes = [r for r in records if r["kind"] == "outcome"]
+    details = sorted((plan["reason"], plan["detail"].split(":")[0]) for plan in decisions.values())
+    assert [detail for detail in details if detail[0] != "dry-run"] == [
+        ("disabled", "attempt 2 of proof-retried"),
+        ("disabled", "no room before the timeout for a wait and the 3600s job"),
+        ("disabled", "the Prefect Variable carbonaware_disable is set"),
+        ("source-failed", "internal error"),
+    ], details
+    assert [detail[0] for detail in details].count("dry-run") == 2  # the first attempt; switched_off before
+    assert {o["decision"] for o in outcomes} == set(decisions)  # every decision's job ran: six outcomes
+    assert len(outcomes) == 6
+    retry = next(p for p in decisions.values() if p["detail"].startswith("attempt 2"))
+    assert retry["energy_kwh"] == 2.0 and retry["avoided_g"] is None  # energy known, no forecast: grams unknown
+    assert all(plan["grid_zone"] == "DE" for plan in decisions.values())  # the zone the events are about
+
+    with get_client(sync_client=True) as client:
+        keys = [f"carbonaware-proof-{name}-decisions" for name in ("retried", "no-room", "broken-settings")]
+        tables = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+    mine = [a for a in tables if a.flow_run_id == flow_run_id]
+    rows = [(json.loads(a.data) if isinstance(a.data, str) else a.data)[0] for a in mine]
+    assert sorted(a.key for a in mine) == sorted([keys[0], *keys])  # the retried task: both attempts
+    reasons = sorted(row["reason"] for row in rows)
+    assert reasons == ["disabled", "disabled", "dry-run", "source-failed"]  # both attempts of the retried task
+    assert {row["decision"] for row in rows} <= set(decisions)
+
+    found = poll(lambda: events_of(flow_run_id) + events_of(second_flow_run_id), lambda e: len(e) >= 12)
+    decision_events = [e for e in found if e.event == cp.DECISION_EVENT]
+    assert sorted(e.payload["id"] for e in decision_events) == sorted(decisions)
+    assert all(len(e.related) == 2 for e in found)
+
+
+def test_one_key_per_deployment_lists_every_decision_about_it() -> None:
+    """Runs of one deployment, asked for by name or by id, add to one table key's history; another deployment of
+    the same flow has its own key."""
+    from tests import prefect_helpers
+
+    first_id = prefect_helpers.scheduled_flow.to_deployment(name="Proof History").apply()
+    prefect_helpers.scheduled_flow.to_deployment(name="proof-other").apply()
+    settings: dict[str, Any] = {"window": timedelta(hours=6), "duration": HOUR, "source": valley, "grid_zone": "DE"}
+
+    @flow(name="proof-schedules")
+    def schedules(deployment: str) -> UUID:
+        from prefect.runtime import flow_run
+
+        cp.carbonaware_run_deployment(deployment, parameters={"label": "x"}, **settings)
+        return UUID(flow_run.id)
+
+    by_name = [schedules("carbonaware-scheduled/Proof History") for _ in range(2)]
+    by_id = schedules(str(first_id))
+    other = schedules("carbonaware-scheduled/proof-other")
+    assert cp.flush_reports(60.0)
+
+    key = "carbonaware-deployment-carbonaware-scheduled-proof-history-decisions"
+    with get_client(sync_client=True) as client:
+        history = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+        others = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(any_=["carbonaware-deployment-carbonaware-scheduled-proof-other-decisions"])
+            )
+        )
+    assert sorted(str(a.flow_run_id) for a in history) == sorted(map(str, [*by_name, by_id]))
+    assert all(a.type == "table" for a in history)
+    assert [a.flow_run_id for a in others] == [other]
+
+
+def test_mapped_decisions_moments_apart_are_one_artifact() -> None:
+    """Task runs of a ``.map`` decide moments apart: a start-now decision's start moves on and its intensities
+    change in the third digit, which no artifact shows; a wait to another start is another decision."""
+    base = datetime(2025, 6, 1, 12, 0, tzinfo=UTC)
+    series = [ForecastPoint(base + (i - 1) * HOUR, base + i * HOUR, 300.0 + i) for i in range(12)]
+    settings: dict[str, Any] = {"source": series, "grid_zone": "DE", "power_kw": 1.5}
+    moments = [base + timedelta(minutes=45, seconds=s) for s in (0, 1.4, 7)]  # the job straddles 13:00
+    now = [core.plan_delay(timedelta(hours=6), HOUR / 2, now=moment, **settings) for moment in moments]
+    assert {plan.reason for plan in now} == {"already-best"} and len({plan.now for plan in now}) == 3
+    assert len({cp._alike(plan, False) for plan in now}) == 1
+    assert cp._alike(now[0], True) != cp._alike(now[0], False)  # a scheduled run's wording differs
+    waits = [
+        core.plan_delay(timedelta(hours=6), HOUR, source=valley(None, base + s * HOUR, base), now=base) for s in (0, 1)
+    ]
+    assert all(plan.waits for plan in waits) and waits[0].start != waits[1].start
+    assert cp._alike(waits[0], False) != cp._alike(waits[1], False)
+
+
+def test_artifact_false_switches_artifacts_and_events_off_not_the_ledger(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CARBONAWARE_DRY_RUN", "1")
+    ledger = str(tmp_path / "quiet.jsonl")
+    settings: dict[str, Any] = {"window": timedelta(hours=6), "duration": HOUR, "source": valley, "grid_zone": "DE"}
+
+    @task(name="proof-quiet")
+    @cp.carbonaware_delay_decorator(artifact=False, ledger=ledger, **settings)
+    def quiet() -> str:
+        return "ran"
+
+    @task(name="proof-loud")  # the control: its two events show the flow run's events have arrived
+    @cp.carbonaware_delay_decorator(**settings)
+    def loud() -> str:
+        return "ran"
+
+    @flow(name="proof-quiet-flow")
+    def run() -> Any:
+        from prefect.runtime import flow_run
+
+        return quiet(), loud(), UUID(flow_run.id)
+
+    *values, flow_run_id = run()
+    assert values == ["ran", "ran"]
+    assert cp.flush_reports(60.0)
+    assert [r["kind"] for r in core.read_ledger(ledger)] == ["decision", "outcome"]
+    found = poll(lambda: events_of(flow_run_id), lambda e: len(e) >= 2)
+    task_runs = {r.id for event in found for r in event.related if r.role == "task-run"}
+    assert len(found) == 2 and len(task_runs) == 1  # the loud task's decision and outcome only
