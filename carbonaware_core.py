@@ -3419,7 +3419,7 @@ def parse_zone(text: Any) -> Place:
     if not sep or not rest.strip():
         raise ValueError(f"unknown zone {text!r}: write 'aws:eu-west-1', 'gcp:europe-west1' or 'grid:FR'")
     if kind.strip().lower() == "grid":
-        key = rest.strip()
+        key = rest.strip().upper()  # Electricity Maps writes its zone keys in upper case: "fr" is FR
         if not re.fullmatch(r"[A-Za-z]{2}(?:-[A-Za-z0-9]+)*", key):
             raise ValueError(f"unknown grid zone {key!r}: an Electricity Maps zone key such as FR, DE or US-CAL-CISO")
         return Place(grid=key)
@@ -4118,9 +4118,11 @@ def _measured_answer(
         raise SourceError("its forecast covers no allowed start and the whole job after it")
     first = lowest_mean_start(starts, ends, values, intervals[0][0], intervals[0][0], length)
     notes = (result.attribution,) if result.attribution else ()
+    # a grid place is named as asked (the plan's consumers find the winner by it), not by the source's alias
+    grid_zone = place.grid if place.cloud is None else result.grid_zone or place.grid
     return _PlaceAnswer(
         place, result.label or label, best[0], best[1], None if first is None else first[1], result.unit,
-        result.grid_zone or place.grid, points, result.min_savings, notes,
+        grid_zone, points, result.min_savings, notes,
     )  # fmt: skip
 
 
