@@ -4191,7 +4191,8 @@ def _joint_plan(
     chosen = best_place([None if a is None else (a.start or 0.0, a.mean or 0.0) for a in usable])
     alternatives = tuple(_alternative(answer, answer in dropped) for answer in answers) if several else ()
     if chosen is None:
-        detail = "; ".join([*failures, *notes]) or "no source answered"
+        unanswered = [f"{a.place}: {a.label}: {note}" for a in answers if not a.answered for note in a.notes]
+        detail = "; ".join([*failures, *notes, *unanswered]) or "no source answered"
         plan = _run_now(request, now, answers[0].place.cloud, "-", "source-failed", detail)
         return replace(plan, fallbacks=tuple(failures), alternatives=alternatives)
     best = answers[chosen]
@@ -4332,7 +4333,8 @@ def _decisions_by_zone(
     document: Any, zones: Sequence[CloudZone], windows: Sequence[tuple[float, float]], now: datetime
 ) -> dict[CloudZone, Decision]:
     """Per zone, its lowest option (ideal included) starting in an allowed window (or one step past its end); the
-    naive case (the earliest start) gives the figure for starting at once in its zone."""
+    naive case (the first window's start, as the server plans it) gives the figure for starting at once in its
+    zone. No allowed option for any zone asked is no answer at all: a SourceError, and the chain goes on."""
     _field(document, "ideal", dict)
     options = [document["ideal"], *(document.get("options") or [])]
     naive = document.get("naive_case")
@@ -4344,7 +4346,10 @@ def _decisions_by_zone(
         zone, start, value = found
         if zone in zones and (zone not in best or (value, start) < best[zone]):
             best[zone] = (value, start)
-    naive_found = _zoned_option(naive, [(now.timestamp() - 900, now.timestamp() + 900)])
+    if not best:
+        raise SourceError(f"none of its {len(options)} options is an allowed start in a zone it was asked about")
+    earliest = windows[0][0] if windows else now.timestamp()
+    naive_found = _zoned_option(naive, [(earliest - 900, earliest + 900)])
     listed = [value for value, _start in best.values()]
     decisions = {}
     for zone in zones:
@@ -4378,7 +4383,8 @@ def _zoned_option(option: Any, windows: Sequence[tuple[float, float]]) -> tuple[
     start = _allowed_start(moment.timestamp(), windows)
     if start is None:
         return None
-    zone = CloudZone(where["provider"].lower(), where["region"])
+    provider = where["provider"].strip().lower()
+    zone = CloudZone(provider, _normalise_region(provider, where["region"]))
     return zone, start, float(option["co2_intensity"]) * LBS_PER_MWH_TO_G_PER_KWH
 
 

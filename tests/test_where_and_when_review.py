@@ -62,3 +62,82 @@ def test_a_grid_place_is_named_as_asked_whatever_zone_its_source_names(
                       zones=["grid:DE"])  # fmt: skip
     assert (plan.reason, plan.zone, plan.grid_zone) == ("optimal", None, "DE")
     assert "grid:DE" in core.render_alternatives(plan).split("<- chosen")[0].splitlines()[-1]
+
+
+# ---- the hosted scheduler, hostile or just literal ------------------------------------------------------------------
+
+
+def scheduler_option(at: datetime, provider: str, region: str, lbs: float) -> dict[str, object]:
+    return {"time": at.strftime("%Y-%m-%dT%H:%M:%SZ"), "zone": {"provider": provider, "region": region},
+            "co2_intensity": lbs}  # fmt: skip
+
+
+class LiteralScheduler:
+    """``POST /v0/schedule/`` answering ``ideal`` and ``options`` as given, and the naive case as the real server
+    does: the first zone at the first window's start (``naive`` lbs/MWh)."""
+
+    def __init__(self, server: LoopbackServer, ideal: dict[str, object], options: list[object], naive: float) -> None:
+        self.ideal, self.options, self.naive = ideal, options, naive
+        server.route("POST", "/v0/schedule/", self.schedule)
+
+    def schedule(self, seen: Seen) -> Reply:
+        document = seen.json()
+        first = document["zones"][0]
+        start = document["windows"][0]["start"]
+        naive = {"time": start, "zone": first, "co2_intensity": self.naive}
+        return Reply(200, {"ideal": self.ideal, "options": self.options, "naive_case": naive, "worst_case": naive,
+                           "median_case": naive, "carbon_savings": {}})  # fmt: skip
+
+
+LATER = [(NOW + 2 * HOUR, NOW + 3 * HOUR)]  # the only allowed starts: two to three hours from now
+
+
+def test_the_hosted_baseline_is_the_earliest_allowed_start_when_the_windows_begin_later(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's naive case is its first window's start: with windows that begin later than now, that is the
+    "at once" figure min_savings compares with, not an unknown one (which would hold every plan below it)."""
+    monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", server.url)
+    best = scheduler_option(NOW + 2 * HOUR + timedelta(minutes=30), "aws", "eu-north-1", 100.0)
+    LiteralScheduler(server, best, [best], naive=800.0)
+    plan = plan_delay(timedelta(hours=8), HOUR, "aws", "eu-west-1", source="carbonaware", now=NOW,
+                      zones=["aws:eu-north-1"], windows=LATER, min_savings=0.5)  # fmt: skip
+    assert plan.now == pytest.approx(800.0 * 0.45359237)
+    assert (plan.reason, plan.zone, plan.start) == ("optimal", core.CloudZone("aws", "eu-north-1"), best_start(best))
+    assert plan.savings == pytest.approx(1 - 100 / 800)
+
+
+def best_start(option: dict[str, object]) -> datetime:
+    return core.parse_datetime(str(option["time"]))
+
+
+def test_hosted_options_outside_the_allowed_starts_are_no_answer_and_the_chain_goes_on(
+    server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Options for zones not asked about, or at starts not allowed, say nothing about the zones asked: the chain
+    moves on to its next source, and the plan says why."""
+    monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", server.url)
+    stray = [
+        scheduler_option(NOW + 2 * HOUR, "aws", "us-east-1", 1.0),  # a zone nobody asked about
+        scheduler_option(NOW + 6 * HOUR, "aws", "eu-north-1", 2.0),  # after the allowed starts
+        scheduler_option(NOW, "aws", "eu-west-1", 3.0),  # before them
+    ]
+    LiteralScheduler(server, stray[0], stray, naive=800.0)
+    plan = plan_delay(timedelta(hours=8), HOUR, "aws", "eu-west-1", source="carbonaware,offline", now=NOW,
+                      zones=["aws:eu-north-1"], windows=LATER)  # fmt: skip
+    assert [a.source for a in plan.alternatives] == ["offline", "offline"]
+    assert LATER[0][0] <= plan.start <= LATER[0][1]
+    assert any("carbonaware" in failure and "allowed" in failure for failure in plan.fallbacks)
+    only = plan_delay(timedelta(hours=8), HOUR, "aws", "eu-west-1", source="carbonaware", now=NOW,
+                      zones=["aws:eu-north-1"], windows=LATER)  # fmt: skip
+    assert only.reason == "source-failed" and only.start == LATER[0][0]
+    assert "no source answered" not in only.detail and "allowed" in only.detail  # the log line says why
+
+
+def test_hosted_zones_are_matched_whatever_their_case(server: LoopbackServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CARBONAWARE_SCHEDULER_BASE_URL", server.url)
+    best = scheduler_option(NOW + 2 * HOUR, "AWS", "EU-NORTH-1", 100.0)
+    LiteralScheduler(server, best, [best], naive=800.0)
+    plan = plan_delay(timedelta(hours=8), HOUR, "aws", "eu-west-1", source="carbonaware", now=NOW,
+                      zones=["aws:eu-north-1"], windows=LATER)  # fmt: skip
+    assert (plan.reason, plan.zone) == ("optimal", core.CloudZone("aws", "eu-north-1"))
