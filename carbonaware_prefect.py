@@ -1087,6 +1087,48 @@ def _run_deployment_arguments(
     return targets, {**run_kwargs, "zones": list(targets), "home": False}
 
 
+def _missing_deployment(zone: str, deployment: str | UUID) -> ValueError:
+    return ValueError(f"no deployment {str(deployment)!r} (for zone {zone}) on the Prefect server")
+
+
+def _deployment_id(deployment: str | UUID) -> UUID | None:
+    """The id ``run_deployment`` would read ``deployment`` as, or None for a name."""
+    if isinstance(deployment, UUID):
+        return deployment
+    try:
+        return UUID(deployment)
+    except ValueError:
+        return None
+
+
+def _check_deployments(targets: Mapping[str, str | UUID]) -> None:
+    """Every zone's deployment must exist: a typo raises at once, not on the day that zone wins."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for zone, deployment in targets.items():
+            try:
+                found = _deployment_id(deployment)
+                client.read_deployment(found) if found else client.read_deployment_by_name(str(deployment))
+            except ObjectNotFound:
+                raise _missing_deployment(zone, deployment) from None
+
+
+async def _acheck_deployments(targets: Mapping[str, str | UUID]) -> None:
+    """As ``_check_deployments``, for async code."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        for zone, deployment in targets.items():
+            try:
+                found = _deployment_id(deployment)
+                await (client.read_deployment(found) if found else client.read_deployment_by_name(str(deployment)))
+            except ObjectNotFound:
+                raise _missing_deployment(zone, deployment) from None
+
+
 def carbonaware_run_deployment(
     name: str | UUID | Mapping[Any, str | UUID],
     window: timedelta = DEFAULT_WINDOW,
@@ -1104,11 +1146,13 @@ def carbonaware_run_deployment(
 
     Where and when: ``name`` may map zones to deployments, e.g. ``{"aws:eu-west-1": "etl/eu", "aws:eu-north-1":
     "etl/nordic"}``: one plan over every (zone, start) creates the run of the winning zone's deployment at its
-    start. The first zone is home: the baseline for savings and the winner of ties.
+    start. The first zone is home: the baseline for savings and the winner of ties. Every deployment of the mapping
+    must exist (a ValueError before planning otherwise), so a typo shows at once, whichever zone wins.
     """
     targets, run_kwargs = _run_deployment_arguments(name, provider, region, run_kwargs)
     options, artifact, config = _deployment_options(run_kwargs)
     core.validate_arguments(window, duration, provider, region, options)  # argument errors raise before any API call
+    _check_deployments(targets)
     plan = _plan_deployment(window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
     target = _deployment_for(plan, name, targets)
@@ -1132,6 +1176,7 @@ async def acarbonaware_run_deployment(
     targets, run_kwargs = _run_deployment_arguments(name, provider, region, run_kwargs)
     options, artifact, config = _deployment_options(run_kwargs)
     core.validate_arguments(window, duration, provider, region, options)
+    await _acheck_deployments(targets)
     plan = await asyncio.to_thread(_plan_deployment, window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
     target = _deployment_for(plan, name, targets)
