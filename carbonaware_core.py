@@ -4086,7 +4086,9 @@ def _place_answer(
             continue
         except _NotAmongOptions as bound:
             unit = "gCO2/kWh (marginal)"
-            return _PlaceAnswer(place, label, first_mean=bound.now_value, unit=unit, notes=(str(bound),))
+            return _PlaceAnswer(
+                place, label, first_mean=bound.now_value, unit=unit, grid_zone=place.grid, notes=(str(bound),)
+            )
         except SourceError as error:
             failures.append(f"{label}: {error}")
             continue
@@ -4094,7 +4096,7 @@ def _place_answer(
             failures.append(f"{label}: internal error: {type(exc).__name__}: {_quote(str(exc), limit=160)}")
             continue
         return replace(answer, failures=tuple(failures))
-    return _PlaceAnswer(place, failures=tuple(failures) or ("no source answered",))
+    return _PlaceAnswer(place, grid_zone=place.grid, failures=tuple(failures) or ("no source answered",))
 
 
 def _measured_answer(
@@ -4153,7 +4155,9 @@ def _answers_within(
     for thread in threads:
         thread.join(max(0.0, deadline - CLOCK.monotonic()))
     return [
-        answer if answer is not None else _PlaceAnswer(place, failures=("no answer within the window",))
+        answer
+        if answer is not None
+        else _PlaceAnswer(place, grid_zone=place.grid, failures=("no answer within the window",))
         for answer, place in zip(answers, places, strict=True)
     ]
 
@@ -4194,7 +4198,8 @@ def _joint_plan(
         unanswered = [f"{a.place}: {a.label}: {note}" for a in answers if not a.answered for note in a.notes]
         detail = "; ".join([*failures, *notes, *unanswered]) or "no source answered"
         plan = _run_now(request, now, answers[0].place.cloud, "-", "source-failed", detail)
-        return replace(plan, fallbacks=tuple(failures), alternatives=alternatives)
+        grid_zone = answers[0].place.grid or plan.grid_zone  # a grid home is named, not "unknown zone"
+        return replace(plan, fallbacks=tuple(failures), alternatives=alternatives, grid_zone=grid_zone)
     best = answers[chosen]
     home = usable[0]
     baseline = answers[0].first_mean if _comparable(answers[0].unit) == unit else None

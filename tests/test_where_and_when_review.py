@@ -141,3 +141,20 @@ def test_hosted_zones_are_matched_whatever_their_case(server: LoopbackServer, mo
     plan = plan_delay(timedelta(hours=8), HOUR, "aws", "eu-west-1", source="carbonaware", now=NOW,
                       zones=["aws:eu-north-1"], windows=LATER)  # fmt: skip
     assert (plan.reason, plan.zone) == ("optimal", core.CloudZone("aws", "eu-north-1"))
+
+
+def only_the_nordics_answer(zone: object, now: datetime, end: datetime) -> list[core.ForecastPoint]:
+    if str(zone) != "aws:eu-north-1":
+        raise ConnectionError("grid operator down")
+    return [core.ForecastPoint(NOW + HOUR * h, NOW + HOUR * (h + 1), 100.0 if h == 3 else 300.0) for h in range(12)]
+
+
+@pytest.mark.parametrize("zones", [["grid:FR"], ["grid:FR", "aws:eu-north-1"]])
+def test_a_grid_home_that_fails_is_still_named_in_the_plan(zones: list[str]) -> None:
+    """home=False with a grid zone first: when it gives no answer the plan runs there and must say so, not run
+    "for unknown zone"."""
+    plan = plan_delay(timedelta(hours=8), HOUR, source=only_the_nordics_answer, now=NOW, zones=zones, home=False,
+                      min_savings=0.1)  # fmt: skip
+    assert plan.reason in ("source-failed", "below-threshold")
+    assert (plan.zone, plan.grid_zone) == (None, "FR")
+    assert "unknown zone" not in core.describe(plan) and "FR" in core.describe(plan)
