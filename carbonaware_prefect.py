@@ -1221,7 +1221,7 @@ def _handover(
         logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
         return None
     plan = _plan_deployment(window, duration, provider, region, options, config)  # logs the decision
-    elsewhere = _elsewhere(plan, targets)
+    elsewhere = _elsewhere(plan, targets, home=options.get("home", True) is not False)
     if elsewhere is not None:
         kwargs_elsewhere = {
             "parameters": dict(run.parameters),
@@ -1261,9 +1261,15 @@ def _handover_zones(options: Mapping[str, Any]) -> tuple[dict[str, str | UUID], 
     return targets, {**options, "zones": list(targets)}
 
 
-def _elsewhere(plan: Plan, targets: Mapping[str, str | UUID]) -> str | UUID | None:
-    """The other zone's deployment when the plan chose a zone other than home's, else None."""
-    if not targets or plan.reason != "optimal" or not plan.alternatives:
+def _elsewhere(plan: Plan, targets: Mapping[str, str | UUID], home: bool = True) -> str | UUID | None:
+    """The other zone's deployment when the plan chose a zone other than home's, else None. With ``home`` False
+    the current zone is no candidate: every plan names a listed zone (the first when it fails open), whose
+    deployment gets the run."""
+    if not targets:
+        return None
+    if not home:
+        return _deployment_for(plan, "", targets)
+    if plan.reason != "optimal" or not plan.alternatives:
         return None
     chosen = _chosen_zone(plan)
     return targets.get(chosen) if chosen != plan.alternatives[0].zone else None
@@ -1304,6 +1310,7 @@ def reschedule_current_flow_run(
     ``zones`` maps other zones to the deployments that run there (``zones={"aws:eu-north-1": "etl/nordic"}``): the
     plan then covers them and the home zone, and when another zone wins, the later run is created for its
     deployment (with the same parameters; its own work queue and job variables), at once if it is cleaner now.
+    With ``home=False`` the current zone is no candidate: the run always goes to the winning listed zone.
     """
     artifact = _artifact_option(options.pop("artifact", True))
     config = _settings_option(options.pop("settings", None))

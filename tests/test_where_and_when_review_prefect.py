@@ -9,6 +9,10 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from prefect import flow, get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.flow_engine import run_flow
 
 import carbonaware_core as core
 import carbonaware_prefect as cp
@@ -34,6 +38,11 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeClock]:
     yield fake
 
 
+def runs_of(deployment_id: Any) -> list[FlowRun]:
+    with get_client(sync_client=True) as client:
+        return client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])))
+
+
 def home_cleanest(zone: Any, now: datetime, end: datetime) -> list[core.ForecastPoint]:
     """eu-west-1 at 100 every hour, anything else at 900: the home zone wins, at once."""
     value = 100.0 if str(zone) == "aws:eu-west-1" else 900.0
@@ -54,3 +63,44 @@ def test_a_zone_mapping_naming_a_missing_deployment_fails_at_once_whichever_zone
             asyncio.run(outcome)
     assert "aws:eu-north-1" in str(raised.value)
     assert seen == []  # an argument error: raised before any plan
+
+
+def nordic_dip(zone: Any, now: datetime, end: datetime) -> list[core.ForecastPoint]:
+    """eu-north-1: 300, but 50 two hours after START; anything else: 900."""
+    points = []
+    for i in range(-1, 12):
+        value = (50.0 if i == 2 else 300.0) if str(zone) == "aws:eu-north-1" else 900.0
+        points.append(core.ForecastPoint(START + HOUR * i, START + HOUR * (i + 1), value))
+    return points
+
+
+HANDOVER_ZONES: dict[str, str] = {}  # set by each test before its flow runs
+
+
+@flow(name="rv-handover")
+def handover_elsewhere_only(label: str) -> State | str:
+    handed_over = cp.reschedule_current_flow_run(
+        timedelta(hours=6), HOUR, "aws", "eu-west-1", zones=dict(HANDOVER_ZONES), home=False, source=nordic_dip,
+        replan=False,
+    )  # fmt: skip
+    return handed_over if handed_over is not None else label
+
+
+@pytest.mark.parametrize("others", [["gcp:us-east1"], []])
+def test_with_home_false_the_run_goes_to_the_winning_zone_even_when_it_is_listed_first(others: list[str]) -> None:
+    """home=False: the current zone is no candidate, so whichever listed zone wins -- the first one too, or the only
+    one -- gets the run; it must never be rescheduled in the current zone."""
+    suffix = len(others)
+    here = handover_elsewhere_only.to_deployment(name=f"rv-here-{suffix}").apply()
+    nordic = handover_elsewhere_only.to_deployment(name=f"rv-nordic-{suffix}").apply()
+    HANDOVER_ZONES.clear()
+    HANDOVER_ZONES["aws:eu-north-1"] = f"rv-handover/rv-nordic-{suffix}"
+    for zone in others:
+        HANDOVER_ZONES[zone] = f"rv-handover/rv-here-{suffix}"  # would be wrong anyway: it never wins
+    with get_client(sync_client=True) as client:
+        current = client.create_flow_run_from_deployment(here, parameters={"label": "y"})
+    state = run_flow(handover_elsewhere_only, flow_run=current, parameters={"label": "y"}, return_type="state")
+    assert state.is_completed() and state.name == "Rescheduled"
+    [later] = runs_of(nordic)
+    assert later.state is not None and later.state.state_details.scheduled_time == START + 2 * HOUR
+    assert [run.id for run in runs_of(here)] == [current.id]  # nothing more in the current zone
