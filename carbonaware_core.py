@@ -3445,9 +3445,11 @@ def zones_option(value: Any) -> tuple[Place, ...]:
 
 
 def windows_option(value: Any) -> tuple[tuple[datetime, datetime], ...]:
-    """``windows``: (start, end) pairs of aware datetimes, start before end; UTC, sorted."""
+    """``windows``: (start, end) pairs of aware datetimes (or one such pair), start before end; UTC, sorted."""
     if value is None:
         return ()
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(part, datetime) for part in value):
+        value = [value]  # one (start, end) pair
     if not _is_iterable(value) or isinstance(value, (str, bytes)):
         raise TypeError("windows must be (start, end) pairs of timezone-aware datetimes")
     pairs = []
@@ -3469,7 +3471,10 @@ def _aware_option(name: str, value: Any) -> datetime | None:
         return None
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be a timezone-aware datetime, not {value!r}")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # datetime.max west of UTC (or min east of it): a bound past (before) anything planned
+        return (datetime.max if value.year == datetime.max.year else datetime.min).replace(tzinfo=timezone.utc)
 
 
 def _credentials_option(credentials: Any) -> tuple[tuple[str, str], ...]:

@@ -158,3 +158,29 @@ def test_a_grid_home_that_fails_is_still_named_in_the_plan(zones: list[str]) -> 
     assert plan.reason in ("source-failed", "below-threshold")
     assert (plan.zone, plan.grid_zone) == (None, "FR")
     assert "unknown zone" not in core.describe(plan) and "FR" in core.describe(plan)
+
+
+def hourly(zone: object, now: datetime, end: datetime) -> list[core.ForecastPoint]:
+    """100 now, then one more each hour: starting at once is best."""
+    return [core.ForecastPoint(NOW + HOUR * h, NOW + HOUR * (h + 1), 100.0 + h) for h in range(12)]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"deadline": datetime.max.replace(tzinfo=timezone(-timedelta(hours=5)))},  # "no deadline", in New York
+        {"windows": [(datetime.min.replace(tzinfo=timezone(timedelta(hours=5))), NOW + 2 * HOUR)]},  # "since ever"
+    ],
+)
+def test_the_ends_of_time_in_any_offset_are_allowed_bounds(options: dict[str, object]) -> None:
+    """datetime.max in a zone west of UTC is past year 9999 in UTC: still a bound past anything planned, not an
+    OverflowError."""
+    plan = plan_delay(timedelta(hours=6), HOUR, "aws", "eu-west-1", source=hourly, now=NOW, **options)  # type: ignore[arg-type]
+    assert (plan.reason, plan.start) == ("already-best", NOW)
+
+
+def test_one_window_may_be_given_as_one_pair() -> None:
+    """zones takes one (provider, region) pair; windows takes one (start, end) pair the same way."""
+    pair = (NOW + 2 * HOUR, NOW + 3 * HOUR)
+    plan = plan_delay(timedelta(hours=6), HOUR, "aws", "eu-west-1", source=hourly, now=NOW, windows=pair)
+    assert plan.start == pair[0] and core.windows_option(pair) == (pair,)
