@@ -125,6 +125,7 @@ def test_hosted_options_outside_the_allowed_starts_are_no_answer_and_the_chain_g
     LiteralScheduler(server, stray[0], stray, naive=800.0)
     plan = plan_delay(timedelta(hours=8), HOUR, "aws", "eu-west-1", source="carbonaware,offline", now=NOW,
                       zones=["aws:eu-north-1"], windows=LATER)  # fmt: skip
+    assert len(server.requests_to("/v0/schedule/")) == 1  # asked once for both zones, failure or not
     assert [a.source for a in plan.alternatives] == ["offline", "offline"]
     assert LATER[0][0] <= plan.start <= LATER[0][1]
     assert any("carbonaware" in failure and "allowed" in failure for failure in plan.fallbacks)
