@@ -3965,7 +3965,12 @@ def _time_only_text(plan: Plan) -> str:
     """Beside the saving of moving place and start, what moving the start alone would save at home."""
     if len(plan.alternatives) < 2 or plan.time_savings is None:
         return ""
-    return f"; time only, in {plan.alternatives[0].zone}: -{plan.time_savings:.1%}"
+    return f"; time only, in {plan.alternatives[0].zone}: {_change_text(plan.time_savings)}"
+
+
+def _change_text(savings: float) -> str:
+    """A saving as the change it makes: -70.0%, 0.0%, or +5.0% (a cost)."""
+    return "0.0%" if round(savings, 3) == 0 else f"{-savings:+.1%}"
 
 
 def report_plan(
@@ -5431,7 +5436,7 @@ def render_alternatives(plan: Plan) -> str:
     """One line per candidate zone of a plan over several: its best start and mean, the chosen one marked."""
     lines = [
         f"zones compared (home first; time only in {plan.alternatives[0].zone}: "
-        + ("unknown)" if plan.time_savings is None else f"-{plan.time_savings:.1%})")
+        + ("unknown)" if plan.time_savings is None else f"{_change_text(plan.time_savings)})")
     ]
     chosen = str(plan.zone) if plan.zone is not None else f"grid:{plan.grid_zone}"
     for alternative in plan.alternatives:

@@ -3,6 +3,7 @@ hostile hosted-scheduler answers. Real HTTP servers on 127.0.0.1; the core's clo
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -185,3 +186,16 @@ def test_one_window_may_be_given_as_one_pair() -> None:
     pair = (NOW + 2 * HOUR, NOW + 3 * HOUR)
     plan = plan_delay(timedelta(hours=6), HOUR, "aws", "eu-west-1", source=hourly, now=NOW, windows=pair)
     assert plan.start == pair[0] and core.windows_option(pair) == (pair,)
+
+
+def test_the_time_only_saving_is_written_as_a_signed_change() -> None:
+    """Moving the start alone may save nothing (0.0%, not -0.0%), or -- against the hosted scheduler's naive case,
+    which is not among its options -- cost a little (+5.0%, never --5.0%)."""
+    plan = plan_delay(timedelta(hours=8), HOUR, "aws", "eu-west-1", source=only_the_nordics_answer, now=NOW,
+                      zones=["aws:eu-north-1"])  # fmt: skip
+    assert "time only" not in core.describe(plan)  # home gave no answer: nothing to say about time alone
+    home = core.Alternative("aws:eu-west-1", NOW, 100.0, core.G_PER_KWH, "x")
+    other = core.Alternative("aws:eu-north-1", NOW, 50.0, core.G_PER_KWH, "x")
+    for saving, text in ((0.7, "-70.0%"), (0.0, "0.0%"), (-0.05, "+5.0%")):
+        shown = core.describe(replace(plan, alternatives=(home, other), time_savings=saving))
+        assert shown.split("time only, in aws:eu-west-1: ")[1].split(" ")[0].rstrip(";") == text
