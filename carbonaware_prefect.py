@@ -767,7 +767,10 @@ def _with_block(
         merged = {**block_options, **options}
         if provider is None and region is None:
             provider, region = block_provider, block_region
-        core.validate_arguments(timedelta(1), timedelta(1), provider, region, merged)
+        # the time options (checked already, with the real window and job) are no block's: a stand-in window and
+        # job would find fault with a deadline a few hours away
+        own = {name: value for name, value in merged.items() if name not in ("windows", "deadline")}
+        core.validate_arguments(timedelta(1), timedelta(1), provider, region, own)
     except Exception as exc:  # noqa: BLE001 - fail open, like a source failure
         logger.warning("carbonaware: settings block %r not used (%s: %s)", name, type(exc).__name__, _why(exc))
         return given

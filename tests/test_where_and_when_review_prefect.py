@@ -104,3 +104,16 @@ def test_with_home_false_the_run_goes_to_the_winning_zone_even_when_it_is_listed
     [later] = runs_of(nordic)
     assert later.state is not None and later.state.state_details.scheduled_time == START + 2 * HOUR
     assert [run.id for run in runs_of(here)] == [current.id]  # nothing more in the current zone
+
+
+def test_a_settings_block_still_applies_to_a_plan_with_a_deadline(caplog: pytest.LogCaptureFixture) -> None:
+    """The block's options are checked on their own: a deadline a few hours away (checked already, with the real
+    window and job) must not make the block "not used" -- which would silently drop its keys and threshold."""
+    eu = prefect_helpers.scheduled_flow.to_deployment(name="rv-block").apply()
+    block = cp.CarbonAwareSettings(min_savings=0.9)  # waiting saves 5/6 here: below the block's threshold
+    flow_run, plan = cp.carbonaware_run_deployment(
+        "carbonaware-scheduled/rv-block", timedelta(hours=6), HOUR, "aws", "eu-north-1",
+        parameters={"label": "b"}, source=nordic_dip, deadline=START + 4 * HOUR, settings=block,
+    )  # fmt: skip
+    assert "not used" not in caplog.text
+    assert plan.reason == "below-threshold" and flow_run.deployment_id == eu
