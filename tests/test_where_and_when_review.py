@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import carbonaware_core as core
 from carbonaware_core import plan_delay
@@ -199,3 +202,50 @@ def test_the_time_only_saving_is_written_as_a_signed_change() -> None:
     for saving, text in ((0.7, "-70.0%"), (0.0, "0.0%"), (-0.05, "+5.0%")):
         shown = core.describe(replace(plan, alternatives=(home, other), time_savings=saving))
         assert shown.split("time only, in aws:eu-west-1: ")[1].split(" ")[0].rstrip(";") == text
+
+
+# ---- the planner's shortcuts on the series the brief names: they must equal the general path ----------------------
+
+PARIS = ZoneInfo("Europe/Paris")
+
+
+@st.composite
+def awkward_series(draw: st.DrawFn) -> tuple[list[core.ForecastPoint], datetime, timedelta, timedelta]:
+    """Steps of a third of a second past whole ones, 7-minute grids under a 30-minute job, hours in Europe/Paris
+    across the March change, and a first point in another zone than the rest."""
+    kind = draw(st.sampled_from(["third", "seven", "paris", "first-zone"]))
+    step = {"third": timedelta(seconds=draw(st.sampled_from([1, 60, 300])), microseconds=333_333),
+            "seven": timedelta(minutes=7)}.get(kind, timedelta(minutes=draw(st.sampled_from([5, 15, 60]))))  # fmt: skip
+    origin = datetime(2025, 3, 30, 0, tzinfo=UTC) + timedelta(minutes=5 * draw(st.integers(-24, 24)))
+    count = draw(st.integers(2, 50))
+    values = draw(st.lists(st.floats(0, 1000, allow_nan=False), min_size=count, max_size=count))
+    moments = [origin + i * step for i in range(count + 1)]
+    if kind == "paris":
+        moments = [moment.astimezone(PARIS) for moment in moments]
+    points = [core.ForecastPoint(a, b, v) for a, b, v in zip(moments, moments[1:], values, strict=False)]
+    if kind == "first-zone":
+        first = points[0]
+        points[0] = core.ForecastPoint(first.start.astimezone(PARIS), first.end.astimezone(PARIS), first.value)
+    now = origin + timedelta(seconds=draw(st.integers(-600, 600)))
+    duration = timedelta(minutes=30) if kind == "seven" else draw(st.integers(1, 4)) * step
+    return points, now, timedelta(seconds=draw(st.integers(0, 40_000))), duration
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=awkward_series())
+def test_the_planner_shortcuts_equal_the_general_path_on_awkward_series(
+    case: tuple[list[core.ForecastPoint], datetime, timedelta, timedelta],
+) -> None:
+    points, now, window, duration = case
+
+    def outcome() -> object:
+        try:
+            return core.choose_start(points, now, window, duration)
+        except core.SourceError as exc:
+            return str(exc)
+
+    fast = outcome()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(core, "_regular_series_arrays", lambda points: None)
+        patch.setattr(core, "_job_steps_on_grid", lambda *args, **kwargs: 0)
+        assert outcome() == fast
