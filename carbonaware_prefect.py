@@ -18,7 +18,7 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, cast
@@ -140,6 +140,7 @@ def _settings(
     job_inside: bool = True,
 ) -> _Settings:
     """Split Prefect options from core options and raise every argument error now, not at run time."""
+    options = _readable_again(options)
     if options.get("zones") is not None or options.get("home") is False:
         raise ValueError(
             "zones: the decorator and the delay task wait inside the running process, which cannot move to another "
@@ -176,7 +177,16 @@ def _artifact_option(artifact: Any) -> bool | str:
 
 def _split_options(kwargs: dict[str, Any], names: frozenset[str] = LIBRARY_OPTIONS) -> dict[str, Any]:
     """Remove and return the library options among a function's keyword arguments."""
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+    return _readable_again({name: kwargs.pop(name) for name in list(kwargs) if name in names})
+
+
+def _readable_again(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with ``windows`` and ``zones`` given as iterators (generators) read into lists: this layer checks
+    its arguments at once and plans later (each call of a decorated function), reading them each time."""
+    return {
+        name: [*value] if name in ("windows", "zones") and isinstance(value, Iterator) else value
+        for name, value in options.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -1212,7 +1222,7 @@ def _handover(
 ) -> _Handover | None:
     """The later run to create, or None when the current run should simply go on now (logged). With ``zones``
     mapping zones to deployments, the later run may be another zone's deployment (at once, if it is cleaner now)."""
-    targets, options = _handover_zones(options)
+    targets, options = _handover_zones(_readable_again(options))
     core.validate_arguments(window, duration, provider, region, options)
     ctx = FlowRunContext.get()
     run = ctx.flow_run if ctx is not None else None
@@ -1380,6 +1390,7 @@ def carbonaware_schedule(
     the scheduled time, so a run that started late is never moved past it. Goes above ``@flow`` (or under it, on
     the function); options as for ``reschedule_current_flow_run``. Argument errors raise here.
     """
+    options = _readable_again(options)
     checked = dict(options)
     _artifact_option(checked.pop("artifact", True))
     _settings_option(checked.pop("settings", None))

@@ -117,3 +117,33 @@ def test_a_settings_block_still_applies_to_a_plan_with_a_deadline(caplog: pytest
     )  # fmt: skip
     assert "not used" not in caplog.text
     assert plan.reason == "below-threshold" and flow_run.deployment_id == eu
+
+
+def nightly_windows() -> Iterator[tuple[datetime, datetime]]:
+    """Allowed starts as a generator (read once): three to four hours after START only."""
+    yield (START + 3 * HOUR, START + 4 * HOUR)
+
+
+def test_windows_from_a_generator_hold_for_a_created_run() -> None:
+    """The Prefect layer checks its arguments and then plans: a generator read by the check must not leave the plan
+    with no windows ("windows is empty"), nor with none of the caller's rule of when work may run."""
+    prefect_helpers.scheduled_flow.to_deployment(name="rv-gen").apply()
+    _, plan = cp.carbonaware_run_deployment(
+        "carbonaware-scheduled/rv-gen", timedelta(hours=6), HOUR, "aws", "eu-north-1", parameters={"label": "g"},
+        source=nordic_dip, windows=nightly_windows(),
+    )  # fmt: skip
+    assert (plan.reason, plan.start) == ("already-best", START + 3 * HOUR)  # not 2 h: outside the windows
+
+
+def test_windows_from_a_generator_hold_for_a_decorated_flow() -> None:
+    seen: list[core.Plan] = []
+
+    @flow(name="rv-decorated-gen")
+    @cp.carbonaware_delay_decorator(timedelta(hours=6), HOUR, "aws", "eu-north-1", source=nordic_dip,
+                                    windows=nightly_windows(), on_plan=seen.append, replan=False)  # fmt: skip
+    def decorated() -> str:
+        return "done"
+
+    assert decorated() == "done" and decorated() == "done"  # each call plans with the caller's windows
+    assert [plan.start for plan in seen] == [START + 3 * HOUR] * 2
+    assert all(plan.reason == "already-best" for plan in seen)  # the earliest allowed start is the best one
