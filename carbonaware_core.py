@@ -3419,7 +3419,7 @@ def parse_zone(text: Any) -> Place:
     if not sep or not rest.strip():
         raise ValueError(f"unknown zone {text!r}: write 'aws:eu-west-1', 'gcp:europe-west1' or 'grid:FR'")
     if kind.strip().lower() == "grid":
-        key = rest.strip()
+        key = rest.strip().upper()  # Electricity Maps writes its zone keys in upper case: "fr" is FR
         if not re.fullmatch(r"[A-Za-z]{2}(?:-[A-Za-z0-9]+)*", key):
             raise ValueError(f"unknown grid zone {key!r}: an Electricity Maps zone key such as FR, DE or US-CAL-CISO")
         return Place(grid=key)
@@ -3445,9 +3445,11 @@ def zones_option(value: Any) -> tuple[Place, ...]:
 
 
 def windows_option(value: Any) -> tuple[tuple[datetime, datetime], ...]:
-    """``windows``: (start, end) pairs of aware datetimes, start before end; UTC, sorted."""
+    """``windows``: (start, end) pairs of aware datetimes (or one such pair), start before end; UTC, sorted."""
     if value is None:
         return ()
+    if isinstance(value, tuple) and len(value) == 2 and all(isinstance(part, datetime) for part in value):
+        value = [value]  # one (start, end) pair
     if not _is_iterable(value) or isinstance(value, (str, bytes)):
         raise TypeError("windows must be (start, end) pairs of timezone-aware datetimes")
     pairs = []
@@ -3469,7 +3471,10 @@ def _aware_option(name: str, value: Any) -> datetime | None:
         return None
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be a timezone-aware datetime, not {value!r}")
-    return value.astimezone(timezone.utc)
+    try:
+        return value.astimezone(timezone.utc)
+    except OverflowError:  # datetime.max west of UTC (or min east of it): a bound past (before) anything planned
+        return (datetime.max if value.year == datetime.max.year else datetime.min).replace(tzinfo=timezone.utc)
 
 
 def _credentials_option(credentials: Any) -> tuple[tuple[str, str], ...]:
@@ -3961,7 +3966,12 @@ def _time_only_text(plan: Plan) -> str:
     """Beside the saving of moving place and start, what moving the start alone would save at home."""
     if len(plan.alternatives) < 2 or plan.time_savings is None:
         return ""
-    return f"; time only, in {plan.alternatives[0].zone}: -{plan.time_savings:.1%}"
+    return f"; time only, in {plan.alternatives[0].zone}: {_change_text(plan.time_savings)}"
+
+
+def _change_text(savings: float) -> str:
+    """A saving as the change it makes: -70.0%, 0.0%, or +5.0% (a cost)."""
+    return "0.0%" if round(savings, 3) == 0 else f"{-savings:+.1%}"
 
 
 def report_plan(
@@ -4087,7 +4097,9 @@ def _place_answer(
             continue
         except _NotAmongOptions as bound:
             unit = "gCO2/kWh (marginal)"
-            return _PlaceAnswer(place, label, first_mean=bound.now_value, unit=unit, notes=(str(bound),))
+            return _PlaceAnswer(
+                place, label, first_mean=bound.now_value, unit=unit, grid_zone=place.grid, notes=(str(bound),)
+            )
         except SourceError as error:
             failures.append(f"{label}: {error}")
             continue
@@ -4095,7 +4107,7 @@ def _place_answer(
             failures.append(f"{label}: internal error: {type(exc).__name__}: {_quote(str(exc), limit=160)}")
             continue
         return replace(answer, failures=tuple(failures))
-    return _PlaceAnswer(place, failures=tuple(failures) or ("no source answered",))
+    return _PlaceAnswer(place, grid_zone=place.grid, failures=tuple(failures) or ("no source answered",))
 
 
 def _measured_answer(
@@ -4119,9 +4131,11 @@ def _measured_answer(
         raise SourceError("its forecast covers no allowed start and the whole job after it")
     first = lowest_mean_start(starts, ends, values, intervals[0][0], intervals[0][0], length)
     notes = (result.attribution,) if result.attribution else ()
+    # a grid place is named as asked (the plan's consumers find the winner by it), not by the source's alias
+    grid_zone = place.grid if place.cloud is None else result.grid_zone or place.grid
     return _PlaceAnswer(
         place, result.label or label, best[0], best[1], None if first is None else first[1], result.unit,
-        result.grid_zone or place.grid, points, result.min_savings, notes,
+        grid_zone, points, result.min_savings, notes,
     )  # fmt: skip
 
 
@@ -4152,7 +4166,9 @@ def _answers_within(
     for thread in threads:
         thread.join(max(0.0, deadline - CLOCK.monotonic()))
     return [
-        answer if answer is not None else _PlaceAnswer(place, failures=("no answer within the window",))
+        answer
+        if answer is not None
+        else _PlaceAnswer(place, grid_zone=place.grid, failures=("no answer within the window",))
         for answer, place in zip(answers, places, strict=True)
     ]
 
@@ -4190,9 +4206,11 @@ def _joint_plan(
     chosen = best_place([None if a is None else (a.start or 0.0, a.mean or 0.0) for a in usable])
     alternatives = tuple(_alternative(answer, answer in dropped) for answer in answers) if several else ()
     if chosen is None:
-        detail = "; ".join([*failures, *notes]) or "no source answered"
+        unanswered = [f"{a.place}: {a.label}: {note}" for a in answers if not a.answered for note in a.notes]
+        detail = "; ".join([*failures, *notes, *unanswered]) or "no source answered"
         plan = _run_now(request, now, answers[0].place.cloud, "-", "source-failed", detail)
-        return replace(plan, fallbacks=tuple(failures), alternatives=alternatives)
+        grid_zone = answers[0].place.grid or plan.grid_zone  # a grid home is named, not "unknown zone"
+        return replace(plan, fallbacks=tuple(failures), alternatives=alternatives, grid_zone=grid_zone)
     best = answers[chosen]
     home = usable[0]
     baseline = answers[0].first_mean if _comparable(answers[0].unit) == unit else None
@@ -4331,7 +4349,8 @@ def _decisions_by_zone(
     document: Any, zones: Sequence[CloudZone], windows: Sequence[tuple[float, float]], now: datetime
 ) -> dict[CloudZone, Decision]:
     """Per zone, its lowest option (ideal included) starting in an allowed window (or one step past its end); the
-    naive case (the earliest start) gives the figure for starting at once in its zone."""
+    naive case (the first window's start, as the server plans it) gives the figure for starting at once in its
+    zone. No allowed option for any zone asked is no answer at all: a SourceError, and the chain goes on."""
     _field(document, "ideal", dict)
     options = [document["ideal"], *(document.get("options") or [])]
     naive = document.get("naive_case")
@@ -4343,7 +4362,10 @@ def _decisions_by_zone(
         zone, start, value = found
         if zone in zones and (zone not in best or (value, start) < best[zone]):
             best[zone] = (value, start)
-    naive_found = _zoned_option(naive, [(now.timestamp() - 900, now.timestamp() + 900)])
+    if not best:
+        raise SourceError(f"none of its {len(options)} options is an allowed start in a zone it was asked about")
+    earliest = windows[0][0] if windows else now.timestamp()
+    naive_found = _zoned_option(naive, [(earliest - 900, earliest + 900)])
     listed = [value for value, _start in best.values()]
     decisions = {}
     for zone in zones:
@@ -4377,7 +4399,8 @@ def _zoned_option(option: Any, windows: Sequence[tuple[float, float]]) -> tuple[
     start = _allowed_start(moment.timestamp(), windows)
     if start is None:
         return None
-    zone = CloudZone(where["provider"].lower(), where["region"])
+    provider = where["provider"].strip().lower()
+    zone = CloudZone(provider, _normalise_region(provider, where["region"]))
     return zone, start, float(option["co2_intensity"]) * LBS_PER_MWH_TO_G_PER_KWH
 
 
@@ -5442,7 +5465,7 @@ def render_alternatives(plan: Plan) -> str:
     """One line per candidate zone of a plan over several: its best start and mean, the chosen one marked."""
     lines = [
         f"zones compared (home first; time only in {plan.alternatives[0].zone}: "
-        + ("unknown)" if plan.time_savings is None else f"-{plan.time_savings:.1%})")
+        + ("unknown)" if plan.time_savings is None else f"{_change_text(plan.time_savings)})")
     ]
     chosen = str(plan.zone) if plan.zone is not None else f"grid:{plan.grid_zone}"
     for alternative in plan.alternatives:

@@ -141,6 +141,7 @@ def _settings(
     job_inside: bool = True,
 ) -> _Settings:
     """Split Prefect options from core options and raise every argument error now, not at run time."""
+    options = _readable_again(options)
     if options.get("zones") is not None or options.get("home") is False:
         raise ValueError(
             "zones: the decorator and the delay task wait inside the running process, which cannot move to another "
@@ -177,7 +178,16 @@ def _artifact_option(artifact: Any) -> bool | str:
 
 def _split_options(kwargs: dict[str, Any], names: frozenset[str] = LIBRARY_OPTIONS) -> dict[str, Any]:
     """Remove and return the library options among a function's keyword arguments."""
-    return {name: kwargs.pop(name) for name in list(kwargs) if name in names}
+    return _readable_again({name: kwargs.pop(name) for name in list(kwargs) if name in names})
+
+
+def _readable_again(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options with ``windows`` and ``zones`` given as iterators (generators) read into lists: this layer checks
+    its arguments at once and plans later (each call of a decorated function), reading them each time."""
+    return {
+        name: [*value] if name in ("windows", "zones") and isinstance(value, Iterator) else value
+        for name, value in options.items()
+    }
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -792,7 +802,10 @@ def _with_block(
         merged = {**block_options, **options}
         if provider is None and region is None:
             provider, region = block_provider, block_region
-        core.validate_arguments(timedelta(1), timedelta(1), provider, region, merged)
+        # the time options (checked already, with the real window and job) are no block's: a stand-in window and
+        # job would find fault with a deadline a few hours away
+        own = {name: value for name, value in merged.items() if name not in ("windows", "deadline")}
+        core.validate_arguments(timedelta(1), timedelta(1), provider, region, own)
     except Exception as exc:  # noqa: BLE001 - fail open, like a source failure
         logger.warning("carbonaware: settings block %r not used (%s: %s)", name, type(exc).__name__, _why(exc))
         return given
@@ -1137,6 +1150,48 @@ def _deployment_key(deployment: str | UUID) -> str:
     return _artifact_key(f"deployment-{name}")
 
 
+def _missing_deployment(zone: str, deployment: str | UUID) -> ValueError:
+    return ValueError(f"no deployment {str(deployment)!r} (for zone {zone}) on the Prefect server")
+
+
+def _deployment_id(deployment: str | UUID) -> UUID | None:
+    """The id ``run_deployment`` would read ``deployment`` as, or None for a name."""
+    if isinstance(deployment, UUID):
+        return deployment
+    try:
+        return UUID(deployment)
+    except ValueError:
+        return None
+
+
+def _check_deployments(targets: Mapping[str, str | UUID]) -> None:
+    """Every zone's deployment must exist: a typo raises at once, not on the day that zone wins."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        for zone, deployment in targets.items():
+            try:
+                found = _deployment_id(deployment)
+                client.read_deployment(found) if found else client.read_deployment_by_name(str(deployment))
+            except ObjectNotFound:
+                raise _missing_deployment(zone, deployment) from None
+
+
+async def _acheck_deployments(targets: Mapping[str, str | UUID]) -> None:
+    """As ``_check_deployments``, for async code."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        for zone, deployment in targets.items():
+            try:
+                found = _deployment_id(deployment)
+                await (client.read_deployment(found) if found else client.read_deployment_by_name(str(deployment)))
+            except ObjectNotFound:
+                raise _missing_deployment(zone, deployment) from None
+
+
 def carbonaware_run_deployment(
     name: str | UUID | Mapping[Any, str | UUID],
     window: timedelta = DEFAULT_WINDOW,
@@ -1154,11 +1209,13 @@ def carbonaware_run_deployment(
 
     Where and when: ``name`` may map zones to deployments, e.g. ``{"aws:eu-west-1": "etl/eu", "aws:eu-north-1":
     "etl/nordic"}``: one plan over every (zone, start) creates the run of the winning zone's deployment at its
-    start. The first zone is home: the baseline for savings and the winner of ties.
+    start. The first zone is home: the baseline for savings and the winner of ties. Every deployment of the mapping
+    must exist (a ValueError before planning otherwise), so a typo shows at once, whichever zone wins.
     """
     targets, run_kwargs = _run_deployment_arguments(name, provider, region, run_kwargs)
     options, artifact, config = _deployment_options(run_kwargs)
     core.validate_arguments(window, duration, provider, region, options)  # argument errors raise before any API call
+    _check_deployments(targets)
     plan = _plan_deployment(window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
     target = _deployment_for(plan, name, targets)
@@ -1182,6 +1239,7 @@ async def acarbonaware_run_deployment(
     targets, run_kwargs = _run_deployment_arguments(name, provider, region, run_kwargs)
     options, artifact, config = _deployment_options(run_kwargs)
     core.validate_arguments(window, duration, provider, region, options)
+    await _acheck_deployments(targets)
     plan = await asyncio.to_thread(_plan_deployment, window, duration, provider, region, options, config)
     scheduled = plan.start if plan.waits else None
     target = _deployment_for(plan, name, targets)
@@ -1214,7 +1272,7 @@ def _handover(
 ) -> _Handover | None:
     """The later run to create, or None when the current run should simply go on now (logged). With ``zones``
     mapping zones to deployments, the later run may be another zone's deployment (at once, if it is cleaner now)."""
-    targets, options = _handover_zones(options)
+    targets, options = _handover_zones(_readable_again(options))
     core.validate_arguments(window, duration, provider, region, options)
     ctx = FlowRunContext.get()
     run = ctx.flow_run if ctx is not None else None
@@ -1226,7 +1284,7 @@ def _handover(
         logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
         return None
     plan = _plan_deployment(window, duration, provider, region, options, config)  # logs the decision
-    elsewhere = _elsewhere(plan, targets)
+    elsewhere = _elsewhere(plan, targets, home=options.get("home", True) is not False)
     if elsewhere is not None:
         kwargs_elsewhere = {
             "parameters": dict(run.parameters),
@@ -1266,9 +1324,15 @@ def _handover_zones(options: Mapping[str, Any]) -> tuple[dict[str, str | UUID], 
     return targets, {**options, "zones": list(targets)}
 
 
-def _elsewhere(plan: Plan, targets: Mapping[str, str | UUID]) -> str | UUID | None:
-    """The other zone's deployment when the plan chose a zone other than home's, else None."""
-    if not targets or plan.reason != "optimal" or not plan.alternatives:
+def _elsewhere(plan: Plan, targets: Mapping[str, str | UUID], home: bool = True) -> str | UUID | None:
+    """The other zone's deployment when the plan chose a zone other than home's, else None. With ``home`` False
+    the current zone is no candidate: every plan names a listed zone (the first when it fails open), whose
+    deployment gets the run."""
+    if not targets:
+        return None
+    if not home:
+        return _deployment_for(plan, "", targets)
+    if plan.reason != "optimal" or not plan.alternatives:
         return None
     chosen = _chosen_zone(plan)
     return targets.get(chosen) if chosen != plan.alternatives[0].zone else None
@@ -1310,6 +1374,7 @@ def reschedule_current_flow_run(
     ``zones`` maps other zones to the deployments that run there (``zones={"aws:eu-north-1": "etl/nordic"}``): the
     plan then covers them and the home zone, and when another zone wins, the later run is created for its
     deployment (with the same parameters; its own work queue and job variables), at once if it is cleaner now.
+    With ``home=False`` the current zone is no candidate: the run always goes to the winning listed zone.
     """
     artifact = _artifact_option(options.pop("artifact", True))
     config = _settings_option(options.pop("settings", None))
@@ -1376,6 +1441,7 @@ def carbonaware_schedule(
     the scheduled time, so a run that started late is never moved past it. Goes above ``@flow`` (or under it, on
     the function); options as for ``reschedule_current_flow_run``. Argument errors raise here.
     """
+    options = _readable_again(options)
     checked = dict(options)
     _artifact_option(checked.pop("artifact", True))
     _settings_option(checked.pop("settings", None))
