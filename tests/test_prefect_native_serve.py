@@ -125,7 +125,10 @@ def logs_of(flow_run_id: Any) -> list[str]:
 
 @pytest.mark.parametrize(
     "name, artifact",
-    [("carbonaware-nightly", "carbonaware-reschedule"), ("carbonaware-nightly-async", "nightly-async")],
+    [
+        ("carbonaware-nightly", "carbonaware-deployment-carbonaware-nightly-nightly"),
+        ("carbonaware-nightly-async", "nightly-async"),
+    ],
 )
 def test_a_cron_run_hands_over_and_the_successor_runs_at_the_planned_start(
     served: dict[str, Any], scheduler: Scheduler, name: str, artifact: str

@@ -98,6 +98,7 @@ def test_any_failure_to_render_costs_one_warning_and_still_calls_the_users_hook(
     plan = replace(plan, forecast=(point,))  # a plan with a series to chart (none: no chart, issue 12)
     with caplog.at_level("WARNING", logger="carbonaware"):
         hook(plan)  # raises nothing
+        assert cp.flush_reports(10)  # a plan that does not wait is rendered by the publisher, off the task's path
     assert seen == [plan]
     warnings = [r.getMessage() for r in caplog.records if r.name == "carbonaware"]
     assert warnings == [
