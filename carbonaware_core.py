@@ -3775,24 +3775,14 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
     spec = _source_spec(request)
     zone = request.zone or (detect_cloud_zone() if _uses_zone(spec) else None)
     grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
-    deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
-    query = Query(
-        zone,
-        grid_zone,
-        now,
-        request.window,
-        request.duration,
-        request.timeout,
-        None,
-        request.now is not None,
-        deadline,
-        credentials=request.credentials,
-    )
+    question = request.question(now, (Place(zone, grid_zone),))  # one place, home: the same question as for several
+    deadline = CLOCK.monotonic() + question.window.total_seconds()  # planning, too, ends with the window
+    query = _source_query(question, question.places[0], request.asking, deadline)
     failures: list[str] = []
     zone_missing = False
     for label, attempt in _attempts(spec, query):
         try:  # a network source that finds the window spent says so without asking; local ones still answer
-            plan = _plan_from(attempt(), label, query, request.min_savings)
+            plan = _plan_from(attempt(), label, query, question.min_savings)
         except _NoZone:
             zone_missing = True
             continue
@@ -3810,6 +3800,23 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
         return _run_now(request, now, None, "-", "no-zone", no_zone)
     detail = "; ".join([*failures, *([no_zone] if zone_missing else [])]) or "no source answered"
     return _run_now(request, now, zone, "-", "source-failed", detail)
+
+
+def _source_query(question: Question, place: Place, asking: _Asking, deadline: float) -> Query:
+    """What one place's sources are asked, built from the question (its earliest start, window and duration) and
+    how to ask it (each request's timeout, the credentials): one builder, so every planning path asks alike."""
+    return Query(
+        place.cloud,
+        place.grid,
+        question.earliest,
+        question.window,
+        question.duration,
+        asking.timeout,
+        None,
+        question.replay,
+        deadline,
+        credentials=asking.credentials,
+    )
 
 
 def _uses_zone(spec: Any) -> bool:
@@ -4193,12 +4200,8 @@ def _plan_where_and_when(request: _Request, now: datetime) -> Plan:
     intervals = [(lo.timestamp(), hi.timestamp()) for lo, hi in question.start_intervals()]
     if not intervals:  # time passed since the arguments were checked (a re-plan late in the window, say)
         return _run_now(request, now, places[0].cloud, "-", "already-best", "no allowed start is left in the window")
-    deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
-    queries = [
-        Query(place.cloud, place.grid, now, request.window, request.duration, request.timeout, None,
-              request.now is not None, deadline, credentials=request.credentials)
-        for place in places
-    ]  # fmt: skip
+    deadline = CLOCK.monotonic() + question.window.total_seconds()  # planning, too, ends with the window
+    queries = [_source_query(question, place, request.asking, deadline) for place in places]
     hosted = _hosted_once(places, intervals, queries[0])
     jobs = [_place_job(place, spec, query, intervals, hosted) for place, query in zip(places, queries, strict=True)]
     answers = _answers_within(jobs, places, deadline)
