@@ -15,8 +15,9 @@ sections, in reading order (each uses only those above it): data; time and durat
 reading a series and choose_start, then where and when: allowed starts, the decision rule, the best place); forecast
 arithmetic (live correction); HTTP (bounded calls); secrets (redaction); HTTP transports; the cache; zone
 detection; sources (hosted scheduler, series documents, Electricity Maps, WattTime, NESO, GSF SDK, offline,
-live-corrected); planning (arguments, then zone, chain and decision, then where and when); the wait; reasons to
-start now; ledger, grams, ledger file, realised outcomes, report; CLI; appendix: the generated region tables.
+live-corrected); planning (the request: what is asked and how to ask it, then arguments, then zone, chain and
+decision, then where and when); the wait; reasons to start now; ledger, grams, ledger file, realised outcomes,
+report; CLI; appendix: the generated region tables.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timedelta, timezone
 
 TYPE_CHECKING = False  # importing typing costs milliseconds; with postponed annotations only mypy needs it
@@ -3251,8 +3252,11 @@ def _or_live_corrected(source: Source, query: Query, fetch: Callable[[], SourceR
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Planning: arguments and options (every argument error raises here)
+# Planning: the request -- what is asked, and how to ask it
 # --------------------------------------------------------------------------------------------------------------
+# A caller's arguments fall in two parts that change for different reasons: what is asked (the question, before
+# the clock and zone detection fill in its earliest start and home place) and how to ask it (sources, budget,
+# hooks, switches). A re-plan asks the same question over what is left of the window; a test asks another way.
 
 OPTIONS = frozenset(
     {"source", "min_savings", "now", "timeout", "logger", "grid_zone", "on_plan", "replan", "replan_every"}
@@ -3266,24 +3270,17 @@ REPLAN_EVERY = timedelta(minutes=30)
 
 
 @dataclass(frozen=True)
-class _Request:
+class _Asked:
+    """What is asked, as the caller put it: the arguments of a ``Question`` before ``now`` (the clock's, unless
+    a replay gives its own) and the home place (given, or detected) are known."""
+
     window: timedelta
     duration: timedelta
     zone: CloudZone | None
-    source: Any
-    min_savings: float
-    now: datetime | None
-    timeout: float
-    log: logging.Logger | logging.LoggerAdapter[Any]
     grid_zone: str | None
-    on_plan: Callable[[Plan], None] | None
-    replan: bool | None = None
-    replan_every: timedelta = REPLAN_EVERY
-    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    disable: bool | str | None = None  # None: CARBONAWARE_DISABLE; a string: who switched it on (for the log)
-    dry_run: bool | str | None = None  # None: CARBONAWARE_DRY_RUN
+    min_savings: float
+    now: datetime | None  # a replay's own now; None: the clock's, read when planning
     power_kw: float | None = None
-    ledger: str | None = None  # None: CARBONAWARE_LEDGER, read when a record is written
     places: tuple[Place, ...] = ()  # ``zones``: candidates besides home
     home: bool = True  # the home zone (given or detected) is a candidate, and the baseline
     allowed: tuple[tuple[datetime, datetime], ...] = ()  # ``windows``: allowed start intervals, UTC
@@ -3295,6 +3292,7 @@ class _Request:
         return bool(self.places or self.allowed or self.finish_by is not None or not self.home)
 
     def question(self, now: datetime, places: tuple[Place, ...]) -> Question:
+        """The question every planning path answers, once the moment and the candidate places are known."""
         return Question(
             places=places,
             duration=self.duration,
@@ -3306,6 +3304,141 @@ class _Request:
             power_kw=self.power_kw,
             replay=self.now is not None,
         )
+
+
+@dataclass(frozen=True)
+class _Asking:
+    """How to ask: where answers come from, the per-request budget, who hears the decision, and the operator's
+    switches. None of it changes which start is best for a given series."""
+
+    source: Any
+    timeout: float
+    log: logging.Logger | logging.LoggerAdapter[Any]
+    on_plan: Callable[[Plan], None] | None
+    replan: bool | None = None
+    replan_every: timedelta = REPLAN_EVERY
+    credentials: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    disable: bool | str | None = None  # None: CARBONAWARE_DISABLE; a string: who switched it on (for the log)
+    dry_run: bool | str | None = None  # None: CARBONAWARE_DRY_RUN
+    ledger: str | None = None  # None: CARBONAWARE_LEDGER, read when a record is written
+
+
+_ASKED_FIELDS = frozenset(f.name for f in fields(_Asked))
+_ASKING_FIELDS = frozenset(f.name for f in fields(_Asking))
+
+
+@dataclass(frozen=True)
+class _Request:
+    """A validated call: what is asked and how to ask it. The read-only names below keep every caller's
+    ``request.window``, ``request.source`` (...) as they were before the two parts were told apart."""
+
+    asked: _Asked
+    asking: _Asking
+
+    def with_(self, **changes: Any) -> _Request:
+        """The request with some of either part's fields changed (``replace`` for the two records at once)."""
+        unknown = set(changes) - _ASKED_FIELDS - _ASKING_FIELDS
+        if unknown:
+            raise TypeError(f"_Request has no field(s) {', '.join(sorted(unknown))}")
+        asked = {name: value for name, value in changes.items() if name in _ASKED_FIELDS}
+        asking = {name: value for name, value in changes.items() if name in _ASKING_FIELDS}
+        return _Request(replace(self.asked, **asked), replace(self.asking, **asking))
+
+    @property
+    def where_and_when(self) -> bool:
+        return self.asked.where_and_when
+
+    def question(self, now: datetime, places: tuple[Place, ...]) -> Question:
+        return self.asked.question(now, places)
+
+    @property
+    def window(self) -> timedelta:
+        return self.asked.window
+
+    @property
+    def duration(self) -> timedelta:
+        return self.asked.duration
+
+    @property
+    def zone(self) -> CloudZone | None:
+        return self.asked.zone
+
+    @property
+    def grid_zone(self) -> str | None:
+        return self.asked.grid_zone
+
+    @property
+    def min_savings(self) -> float:
+        return self.asked.min_savings
+
+    @property
+    def now(self) -> datetime | None:
+        return self.asked.now
+
+    @property
+    def power_kw(self) -> float | None:
+        return self.asked.power_kw
+
+    @property
+    def places(self) -> tuple[Place, ...]:
+        return self.asked.places
+
+    @property
+    def home(self) -> bool:
+        return self.asked.home
+
+    @property
+    def allowed(self) -> tuple[tuple[datetime, datetime], ...]:
+        return self.asked.allowed
+
+    @property
+    def finish_by(self) -> datetime | None:
+        return self.asked.finish_by
+
+    @property
+    def source(self) -> Any:
+        return self.asking.source
+
+    @property
+    def timeout(self) -> float:
+        return self.asking.timeout
+
+    @property
+    def log(self) -> logging.Logger | logging.LoggerAdapter[Any]:
+        return self.asking.log
+
+    @property
+    def on_plan(self) -> Callable[[Plan], None] | None:
+        return self.asking.on_plan
+
+    @property
+    def replan(self) -> bool | None:
+        return self.asking.replan
+
+    @property
+    def replan_every(self) -> timedelta:
+        return self.asking.replan_every
+
+    @property
+    def credentials(self) -> tuple[tuple[str, str], ...]:
+        return self.asking.credentials
+
+    @property
+    def disable(self) -> bool | str | None:
+        return self.asking.disable
+
+    @property
+    def dry_run(self) -> bool | str | None:
+        return self.asking.dry_run
+
+    @property
+    def ledger(self) -> str | None:
+        return self.asking.ledger
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Planning: arguments and options (every argument error raises here)
+# --------------------------------------------------------------------------------------------------------------
 
 
 def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, options: Mapping[str, Any]) -> _Request:
@@ -3353,26 +3486,29 @@ def validate_arguments(window: Any, duration: Any, provider: Any, region: Any, o
         _switch_option("dry_run", options.get("dry_run")),
     )
     where: dict[str, Any] = _where_and_when_options(now or _utc(CLOCK.time()), window, duration, zone, options)
-    return _Request(
+    asked = _Asked(
         window=window,
         duration=duration,
         zone=zone,
-        source=source,
+        grid_zone=grid_zone.strip() or None if grid_zone else None,
         min_savings=float(min_savings),
         now=now,
+        power_kw=check_power_kw(options.get("power_kw")),
+        **where,
+    )
+    asking = _Asking(
+        source=source,
         timeout=float(timeout),
         log=log or logger,
-        grid_zone=grid_zone.strip() or None if grid_zone else None,
         on_plan=on_plan,
         replan=replan,
         replan_every=replan_every,
         credentials=credentials,
         disable=disable,
         dry_run=dry_run,
-        power_kw=check_power_kw(options.get("power_kw")),
         ledger=check_ledger_option(options.get("ledger")),
-        **where,
     )
+    return _Request(asked, asking)
 
 
 def _where_and_when_options(
@@ -3641,24 +3777,14 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
     spec = _source_spec(request)
     zone = request.zone or (detect_cloud_zone() if _uses_zone(spec) else None)
     grid_zone = request.grid_zone or os.environ.get("CARBONAWARE_GRID_ZONE") or None
-    deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
-    query = Query(
-        zone,
-        grid_zone,
-        now,
-        request.window,
-        request.duration,
-        request.timeout,
-        None,
-        request.now is not None,
-        deadline,
-        credentials=request.credentials,
-    )
+    question = request.question(now, (Place(zone, grid_zone),))  # one place, home: the same question as for several
+    deadline = CLOCK.monotonic() + question.window.total_seconds()  # planning, too, ends with the window
+    query = _source_query(question, question.places[0], request.asking, deadline)
     failures: list[str] = []
     zone_missing = False
     for label, attempt in _attempts(spec, query):
         try:  # a network source that finds the window spent says so without asking; local ones still answer
-            plan = _plan_from(attempt(), label, query, request.min_savings)
+            plan = _plan_from(attempt(), label, query, question.min_savings)
         except _NoZone:
             zone_missing = True
             continue
@@ -3676,6 +3802,23 @@ def _plan_with_sources(request: _Request, now: datetime) -> Plan:
         return _run_now(request, now, None, "-", "no-zone", no_zone)
     detail = "; ".join([*failures, *([no_zone] if zone_missing else [])]) or "no source answered"
     return _run_now(request, now, zone, "-", "source-failed", detail)
+
+
+def _source_query(question: Question, place: Place, asking: _Asking, deadline: float) -> Query:
+    """What one place's sources are asked, built from the question (its earliest start, window and duration) and
+    how to ask it (each request's timeout, the credentials): one builder, so every planning path asks alike."""
+    return Query(
+        place.cloud,
+        place.grid,
+        question.earliest,
+        question.window,
+        question.duration,
+        asking.timeout,
+        None,
+        question.replay,
+        deadline,
+        credentials=asking.credentials,
+    )
 
 
 def _uses_zone(spec: Any) -> bool:
@@ -4059,12 +4202,8 @@ def _plan_where_and_when(request: _Request, now: datetime) -> Plan:
     intervals = [(lo.timestamp(), hi.timestamp()) for lo, hi in question.start_intervals()]
     if not intervals:  # time passed since the arguments were checked (a re-plan late in the window, say)
         return _run_now(request, now, places[0].cloud, "-", "already-best", "no allowed start is left in the window")
-    deadline = CLOCK.monotonic() + request.window.total_seconds()  # planning, too, ends with the window
-    queries = [
-        Query(place.cloud, place.grid, now, request.window, request.duration, request.timeout, None,
-              request.now is not None, deadline, credentials=request.credentials)
-        for place in places
-    ]  # fmt: skip
+    deadline = CLOCK.monotonic() + question.window.total_seconds()  # planning, too, ends with the window
+    queries = [_source_query(question, place, request.asking, deadline) for place in places]
     hosted = _hosted_once(places, intervals, queries[0])
     jobs = [_place_job(place, spec, query, intervals, hosted) for place, query in zip(places, queries, strict=True)]
     answers = _answers_within(jobs, places, deadline)
@@ -4547,7 +4686,7 @@ class _Waiter:
         replay = self.request.now is not None  # a replay keeps its own clock; live waits ask about the real now
         reference = self.planned_from + timedelta(seconds=now - self.called_at) if replay else None
         left = min(self.deadline - now, self.mono_deadline - mono)  # what is left of the window by either clock
-        fresh = _plan(replace(self.request, window=timedelta(seconds=left), now=reference))
+        fresh = _plan(self.request.with_(window=timedelta(seconds=left), now=reference))
         if fresh.reason in ("no-zone", "source-failed", "disabled"):
             self.request.log.debug("carbonaware: re-plan gave no answer (%s); keeping the start", fresh.detail)
             return

@@ -634,3 +634,51 @@ def test_parse_datetime_provider_forms(text: str, expected: datetime) -> None:
 def test_parse_datetime_refuses_garbage(text: str) -> None:
     with pytest.raises(ValueError):
         core.parse_datetime(text)
+
+
+def test_a_request_keeps_what_is_asked_apart_from_how_to_ask_it() -> None:
+    """``validate_arguments`` sorts the arguments into the question's part and the asking's part; every old name
+    still reads through, and ``with_`` changes either part (a re-plan's shorter window, say) and nothing else."""
+    from dataclasses import fields, replace
+
+    log = logging.getLogger("carbonaware.test.request")
+    options = {"min_savings": 0.1, "timeout": 3.0, "logger": log, "now": BASE, "grid_zone": "IE", "replan": True}
+    request = core.validate_arguments(W, D, "aws", "eu-west-1", options)
+    assert (request.asked.window, request.asked.duration, request.asked.min_savings) == (W, D, 0.1)
+    assert (request.asked.zone, request.asked.grid_zone, request.asked.now) == (
+        CloudZone("aws", "eu-west-1"),
+        "IE",
+        BASE,
+    )
+    assert (request.asking.timeout, request.asking.log, request.asking.replan) == (3.0, log, True)
+    for part in (request.asked, request.asking):
+        for name in (f.name for f in fields(part)):
+            assert getattr(request, name) == getattr(part, name), name
+    changed = request.with_(window=HOUR, now=None, timeout=4.0)
+    assert changed.asked == replace(request.asked, window=HOUR, now=None)
+    assert changed.asking == replace(request.asking, timeout=4.0)
+    assert request.window == W and request.timeout == 3.0  # frozen: the original is untouched
+    with pytest.raises(TypeError, match="no field"):
+        request.with_(windw=HOUR)
+
+
+def test_one_zone_and_where_and_when_ask_a_source_the_same_question() -> None:
+    """The single-zone path builds the same Question as the joint planner (one place: home), so a source is asked
+    for the same zone and horizon either way, and a window that allows every start changes no start."""
+    calls: list[tuple[object, datetime, datetime]] = []
+
+    def valley(zone: CloudZone | None, start: datetime, end: datetime) -> list[ForecastPoint]:
+        calls.append((zone, start, end))
+        return [ForecastPoint(BASE + k * HOUR, BASE + (k + 1) * HOUR, 300.0 - 40 * min(k, 6 - k)) for k in range(8)]
+
+    zone = {"provider": "aws", "region": "eu-west-1"}
+    one = plan_delay(W, D, source=valley, now=BASE, replan=False, **zone)
+    joint = plan_delay(W, D, source=valley, now=BASE, replan=False, windows=[(BASE, BASE + W)], **zone)
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0] == (CloudZone("aws", "eu-west-1"), BASE, BASE + W + D)
+    assert one.reason == joint.reason == "optimal"
+    assert (
+        (one.start, one.expected, one.now)
+        == (joint.start, joint.expected, joint.now)
+        == (BASE + 3 * HOUR, 180.0, 300.0)
+    )
