@@ -535,8 +535,9 @@ def _render_markdown(plan: Plan, *, scheduled: bool = False) -> str:
         ("Savings", "n/a" if plan.savings is None else f"{plan.savings:.1%}"),
         ("Window / job", f"{core.format_iso_duration(plan.window)} / {core.format_iso_duration(plan.duration)}"),
         *_grams_rows(plan),
+        *_time_only_rows(plan),
     ]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
+    table = "\n".join(f"| {name} | {value} |" for name, value in rows) + _zones_table(plan)
     # Only the values the planner used: a provider's gap (null, NaN) would break the chart's scale.
     charted = tuple(point for point in plan.forecast if core._valid_intensity(point.value))
     heading = f"### {core.describe(safe, scheduled=scheduled)}\n\n| | |\n|---|---|\n{table}\n"
@@ -578,7 +579,43 @@ def _markdown_safe(plan: Plan) -> Plan:
         detail=_markdown_text(plan.detail),
         grid_zone=None if plan.grid_zone is None else _markdown_text(plan.grid_zone),
         fallbacks=tuple(_markdown_text(reason) for reason in plan.fallbacks),
+        alternatives=tuple(
+            replace(
+                alternative,
+                zone=_markdown_text(alternative.zone),
+                unit=_markdown_text(alternative.unit),
+                source=_markdown_text(alternative.source),
+                note=_markdown_text(alternative.note),
+            )
+            for alternative in plan.alternatives
+        ),
     )
+
+
+def _time_only_rows(plan: Plan) -> list[tuple[str, str]]:
+    """Beside the saving of place and start together, what moving the start alone would have saved at home."""
+    if len(plan.alternatives) < 2:
+        return []
+    shown = "n/a" if plan.time_savings is None else f"{plan.time_savings:.1%}"
+    return [(f"Savings, time only in {_markdown_text(plan.alternatives[0].zone)}", shown)]
+
+
+def _zones_table(plan: Plan) -> str:
+    """Every candidate zone of a plan over several (home first): its best allowed start and mean, or why none.
+    Read from the plan as made (the chosen zone is matched as the plan names it), escaped as it is written."""
+    if len(plan.alternatives) < 2:
+        return ""
+    chosen = str(plan.zone) if plan.zone is not None else f"grid:{plan.grid_zone}"
+    lines = ["", "", "| Zone | Best start | Mean | Source |", "|---|---|---|---|"]
+    for alternative in plan.alternatives:
+        mark = " (chosen)" if alternative.zone == chosen and plan.reason == "optimal" else ""
+        zone = _markdown_text(alternative.zone) + mark
+        if alternative.start is None or alternative.mean is None:
+            lines.append(f"| {zone} | - | - | {_markdown_text(alternative.note or 'no answer')} |")
+            continue
+        mean = f"{alternative.mean:.1f} {_markdown_text(alternative.unit)}"
+        lines.append(f"| {zone} | {core._iso(alternative.start)} | {mean} | {_markdown_text(alternative.source)} |")
+    return "\n".join(lines)
 
 
 def _grams_rows(plan: Plan) -> list[tuple[str, str]]:

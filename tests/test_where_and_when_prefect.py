@@ -20,6 +20,7 @@ from prefect.flow_engine import run_flow
 
 import carbonaware_core as core
 import carbonaware_prefect as cp
+from carbonaware_core import ForecastPoint
 from tests import prefect_helpers
 from tests.loopback import FakeClock
 
@@ -153,3 +154,33 @@ def test_a_deployment_run_hands_over_to_the_cleaner_zones_deployment() -> None:
     assert [run.id for run in runs_of(home)] == [current.id]  # nothing more in the home zone
     with pytest.raises(TypeError, match="maps each zone to the deployment"):
         cp.reschedule_current_flow_run(WINDOW, DURATION, "aws", "eu-west-1", zones=["aws:eu-north-1"])
+
+
+def test_the_artifact_shows_the_time_only_saving_and_every_zone_escaped() -> None:
+    """Issue 11, item 3: the artifact shows the saving of moving the start alone at home beside the saving of
+    moving place and start; each candidate zone with its best start. A zone name from the caller is text."""
+    now = datetime(2025, 6, 1, 12, tzinfo=timezone.utc)
+    hour = timedelta(hours=1)
+
+    def source(zone: object, start: datetime, end: datetime) -> list[ForecastPoint]:
+        # home: 400 now, 300 from 14:00; the other zone: 100 all day; a third answers nothing usable
+        region = getattr(zone, "region", "")
+        if region == "eu-west-1":
+            return [ForecastPoint(now + i * hour, now + (i + 1) * hour, 400.0 if i < 2 else 300.0) for i in range(8)]
+        if region == "eu_north*1":
+            return [ForecastPoint(now + i * hour, now + (i + 1) * hour, 100.0) for i in range(8)]
+        raise ValueError("no data <b>here</b>")
+
+    plan = core.plan_delay(
+        timedelta(hours=6), hour, "aws", "eu-west-1", zones=["aws:eu_north*1", "aws:eu-west-3"], source=source, now=now
+    )
+    assert str(plan.zone) == "aws:eu_north*1" and plan.time_savings == pytest.approx(0.25)
+    text = cp._render_markdown(plan)
+    assert "| Savings, time only in aws\\:eu-west-1 | 25.0% |" in text
+    assert "| Savings | 75.0% |" in text
+    assert "| aws\\:eu\\_north\\*1 (chosen) | 2025-06-01T12:00:00Z | 100.0 gCO2eq/kWh |" in text
+    assert "| aws\\:eu-west-1 | 2025-06-01T14:00:00Z | 300.0 gCO2eq/kWh |" in text
+    assert "aws\\:eu-west-3 | - | - |" in text and "<b>" not in text
+    # one zone: no such rows, the artifact as before
+    single = cp._render_markdown(core.plan_delay(timedelta(hours=6), hour, "aws", "eu-west-1", source=source, now=now))
+    assert "Savings, time only" not in single and "| Best start |" not in single
