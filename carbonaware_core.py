@@ -3903,18 +3903,13 @@ def _stamped(result: SourceResult, now: datetime) -> SourceResult:
 
 
 def _still_answers(result: Any, query: Query) -> bool:
-    """A cached decision answers a later caller (it was made no later than the caller's now) while its start is
-    still ahead and inside the caller's window -- or, once its start is reached (a "start now" answer), for one
-    step of the scheduler's 5-minute grid: the later tasks of a ``.map`` take it instead of asking again each.
-    Otherwise the caller asks again. A series is planned against each caller's own now, so it always serves."""
+    """A cached decision answers a later caller only while its start is still ahead of the caller's now and inside
+    the caller's window (and it was made no later than that now); otherwise that caller asks again. A series is
+    planned against each caller's own now, so it always serves."""
     if not isinstance(result, Decision):
         return True
     asked_for = result.asked_for or query.now
-    if query.now < asked_for:
-        return False
-    if result.start <= query.now:  # "start now" (or a start since reached) holds for one step of the scheduler's grid
-        return query.now - asked_for < _DECISION_STEP
-    return result.start <= query.now + query.window + _DECISION_STEP
+    return asked_for <= query.now < result.start <= query.now + query.window + _DECISION_STEP
 
 
 _DECISION_STEP = timedelta(minutes=5)  # a decided start may lie one 5-minute step past the window's end (§7)

@@ -677,30 +677,3 @@ def test_thousand_threads_share_one_failure(backend: str, server: LoopbackServer
     plans = _herd(lambda: plan_delay(WINDOW, DURATION, "azure", "westeurope", source="carbonaware", timeout=60.0))
     assert [p.reason for p in plans] == ["source-failed"] * HERD
     assert len(server.requests_to("/v0/schedule/")) == 1
-
-
-class CreepingClock(FakeClock):
-    """A clock that moves on by a millisecond every time it is read, as a real one does between callers: each
-    caller of a herd asks at its own ``now``, a little later than the one whose request is in flight."""
-
-    def time(self) -> float:
-        with self._lock:
-            self.t += 0.001
-            return self.t
-
-
-def test_a_start_now_decision_answers_callers_that_ask_moments_later(
-    backend: str, server: LoopbackServer, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The hosted scheduler says "start now": callers that ask a moment after that answer came (the later tasks
-    of a ``.map``, in real time) take it from the cache instead of asking again -- while it is fresh."""
-    creeping = CreepingClock()
-    monkeypatch.setattr(core, "CLOCK", creeping)
-    scheduler = HostedScheduler(server, ideal_after=timedelta(0), clock=creeping.time)
-    plans = [plan_delay(WINDOW, DURATION, "azure", "westeurope", source="carbonaware") for _ in range(50)]
-    assert len(scheduler.calls) == 1
-    assert {p.reason for p in plans} == {"already-best"}
-    assert all(p.delay == timedelta(0) for p in plans)
-    creeping.advance(core._DECISION_STEP.total_seconds())  # a step later, the answer is asked for again
-    plan_delay(WINDOW, DURATION, "azure", "westeurope", source="carbonaware")
-    assert len(scheduler.calls) == 2
