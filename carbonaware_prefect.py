@@ -1321,30 +1321,21 @@ def _handover(
         logger.info("carbonaware: this run was already rescheduled once (or is a retry); running now")
         return None
     plan = _plan_deployment(window, duration, provider, region, options, config)  # logs the decision
-    elsewhere = _elsewhere(plan, targets, home=options.get("home", True) is not False)
-    if elsewhere is not None:
-        kwargs_elsewhere = {
-            "parameters": dict(run.parameters),
-            "scheduled_time": plan.start,
-            "timeout": 0,
-            "tags": [*run.tags, RESCHEDULED_TAG],
-            "as_subflow": False,
-            "idempotency_key": f"carbonaware-reschedule-{run.id}",
-        }  # its own work queue and job variables: this deployment's belong to this zone
-        return _Handover(elsewhere, kwargs_elsewhere, plan)
-    if not plan.waits:
-        return None
-    kwargs = {
+    later_run = {
         "parameters": dict(run.parameters),
         "scheduled_time": plan.start,
         "timeout": 0,
         "tags": [*run.tags, RESCHEDULED_TAG],
         "as_subflow": False,
         "idempotency_key": f"carbonaware-reschedule-{run.id}",  # a retried handover creates no second run
-        "work_queue_name": run.work_queue_name,
-        "job_variables": run.job_variables,
     }
-    return _Handover(run.deployment_id, kwargs, plan)
+    elsewhere = _elsewhere(plan, targets, home=options.get("home", True) is not False)
+    if elsewhere is not None:  # its own work queue and job variables: this deployment's belong to this zone
+        return _Handover(elsewhere, later_run, plan)
+    if not plan.waits:
+        return None
+    here = {**later_run, "work_queue_name": run.work_queue_name, "job_variables": run.job_variables}
+    return _Handover(run.deployment_id, here, plan)
 
 
 def _handover_zones(options: Mapping[str, Any]) -> tuple[dict[str, str | UUID], dict[str, Any]]:

@@ -397,3 +397,23 @@ def test_report_since_before_the_year_one_is_a_usage_error(tmp_path: Path) -> No
     with pytest.raises(SystemExit) as exit_info:
         core.main(["report", "--ledger", str(tmp_path / "x.jsonl"), "--since", "999999d"])
     assert exit_info.value.code == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_draws_other_ids_than_its_parent() -> None:
+    """Decision ids come from a per-process generator: a child forked after the parent's first id must not
+    replay the parent's sequence (same state, same ids), or two processes' ledger records would collide."""
+    core._new_id()  # the parent's generator exists before the fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write, " ".join(core._new_id() for _ in range(3)).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    child = os.read(read, 1024).decode().split()
+    os.close(read)
+    parent = [core._new_id() for _ in range(3)]
+    assert len(child) == 3 and not set(child) & set(parent)
