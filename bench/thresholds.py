@@ -23,6 +23,11 @@ harmful waits are pooled over every scored zone. Rules, per (window, job):
 - to target on validation, per zone or per zone x 6 h of the day (UTC, of "now"): minimums chosen by the greedy
   search below on the year before the held-out year (profile of the years before that), per (window, job), then
   applied to the held-out year; units without a validation year get the median;
+- per zone, two profiles agree (``agreeing``): wait only when the profile AND a second profile of the same training
+  years in the other layout (weekday/weekend with shrinkage ``PARTNER_SHRINK`` for the shipped month x hour one,
+  month x hour for the weekpart one) both predict a saving of at least the minimum at the planned start, each
+  against its own "start at once"; the minimum per zone chosen like the shipped rule on the year before (the 1 %
+  budget counted against the planner with no minimum: ``choose_against_none``);
 - hindsight, per zone or per zone x 6 h of the day: the same greedy search on the HELD-OUT year itself. It sees the
   answers, so a rule chosen on other years cannot be expected to do better: its cost bounds from below what the
   target costs with such thresholds on this forecast.
@@ -59,6 +64,7 @@ BLOCK_HOURS = 6  # "per zone x 6 h of the day": four blocks of UTC hours
 Record = tuple[datetime, float, bom.Outcome]  # planned at, planned delay (hours), outcome
 SPREAD_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)  # z: multiples of the error's spread
 MAX_LAG = 12  # hours: the longest delay of the configurations
+PARTNER_SHRINK = 10.0  # the weekpart partner of the agreement rule: docs/backtest.md's mwh-s-3sf-k10
 Unit = TypeVar("Unit", bound=Hashable)
 
 
@@ -66,7 +72,8 @@ Unit = TypeVar("Unit", bound=Hashable)
 class ZoneOutcomes:
     """One zone's decisions, one tuple per configuration: on its held-out year and (when it has one) on the year
     before, each with a profile of the years before it; its shipped-rule minimum; the same decisions with the
-    predicted saving in units of the error's spread, and the z chosen on them."""
+    predicted saving in units of the error's spread, and the z chosen on them; the same decisions scored for the
+    agreement rule (``agreeing``), and the minimum chosen on them."""
 
     zone: str
     year: int
@@ -76,6 +83,9 @@ class ZoneOutcomes:
     test_scaled: tuple[tuple[Record, ...], ...]
     validation_scaled: tuple[tuple[Record, ...], ...] | None
     spread_minimum: float | None
+    test_agreed: tuple[tuple[Record, ...], ...] = ()
+    validation_agreed: tuple[tuple[Record, ...], ...] | None = None
+    agreed_minimum: float | None = None
 
 
 @dataclass(frozen=True)
@@ -192,6 +202,55 @@ def in_spread_units(records: Sequence[Record], spread: Sequence[float]) -> tuple
     return tuple(scaled)
 
 
+def profile_job_mean(profile: object, kind: str, start: datetime, length: float) -> float:
+    """Mean of the profile's hourly steps over [start, start + length hours] (start at any minute)."""
+    core = bom._core()
+    total, moment, end = 0.0, start, start + timedelta(hours=length)
+    while moment < end:
+        following = min(moment.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1), end)
+        total += core.profile_value(profile, kind, moment) * (following - moment).total_seconds()
+        moment = following
+    return total / (end - start).total_seconds()
+
+
+def agreeing(records: Sequence[Record], partner: object, kind: str, job: float) -> tuple[Record, ...]:
+    """The records with each wait's predicted saving replaced by the lower of it and the saving ``partner`` (a
+    second profile, layout ``kind``) predicts at the same planned start against its own "start at once": a minimum
+    on the result waits only when both forecasts reach it. Decisions to start at once are kept as they are."""
+    agreed = []
+    for moment, delay, (predicted, true, perfect) in records:
+        if predicted >= bom.NEGLIGIBLE and delay > 0:
+            now = profile_job_mean(partner, kind, moment, job)
+            later = profile_job_mean(partner, kind, moment + timedelta(hours=delay), job)
+            predicted = min(predicted, (now - later) / now)
+        agreed.append((moment, delay, (predicted, true, perfect)))
+    return tuple(agreed)
+
+
+def choose_against_none(
+    plain: Sequence[bom.Outcome], rescored: Sequence[bom.Outcome], grid: Sequence[float] = bom.THRESHOLD_GRID
+) -> float:
+    """``build_offline_model.choose_min_saving`` for a rule that rescored the planner's decisions (``rescored``,
+    the same decisions in the same order as ``plain``): the minimum with the fewest harmful waits among those
+    giving up at most ``SAVING_BUDGET`` of the perfect saving against the planner with no minimum (``plain``),
+    not against the rescored rule with no minimum; ties keep the lowest."""
+    base = bom.threshold_effect(plain, 0.0)[0]
+    best, best_harm = 0.0, math.inf
+    for threshold in grid:
+        kept, harmful, _ = bom.threshold_effect(rescored, threshold)
+        if base - kept <= bom.SAVING_BUDGET + 1e-12 and harmful < best_harm - 1e-12:
+            best, best_harm = threshold, harmful
+    return best
+
+
+def partner_of(kind: str) -> tuple[str, float]:
+    """The second profile of the agreement rule, layout and shrinkage: the other layout (weekpart with
+    ``PARTNER_SHRINK``)."""
+    if kind == "month-hour-utc":
+        return "month-weekpart-hour-utc", PARTNER_SHRINK
+    return "month-hour-utc", 0.0
+
+
 def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | None:
     """The decisions of one zone (None when it has no year before its latest), with the builder's profile of
     layout ``kind`` and weekpart shrinkage ``shrink`` (its other settings as shipped)."""
@@ -202,24 +261,47 @@ def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | Non
     smoothing, significant = bom.DEFAULT_SMOOTHING, bom.DEFAULT_SIGNIFICANT
     loaded = {year: bom.load_zone_year(data_dir, zone, year) for year in years}
 
-    def records(test: int) -> tuple[tuple[tuple[Record, ...], ...], tuple[tuple[Record, ...], ...]]:
+    Parts = tuple[tuple[Record, ...], ...]
+
+    def records(test: int) -> tuple[Parts, Parts, Parts]:
         rows = [row for year in years if year < test for row in loaded[year]]
         profile = bom.build_profile(rows, kind, 1, smoothing=smoothing, significant=significant, shrink=shrink)
+        other, other_shrink = partner_of(kind)
+        partner = bom.build_profile(rows, other, 1, smoothing=smoothing, significant=significant, shrink=other_shrink)
         spread = error_spread(profile, kind, rows)
         plain = tuple(
             tuple(bom.decision_records(profile, kind, loaded[test], every, configs=(config,)))
             for config in bom.THRESHOLD_CONFIGS
         )
-        return plain, tuple(in_spread_units(part, spread) for part in plain)
+        agreed = tuple(
+            agreeing(part, partner, other, job) for part, (_, job) in zip(plain, bom.THRESHOLD_CONFIGS, strict=True)
+        )
+        return plain, tuple(in_spread_units(part, spread) for part in plain), agreed
+
+    def pooled_configs(parts: Parts) -> list[bom.Outcome]:
+        return [outcome for part in parts for _, _, outcome in part]
 
     validated = bom.validated_min_saving(data_dir, zone, years[-2], kind, smoothing, significant, shrink)
-    test, test_scaled = records(years[-1])
+    test, test_scaled, test_agreed = records(years[-1])
     validation, validation_scaled, spread_minimum = None, None, None
+    validation_agreed, agreed_minimum = None, None
     if len(years) > 2:
-        validation, validation_scaled = records(years[-2])
-        pooled_configs = [outcome for part in validation_scaled for _, _, outcome in part]
-        spread_minimum = bom.choose_min_saving(pooled_configs, grid=SPREAD_GRID)
-    return ZoneOutcomes(zone, years[-1], test, validation, validated, test_scaled, validation_scaled, spread_minimum)
+        validation, validation_scaled, validation_agreed = records(years[-2])
+        spread_minimum = bom.choose_min_saving(pooled_configs(validation_scaled), grid=SPREAD_GRID)
+        agreed_minimum = choose_against_none(pooled_configs(validation), pooled_configs(validation_agreed))
+    return ZoneOutcomes(
+        zone,
+        years[-1],
+        test,
+        validation,
+        validated,
+        test_scaled,
+        validation_scaled,
+        spread_minimum,
+        test_agreed,
+        validation_agreed,
+        agreed_minimum,
+    )
 
 
 def by_zone(records: Sequence[Record]) -> list[bom.Outcome]:
@@ -243,12 +325,14 @@ def _median(values: Sequence[float]) -> float:
     return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
 
 
-Rule = tuple[Callable[[str], float], bool]  # key "zone@block" -> minimum; whether on the spread-scaled decisions
+# key "zone@block" -> minimum; which decisions it applies to: False or "plain" the planner's, True or "spread" in
+# units of the error's spread, "agree" the agreement rule's (``agreeing``)
+Rule = tuple[Callable[[str], float], bool | str]
 
 
 def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -> dict[str, Rule]:
-    """Every rule for one configuration: a function of "zone@block" giving the minimum, and whether it applies to
-    the predicted saving in units of the error's spread."""
+    """Every rule for one configuration: a function of "zone@block" giving the minimum, and which decisions it
+    applies to (see ``Rule``)."""
     validated = {z.zone: z.validated for z in found if z.validated is not None}
     default = bom.default_min_saving(validated)
     test = {z.zone: by_zone(z.test[index]) for z in found}
@@ -267,11 +351,14 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
     zone_default, block_default = _median(list(chosen_zone.values())), _median(list(chosen_block.values()))
     spread = {z.zone: z.spread_minimum for z in found if z.spread_minimum is not None}
     spread_default = bom.default_min_saving(spread)
+    agreed = {z.zone: z.agreed_minimum for z in found if z.agreed_minimum is not None}
+    agreed_default = bom.default_min_saving(agreed)
     return {
         "none": (_constant(0.0), False),
         "per zone (shipped)": (lambda key: validated.get(key.split("@")[0], default), False),
         **{f"uniform {100 * t:g} %": (_constant(t), False) for t in UNIFORM},
         "per zone, in units of the error's spread": (lambda key: spread.get(key.split("@")[0], spread_default), True),
+        "per zone, both layouts agree": (lambda key: agreed.get(key.split("@")[0], agreed_default), "agree"),
         f"per zone, to {100 * target:g} % on validation": (
             lambda key: chosen_zone.get(key.split("@")[0], zone_default),
             False,
@@ -299,12 +386,15 @@ def _block_key(key: str) -> tuple[str, int]:
 
 def score(found: Sequence[ZoneOutcomes], index: int, rule: Rule) -> tuple[Pooled, dict[str, Effect]]:
     """A rule on the held-out year: pooled figures and each zone's effect (decisions judged by their block)."""
-    minimum, scaled = rule
+    minimum, variant = rule
     zones: dict[str, Effect] = {}
     for z in found:
         outcomes = by_zone(z.test[index])
         strong = is_strong(outcomes)
-        records = z.test_scaled[index] if scaled else z.test[index]
+        if variant == "agree":
+            records = z.test_agreed[index]
+        else:
+            records = z.test_scaled[index] if variant is True or variant == "spread" else z.test[index]
         parts = [
             effect(part, minimum(f"{zone}@{block}"), strong)
             for (zone, block), part in by_block(z.zone, records).items()

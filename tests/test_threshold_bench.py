@@ -147,3 +147,47 @@ def test_decision_outcomes_can_be_asked_for_one_configuration() -> None:
     assert [outcome for _, _, outcome in records] == one
     assert [moment for moment, _, _ in records][:3] == [start + timedelta(hours=h) for h in (0, 5, 10)]
     assert {delay for _, delay, _ in records} == {0.0}  # a flat forecast never plans a wait
+
+
+def test_a_profile_job_mean_weighs_each_hour_by_the_time_the_job_spends_in_it() -> None:
+    profile = [[100.0 + 10 * h for h in range(24)] for _ in range(12)]
+    start = datetime(2023, 3, 1, 2, 30, tzinfo=timezone.utc)  # half of 02:00 (120), all of 03:00 (130)
+    assert thresholds.profile_job_mean(profile, "month-hour-utc", start, 1.5) == pytest.approx((0.5 * 120 + 130) / 1.5)
+    assert thresholds.profile_job_mean(profile, "month-hour-utc", start, 0.25) == pytest.approx(120.0)
+
+
+def test_the_agreement_rule_keeps_a_wait_only_as_far_as_the_second_profile_also_predicts_it() -> None:
+    """Three waits predicted at 5 % by the main profile, at 04:00, 10:00 and 16:00 UTC, each planned 2 h later.
+    The weekpart partner is flat at those hours except a 2 % dip at 12:00 (weekdays) and a rise at 18:00: it
+    vetoes the first (0 %), limits the second to 2 %, and says dirtier for the third. A start at once stays."""
+    weekday = [100.0] * 24
+    weekday[12], weekday[18] = 98.0, 104.0
+    partner = [[weekday, [100.0] * 24] for _ in range(12)]
+    monday = datetime(2023, 1, 2, tzinfo=timezone.utc)
+    records = [
+        (monday + timedelta(hours=4), 2.0, (0.05, -0.01, 0.06)),
+        (monday + timedelta(hours=10), 2.0, (0.05, 0.03, 0.06)),
+        (monday + timedelta(hours=16), 2.0, (0.05, 0.02, 0.06)),
+        (monday + timedelta(hours=20), 0.0, (0.0, 0.0, 0.06)),
+    ]
+    agreed = thresholds.agreeing(records, partner, "month-weekpart-hour-utc", 1.0)
+    assert [outcome[0] for _, _, outcome in agreed] == pytest.approx([0.0, 0.02, -0.04, 0.0])
+    assert [(m, d, o[1:]) for m, d, o in agreed] == [(m, d, o[1:]) for m, d, o in records]
+    zone = thresholds.ZoneOutcomes("Z", 2023, (tuple(records),), None, None, (tuple(records),), None, None, (agreed,))
+    plain, _ = thresholds.score([zone], 0, (lambda key: 0.01, False))
+    both, _ = thresholds.score([zone], 0, (lambda key: 0.01, "agree"))
+    assert (plain.waits, plain.harmful) == (3, pytest.approx(1 / 3))
+    assert (both.waits, both.harmful) == (1, 0.0)  # only the 10:00 wait: both forecasts predict at least 1 %
+    assert both.share == pytest.approx(0.03 / 0.24)
+
+
+def test_a_rescored_rule_counts_its_saving_budget_against_the_planner_with_no_minimum() -> None:
+    """The rescored rule already vetoes five good waits (35 points of the saving): every minimum is then over the
+    1 % budget against the planner, so none is chosen, although against the rescored rule itself the noise
+    minimum would look free. When the veto only drops a harmful wait, the noise minimum is chosen."""
+    plain = [GOOD] * 10 + [NOISE_HARM] * 2
+    vetoed = [(0.0, *GOOD[1:])] * 5 + [GOOD] * 5 + [NOISE_HARM] * 2
+    assert bom.choose_min_saving(vetoed) == 0.0075  # its own base: the veto's loss is not counted
+    assert thresholds.choose_against_none(plain, vetoed) == 0.0
+    cheap = [GOOD] * 10 + [(0.0, *NOISE_HARM[1:]), NOISE_HARM]
+    assert thresholds.choose_against_none(plain, cheap) == 0.0075
