@@ -28,6 +28,12 @@ harmful waits are pooled over every scored zone. Rules, per (window, job):
   month x hour for the weekpart one) both predict a saving of at least the minimum at the planned start, each
   against its own "start at once"; the minimum per zone chosen like the shipped rule on the year before (the 1 %
   budget counted against the planner with no minimum: ``choose_against_none``);
+- per zone, the chance of harm against the predicted saving, to target on validation (``harm_scored``): for each
+  wait, q = the share of the training years' days (same UTC hour, the month and its two neighbours) on which
+  starting at the planned delay was dirtier than starting at once, counted on the true series; wait only when
+  predicted saving / max(q - ``HARM_TAU``, 0.001) reaches a level (on ``HARM_GRID``) chosen per zone by the greedy
+  search below on the year before the held-out year: waits that are often wrong about the sign go first unless
+  their predicted saving is large;
 - hindsight, per zone or per zone x 6 h of the day: the same greedy search on the HELD-OUT year itself. It sees the
   answers, so a rule chosen on other years cannot be expected to do better: its cost bounds from below what the
   target costs with such thresholds on this forecast.
@@ -45,7 +51,7 @@ import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import TypeVar
 
@@ -64,6 +70,8 @@ BLOCK_HOURS = 6  # "per zone x 6 h of the day": four blocks of UTC hours
 Record = tuple[datetime, float, bom.Outcome]  # planned at, planned delay (hours), outcome
 SPREAD_GRID = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)  # z: multiples of the error's spread
 MAX_LAG = 12  # hours: the longest delay of the configurations
+HARM_TAU = 0.10  # harm chances below this cost nothing in the harm-scored rule
+HARM_GRID = (0.0, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0)
 PARTNER_SHRINK = 10.0  # the weekpart partner of the agreement rule: docs/backtest.md's mwh-s-3sf-k10
 Unit = TypeVar("Unit", bound=Hashable)
 
@@ -73,7 +81,8 @@ class ZoneOutcomes:
     """One zone's decisions, one tuple per configuration: on its held-out year and (when it has one) on the year
     before, each with a profile of the years before it; its shipped-rule minimum; the same decisions with the
     predicted saving in units of the error's spread, and the z chosen on them; the same decisions scored for the
-    agreement rule (``agreeing``), and the minimum chosen on them."""
+    agreement rule (``agreeing``), and the minimum chosen on them; the same decisions scored by their chance of harm
+    (``harm_scored``)."""
 
     zone: str
     year: int
@@ -86,6 +95,8 @@ class ZoneOutcomes:
     test_agreed: tuple[tuple[Record, ...], ...] = ()
     validation_agreed: tuple[tuple[Record, ...], ...] | None = None
     agreed_minimum: float | None = None
+    test_harm: tuple[tuple[Record, ...], ...] = ()
+    validation_harm: tuple[tuple[Record, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -243,6 +254,61 @@ def choose_against_none(
     return best
 
 
+class LaterCleaner:
+    """On a true series (the training years' rows): how often starting a job ``delay`` hours later than at a UTC
+    hour was cleaner than starting at that hour, over the days of a month and its two neighbours."""
+
+    def __init__(self, rows: Sequence[bom.Row]) -> None:
+        self.origin = rows[0][0] if rows else datetime(2000, 1, 1, tzinfo=timezone.utc)
+        index = {round((moment - self.origin).total_seconds() / 3600): value for moment, value in rows}
+        self.count = max(index) + 1 if index else 0
+        self.prefix, self.gaps = [0.0], [0]
+        for k in range(self.count):
+            value = index.get(k)
+            self.prefix.append(self.prefix[-1] + (value or 0.0))
+            self.gaps.append(self.gaps[-1] + (value is None))
+        self.years = sorted({moment.year for moment, _ in rows})
+        self.cache: dict[tuple[int, int, float, float], tuple[int, int]] = {}
+
+    def _mean(self, start: float, length: float) -> float | None:
+        lo, hi = math.floor(start), math.ceil(start + length)
+        if lo < 0 or hi > self.count or self.gaps[hi] - self.gaps[lo]:
+            return None
+        return bom._job_mean(self.prefix, start, length)
+
+    def counts(self, month: int, hour: int, delay: float, job: float) -> tuple[int, int]:
+        """(days on which the later start was cleaner, days counted)."""
+        key = (month, hour, delay, job)
+        if key not in self.cache:
+            later = total = 0
+            for year in self.years:
+                for shift in (-1, 0, 1):
+                    wanted = (month - 1 + shift) % 12 + 1
+                    day = datetime(year, wanted, 1, hour, tzinfo=timezone.utc)
+                    while day.month == wanted:
+                        start = (day - self.origin).total_seconds() / 3600
+                        now, then = self._mean(start, job), self._mean(start + delay, job)
+                        if now is not None and then is not None:
+                            total += 1
+                            later += then < now
+                        day += timedelta(days=1)
+            self.cache[key] = (later, total)
+        return self.cache[key]
+
+
+def harm_scored(records: Sequence[Record], table: LaterCleaner, job: float) -> tuple[Record, ...]:
+    """The records with each wait's predicted saving divided by max(q - HARM_TAU, 0.001), q the share of the
+    training days on which that delay was dirtier (1 when no day counts); decisions to start at once keep theirs."""
+    scored = []
+    for moment, delay, (predicted, true, perfect) in records:
+        if predicted >= bom.NEGLIGIBLE and delay > 0:
+            later, total = table.counts(moment.month, moment.hour, delay, job)
+            harm = 1 - later / total if total else 1.0
+            predicted = predicted / max(harm - HARM_TAU, 0.001)
+        scored.append((moment, delay, (predicted, true, perfect)))
+    return tuple(scored)
+
+
 def partner_of(kind: str) -> tuple[str, float]:
     """The second profile of the agreement rule, layout and shrinkage: the other layout (weekpart with
     ``PARTNER_SHRINK``)."""
@@ -263,7 +329,7 @@ def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | Non
 
     Parts = tuple[tuple[Record, ...], ...]
 
-    def records(test: int) -> tuple[Parts, Parts, Parts]:
+    def records(test: int) -> tuple[Parts, Parts, Parts, Parts]:
         rows = [row for year in years if year < test for row in loaded[year]]
         profile = bom.build_profile(rows, kind, 1, smoothing=smoothing, significant=significant, shrink=shrink)
         other, other_shrink = partner_of(kind)
@@ -276,17 +342,19 @@ def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | Non
         agreed = tuple(
             agreeing(part, partner, other, job) for part, (_, job) in zip(plain, bom.THRESHOLD_CONFIGS, strict=True)
         )
-        return plain, tuple(in_spread_units(part, spread) for part in plain), agreed
+        table = LaterCleaner(rows)
+        harm = tuple(harm_scored(part, table, job) for part, (_, job) in zip(plain, bom.THRESHOLD_CONFIGS, strict=True))
+        return plain, tuple(in_spread_units(part, spread) for part in plain), agreed, harm
 
     def pooled_configs(parts: Parts) -> list[bom.Outcome]:
         return [outcome for part in parts for _, _, outcome in part]
 
     validated = bom.validated_min_saving(data_dir, zone, years[-2], kind, smoothing, significant, shrink)
-    test, test_scaled, test_agreed = records(years[-1])
+    test, test_scaled, test_agreed, test_harm = records(years[-1])
     validation, validation_scaled, spread_minimum = None, None, None
-    validation_agreed, agreed_minimum = None, None
+    validation_agreed, agreed_minimum, validation_harm = None, None, None
     if len(years) > 2:
-        validation, validation_scaled, validation_agreed = records(years[-2])
+        validation, validation_scaled, validation_agreed, validation_harm = records(years[-2])
         spread_minimum = bom.choose_min_saving(pooled_configs(validation_scaled), grid=SPREAD_GRID)
         agreed_minimum = choose_against_none(pooled_configs(validation), pooled_configs(validation_agreed))
     return ZoneOutcomes(
@@ -301,6 +369,8 @@ def zone_outcomes(args: tuple[Path, str, int, str, float]) -> ZoneOutcomes | Non
         test_agreed,
         validation_agreed,
         agreed_minimum,
+        test_harm,
+        validation_harm,
     )
 
 
@@ -326,7 +396,7 @@ def _median(values: Sequence[float]) -> float:
 
 
 # key "zone@block" -> minimum; which decisions it applies to: False or "plain" the planner's, True or "spread" in
-# units of the error's spread, "agree" the agreement rule's (``agreeing``)
+# units of the error's spread, "agree" the agreement rule's (``agreeing``), "harm" scored by harm (``harm_scored``)
 Rule = tuple[Callable[[str], float], bool | str]
 
 
@@ -349,6 +419,9 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
     seen_zone = hindsight_minimums(test, target, strong=strong)
     seen_block = hindsight_minimums(test_blocks, target, strong={k: strong[k[0]] for k in test_blocks})
     zone_default, block_default = _median(list(chosen_zone.values())), _median(list(chosen_block.values()))
+    val_harm = {z.zone: by_zone(z.validation_harm[index]) for z in with_validation if z.validation_harm}
+    chosen_harm = hindsight_minimums(val_harm, target, grid=HARM_GRID, strong=val_strong)
+    harm_default = _median(list(chosen_harm.values()))
     spread = {z.zone: z.spread_minimum for z in found if z.spread_minimum is not None}
     spread_default = bom.default_min_saving(spread)
     agreed = {z.zone: z.agreed_minimum for z in found if z.agreed_minimum is not None}
@@ -362,6 +435,10 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
         f"per zone, to {100 * target:g} % on validation": (
             lambda key: chosen_zone.get(key.split("@")[0], zone_default),
             False,
+        ),
+        f"per zone, chance of harm, to {100 * target:g} % on validation": (
+            lambda key: chosen_harm.get(key.split("@")[0], harm_default),
+            "harm",
         ),
         f"per zone x {BLOCK_HOURS} h, to {100 * target:g} % on validation": (
             lambda key: chosen_block.get(_block_key(key), block_default),
@@ -393,6 +470,8 @@ def score(found: Sequence[ZoneOutcomes], index: int, rule: Rule) -> tuple[Pooled
         strong = is_strong(outcomes)
         if variant == "agree":
             records = z.test_agreed[index]
+        elif variant == "harm":
+            records = z.test_harm[index]
         else:
             records = z.test_scaled[index] if variant is True or variant == "spread" else z.test[index]
         parts = [

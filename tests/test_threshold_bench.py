@@ -191,3 +191,31 @@ def test_a_rescored_rule_counts_its_saving_budget_against_the_planner_with_no_mi
     assert thresholds.choose_against_none(plain, vetoed) == 0.0
     cheap = [GOOD] * 10 + [(0.0, *NOISE_HARM[1:]), NOISE_HARM]
     assert thresholds.choose_against_none(plain, cheap) == 0.0075
+
+
+def test_later_cleaner_counts_the_days_of_a_month_and_its_neighbours_and_skips_gaps() -> None:
+    """January to March 2022, flat at 100 except 05:00 UTC: 50 on even days of the month, 150 on odd ones, and
+    missing on 4 February. Starting a 1 h job at 05:00 instead of 03:00 was cleaner on the even days."""
+    start = datetime(2022, 1, 1, tzinfo=timezone.utc)
+    rows = []
+    for k in range(24 * 90):
+        moment = start + timedelta(hours=k)
+        if moment.hour == 5 and (moment.month, moment.day) == (2, 4):
+            continue
+        value = (50.0 if moment.day % 2 == 0 else 150.0) if moment.hour == 5 else 100.0
+        rows.append((moment, value))
+    table = thresholds.LaterCleaner(rows)
+    assert table.counts(2, 3, 2.0, 1.0) == (15 + 13 + 15, 90 - 1)  # even days of Jan, Feb (less the 4th), Mar
+    assert table.counts(1, 3, 2.0, 1.0) == (15 + 13, 31 + 27)  # December is not in the rows
+    assert table.counts(2, 3, 1.0, 1.0) == (0, 90)  # 04:00 is never cleaner than 03:00
+    assert table.counts(6, 3, 2.0, 1.0) == (0, 0)
+    feb = datetime(2022, 2, 10, 3, tzinfo=timezone.utc)
+    records = [
+        (feb, 2.0, (0.05, 0.5, 0.5)),
+        (feb.replace(month=6), 2.0, (0.05, 0.5, 0.5)),  # no day counted: harm taken as certain
+        (feb, 0.0, (0.0005, 0.0, 0.5)),
+    ]
+    scored = thresholds.harm_scored(records, table, 1.0)
+    harm = 1 - 43 / 89
+    assert [o[0] for _, _, o in scored] == pytest.approx([0.05 / (harm - 0.1), 0.05 / 0.9, 0.0005])
+    assert [o[1:] for _, _, o in scored] == [o[1:] for _, _, o in records]
