@@ -274,7 +274,7 @@ class LaterCleaner:
         lo, hi = math.floor(start), math.ceil(start + length)
         if lo < 0 or hi > self.count or self.gaps[hi] - self.gaps[lo]:
             return None
-        return bom._job_mean(self.prefix, start, length)
+        return float(bom._job_mean(self.prefix, start, length))
 
     def counts(self, month: int, hour: int, delay: float, job: float) -> tuple[int, int]:
         """(days on which the later start was cleaner, days counted)."""
