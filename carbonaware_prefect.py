@@ -1660,12 +1660,9 @@ class _Publisher:
 
     def _send(self, items: Sequence[_Event | _Artifact]) -> None:
         """Events, then artifacts, per API, in one settings context each (entering one costs milliseconds)."""
-        from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
-
         for url in dict.fromkeys(item.api_url for item in items):
             try:
-                # a dead API is retried once, not for a minute
-                with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 1}):
+                with _publishing_settings(url):
                     self._emit([item for item in items if isinstance(item, _Event) and item.api_url == url])
                     self._create_all([item for item in items if isinstance(item, _Artifact) and item.api_url == url])
             except Exception as exc:  # noqa: BLE001 - reporting must not break anything
@@ -1763,6 +1760,29 @@ class _Publisher:
                 client.create_artifact(artifact)
         except Exception as exc:  # noqa: BLE001 - reporting must not break anything
             log.warning("carbonaware: could not create artifact %r: %s: %s", item.key, type(exc).__name__, exc)
+
+
+_SETTINGS_FOR: dict[tuple[str | None, int], Any] = {}  # (API url, base settings' id) -> settings built for it
+
+
+@contextlib.contextmanager
+def _publishing_settings(url: str | None) -> Iterator[None]:
+    """The settings of the API at ``url``, where a dead API is retried once, not for a minute. Built once per API
+    and base settings: building them (``temporary_settings``) rereads the environment, the profiles and the dotenv
+    files, tens of milliseconds, which once per batch was most of the publisher's CPU."""
+    from prefect.context import SettingsContext, get_settings_context
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES
+
+    context = get_settings_context()
+    key = (url, id(context.settings))
+    settings = _SETTINGS_FOR.get(key)
+    if settings is None:
+        if len(_SETTINGS_FOR) > 16:
+            _SETTINGS_FOR.clear()
+        updates: dict[Any, Any] = {PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 1}
+        settings = _SETTINGS_FOR[key] = (context.settings.copy_with_update(updates=updates), context.settings)
+    with SettingsContext(profile=context.profile, settings=settings[0]):
+        yield
 
 
 @contextlib.contextmanager

@@ -381,3 +381,40 @@ def test_artifact_false_switches_artifacts_and_events_off_not_the_ledger(
     found = poll(lambda: events_of(flow_run_id), lambda e: len(e) >= 2)
     task_runs = {r.id for event in found for r in event.related if r.role == "task-run"}
     assert len(found) == 2 and len(task_runs) == 1  # the loud task's decision and outcome only
+
+
+def test_the_publisher_builds_an_apis_settings_once_not_per_batch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building Prefect settings rereads the environment, profiles and dotenv files (tens of milliseconds): once a
+    batch it was most of the publisher's CPU. Batches to the same API reuse them, still retrying a dead API once."""
+    import threading
+
+    from prefect.settings.models.root import Settings
+
+    built: list[tuple[str, Any]] = []
+    original = Settings.copy_with_update
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        settings = original(self, *args, **kwargs)
+        built.append((threading.current_thread().name, settings))
+        return settings
+
+    monkeypatch.setattr(Settings, "copy_with_update", counted)
+    cp._SETTINGS_FOR.clear()
+
+    @task(name="proof-settings-once")
+    @cp.carbonaware_delay_decorator(window=timedelta(hours=1), duration=HOUR, source=valley, grid_zone="DE")
+    def job(i: int) -> int:
+        return i
+
+    @flow(name="proof-settings-once-flow")
+    def run() -> list[int]:
+        return job.map(range(3)).result()
+
+    monkeypatch.setenv("CARBONAWARE_DRY_RUN", "1")
+    for _ in range(3):  # three flow runs, each flushed: three batches at least
+        assert run() == [0, 1, 2]
+        assert cp.flush_reports(60.0)
+    published = [settings for name, settings in built if name == "carbonaware-publisher"]
+    assert len(published) == 1
+    assert published[0].client.max_retries == 1
+    assert published[0].api.url == cp._configured_api_url()
