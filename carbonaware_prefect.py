@@ -1662,7 +1662,7 @@ class _Publisher:
         """Events, then artifacts, per API, in one settings context each (entering one costs milliseconds)."""
         for url in dict.fromkeys(item.api_url for item in items):
             try:
-                with _publishing_settings(url):
+                with _api_settings(url):
                     self._emit([item for item in items if isinstance(item, _Event) and item.api_url == url])
                     self._create_all([item for item in items if isinstance(item, _Artifact) and item.api_url == url])
             except Exception as exc:  # noqa: BLE001 - reporting must not break anything
@@ -1762,26 +1762,27 @@ class _Publisher:
             log.warning("carbonaware: could not create artifact %r: %s: %s", item.key, type(exc).__name__, exc)
 
 
-_SETTINGS_FOR: dict[tuple[str | None, int], Any] = {}  # (API url, base settings' id) -> settings built for it
+_SETTINGS_FOR: dict[tuple[str | None, int], tuple[Any, Any]] = {}  # (url, id(base)) -> (settings built, base)
 
 
 @contextlib.contextmanager
-def _publishing_settings(url: str | None) -> Iterator[None]:
-    """The settings of the API at ``url``, where a dead API is retried once, not for a minute. Built once per API
-    and base settings: building them (``temporary_settings``) rereads the environment, the profiles and the dotenv
-    files, tens of milliseconds, which once per batch was most of the publisher's CPU."""
+def _api_settings(url: str | None) -> Iterator[None]:
+    """The current settings with the API at ``url``, where a dead API is retried once, not for a minute. Built once
+    per API and base settings (the base is kept, so its id stays its own): building them (``temporary_settings``)
+    rereads the environment, the profiles and the dotenv files, tens of milliseconds, which once per batch was most
+    of the publisher's CPU."""
     from prefect.context import SettingsContext, get_settings_context
     from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES
 
     context = get_settings_context()
     key = (url, id(context.settings))
-    settings = _SETTINGS_FOR.get(key)
-    if settings is None:
+    entry = _SETTINGS_FOR.get(key)
+    if entry is None:
         if len(_SETTINGS_FOR) > 16:
             _SETTINGS_FOR.clear()
         updates: dict[Any, Any] = {PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 1}
-        settings = _SETTINGS_FOR[key] = (context.settings.copy_with_update(updates=updates), context.settings)
-    with SettingsContext(profile=context.profile, settings=settings[0]):
+        entry = _SETTINGS_FOR[key] = (context.settings.copy_with_update(updates=updates), context.settings)
+    with SettingsContext(profile=context.profile, settings=entry[0]):
         yield
 
 
@@ -1789,9 +1790,8 @@ def _publishing_settings(url: str | None) -> Iterator[None]:
 def _api_client(url: str | None) -> Iterator[Any]:
     """A sync client of the API at ``url`` that retries a dead API once, not for a minute."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: url, PREFECT_CLIENT_MAX_RETRIES: 1}), get_client(sync_client=True) as c:
+    with _api_settings(url), get_client(sync_client=True) as c:
         yield c
 
 

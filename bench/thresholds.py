@@ -395,9 +395,9 @@ def _median(values: Sequence[float]) -> float:
     return ordered[(len(ordered) - 1) // 2] if ordered else 0.0
 
 
-# key "zone@block" -> minimum; which decisions it applies to: False or "plain" the planner's, True or "spread" in
-# units of the error's spread, "agree" the agreement rule's (``agreeing``), "harm" scored by harm (``harm_scored``)
-Rule = tuple[Callable[[str], float], bool | str]
+# key "zone@block" -> minimum; which decisions it applies to: "plain" the planner's, "spread" in units of the
+# error's spread, "agree" the agreement rule's (``agreeing``), "harm" scored by harm (``harm_scored``)
+Rule = tuple[Callable[[str], float], str]
 
 
 def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -> dict[str, Rule]:
@@ -427,14 +427,17 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
     agreed = {z.zone: z.agreed_minimum for z in found if z.agreed_minimum is not None}
     agreed_default = bom.default_min_saving(agreed)
     return {
-        "none": (_constant(0.0), False),
-        "per zone (shipped)": (lambda key: validated.get(key.split("@")[0], default), False),
-        **{f"uniform {100 * t:g} %": (_constant(t), False) for t in UNIFORM},
-        "per zone, in units of the error's spread": (lambda key: spread.get(key.split("@")[0], spread_default), True),
+        "none": (_constant(0.0), "plain"),
+        "per zone (shipped)": (lambda key: validated.get(key.split("@")[0], default), "plain"),
+        **{f"uniform {100 * t:g} %": (_constant(t), "plain") for t in UNIFORM},
+        "per zone, in units of the error's spread": (
+            lambda key: spread.get(key.split("@")[0], spread_default),
+            "spread",
+        ),
         "per zone, both layouts agree": (lambda key: agreed.get(key.split("@")[0], agreed_default), "agree"),
         f"per zone, to {100 * target:g} % on validation": (
             lambda key: chosen_zone.get(key.split("@")[0], zone_default),
-            False,
+            "plain",
         ),
         f"per zone, chance of harm, to {100 * target:g} % on validation": (
             lambda key: chosen_harm.get(key.split("@")[0], harm_default),
@@ -442,12 +445,12 @@ def rules_for_config(found: Sequence[ZoneOutcomes], index: int, target: float) -
         ),
         f"per zone x {BLOCK_HOURS} h, to {100 * target:g} % on validation": (
             lambda key: chosen_block.get(_block_key(key), block_default),
-            False,
+            "plain",
         ),
-        f"hindsight per zone, to {100 * target:g} %": (lambda key: seen_zone[key.split("@")[0]], False),
+        f"hindsight per zone, to {100 * target:g} %": (lambda key: seen_zone[key.split("@")[0]], "plain"),
         f"hindsight per zone x {BLOCK_HOURS} h, to {100 * target:g} %": (
             lambda key: seen_block[_block_key(key)],
-            False,
+            "plain",
         ),
     }
 
@@ -468,12 +471,8 @@ def score(found: Sequence[ZoneOutcomes], index: int, rule: Rule) -> tuple[Pooled
     for z in found:
         outcomes = by_zone(z.test[index])
         strong = is_strong(outcomes)
-        if variant == "agree":
-            records = z.test_agreed[index]
-        elif variant == "harm":
-            records = z.test_harm[index]
-        else:
-            records = z.test_scaled[index] if variant is True or variant == "spread" else z.test[index]
+        decisions = {"plain": z.test, "spread": z.test_scaled, "agree": z.test_agreed, "harm": z.test_harm}
+        records = decisions[variant][index]
         parts = [
             effect(part, minimum(f"{zone}@{block}"), strong)
             for (zone, block), part in by_block(z.zone, records).items()

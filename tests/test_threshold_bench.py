@@ -102,8 +102,8 @@ def test_a_rule_by_block_of_the_day_judges_each_decision_by_when_it_was_planned(
         ("Z", 3): [],
     }
     zone = thresholds.ZoneOutcomes("Z", 2023, (tuple(records),), None, None, (tuple(records),), None, None)
-    everywhere, _ = thresholds.score([zone], 0, (lambda key: 0.0, False))
-    night_only, per_zone = thresholds.score([zone], 0, (lambda key: 0.01 if key == "Z@0" else 0.0, False))
+    everywhere, _ = thresholds.score([zone], 0, (lambda key: 0.0, "plain"))
+    night_only, per_zone = thresholds.score([zone], 0, (lambda key: 0.01 if key == "Z@0" else 0.0, "plain"))
     assert everywhere.harmful == pytest.approx(3 / 8) and night_only.harmful == 0.0
     assert night_only.share == pytest.approx(0.25 / 0.48) and night_only.share > everywhere.share
     assert per_zone["Z"].waits == 5 and per_zone["Z"].strong
@@ -174,7 +174,7 @@ def test_the_agreement_rule_keeps_a_wait_only_as_far_as_the_second_profile_also_
     assert [outcome[0] for _, _, outcome in agreed] == pytest.approx([0.0, 0.02, -0.04, 0.0])
     assert [(m, d, o[1:]) for m, d, o in agreed] == [(m, d, o[1:]) for m, d, o in records]
     zone = thresholds.ZoneOutcomes("Z", 2023, (tuple(records),), None, None, (tuple(records),), None, None, (agreed,))
-    plain, _ = thresholds.score([zone], 0, (lambda key: 0.01, False))
+    plain, _ = thresholds.score([zone], 0, (lambda key: 0.01, "plain"))
     both, _ = thresholds.score([zone], 0, (lambda key: 0.01, "agree"))
     assert (plain.waits, plain.harmful) == (3, pytest.approx(1 / 3))
     assert (both.waits, both.harmful) == (1, 0.0)  # only the 10:00 wait: both forecasts predict at least 1 %
